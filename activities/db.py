@@ -1,0 +1,61 @@
+"""Database activities. Each takes milliseconds, so the workflow runs them as local activities: no extra
+round trip through the Temporal server. Each is idempotent for its task id."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from db import quota
+from db.engine import session
+from db.models import Box, Template, TemplateUser
+from payloads import (
+    MSG_BOX_NOT_FOUND,
+    MSG_FORBIDDEN,
+    MSG_TEMPLATE_NOT_FOUND,
+    Failure,
+    FinishInput,
+    ReserveInput,
+    ResolveBoxInput,
+    TemplateRef,
+)
+
+
+def refuse(failure: Failure, message: str) -> ApplicationError:
+    return ApplicationError(message, type=failure.value, non_retryable=True)
+
+
+class DbActivities:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @activity.defn
+    def resolve_box(self, req: ResolveBoxInput) -> TemplateRef:
+        """The box's template, if the user may use it."""
+        with session(self.engine) as db:
+            box = db.get(Box, req.box_id)
+            if box is None:
+                raise refuse(Failure.BOX_NOT_FOUND, MSG_BOX_NOT_FOUND)
+            template = db.get(Template, box.template_id)
+            if template is None:
+                raise refuse(Failure.TEMPLATE_NOT_FOUND, MSG_TEMPLATE_NOT_FOUND)
+            if not template.public and db.get(TemplateUser, (template.id, req.username)) is None:
+                raise refuse(Failure.FORBIDDEN, MSG_FORBIDDEN)
+            return TemplateRef(node=template.node, vmid=template.vmid)
+
+    @activity.defn
+    def reserve_quota(self, req: ReserveInput) -> int:
+        """Hold the quota and a VMID for the task; returns the VMID."""
+        try:
+            return quota.reserve(self.engine, req)
+        except quota.Refused as exc:
+            raise refuse(exc.failure, exc.message) from exc
+
+    @activity.defn
+    def commit_creation(self, done: FinishInput) -> None:
+        quota.commit(self.engine, done)
+
+    @activity.defn
+    def release_quota(self, task_id: str) -> None:
+        quota.release(self.engine, task_id)

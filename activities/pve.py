@@ -1,0 +1,335 @@
+"""Every PVE call the service makes. Activities are idempotent for their task id: Temporal may run one more
+than once (a retry, a worker crash, a reset from the Web UI) and the world must end up the same."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+
+from activities.pve_client import TRANSIENT_MESSAGES, PveClient, PveError, PveUnavailable
+from payloads import (
+    MSG_CLONE_FAILED,
+    MSG_TEMPLATE_NOT_FOUND,
+    PVE_TASK_FAILED,
+    PVE_TASK_FAILED_TRANSIENT,
+    SERVICE_TAG,
+    CloneInput,
+    CloneStarted,
+    ConfigureInput,
+    Failure,
+    InspectInput,
+    PveTaskRef,
+    TemplateFacts,
+    VmRef,
+    vm_description,
+)
+
+FREE_VMID_CANDIDATES = 64
+FIRST_VMID = 100
+DISK_KEY = re.compile(r"^(scsi|virtio|sata|ide)\d+$")
+SIZE = re.compile(r"(?:^|,)size=(\d+(?:\.\d+)?)([KMGT]?)(?:,|$)")
+GIB_PER_UNIT = {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0, "": 1 / 1024**3}
+# A PVE task this short is awaited inside the activity; longer ones through activity retries (no slot held).
+INLINE_WAIT_SECONDS = 2.0
+
+
+def is_transient_task_error(exit_status: str) -> bool:
+    """A task that failed on a lock another task held (`can't lock file ... - got timeout`) or on a cluster
+    hiccup may succeed when started again."""
+    return bool(TRANSIENT_MESSAGES.search(exit_status))
+
+
+def refuse(failure: Failure, message: str) -> ApplicationError:
+    return ApplicationError(message, type=failure.value, non_retryable=True)
+
+
+def still_running(what: str) -> ApplicationError:
+    # Retried by the caller's retry policy; BENIGN keeps these expected retries out of the worker's warnings.
+    return ApplicationError(what, type="StillRunning", category=ApplicationErrorCategory.BENIGN)
+
+
+@contextmanager
+def final_errors_as(failure: Failure, message: str | None = None) -> Iterator[None]:
+    """PVE's final errors end the step with `failure`; PveUnavailable stays retryable."""
+    try:
+        yield
+    except PveError as exc:
+        raise ApplicationError(
+            message or exc.message, f"PVE {exc.status}: {exc.message}", type=failure.value, non_retryable=True
+        ) from exc
+
+
+def upid_node(upid: str) -> str:
+    # UPID:<node>:<pid>:<pstart>:<starttime>:<type>:<id>:<user>:
+    return upid.split(":")[1]
+
+
+def disk_gb(drive: str) -> int:
+    """Size of a drive property string (`NFS:vm-100-disk-0,size=32G`) in whole GiB, rounded up."""
+    match = SIZE.search(drive)
+    if not match:
+        return 0
+    return math.ceil(float(match.group(1)) * GIB_PER_UNIT[match.group(2)])
+
+
+def boot_disk(config: dict[str, Any]) -> tuple[str, int] | None:
+    """The disk the VM boots from, and its size: the first disk of `boot: order=...`, else the first disk."""
+    disks = {
+        key: str(value)
+        for key, value in config.items()
+        if DISK_KEY.match(key) and "media=cdrom" not in str(value) and str(value) != "none"
+    }
+    order = str(config.get("boot", ""))
+    candidates = order[len("order=") :].split(";") if order.startswith("order=") else []
+    if config.get("bootdisk"):
+        candidates.append(str(config["bootdisk"]))
+    candidates += sorted(disks)
+    for key in candidates:
+        if key in disks:
+            return key, disk_gb(disks[key])
+    return None
+
+
+def free_vmids(taken: set[int], count: int = FREE_VMID_CANDIDATES) -> list[int]:
+    free: list[int] = []
+    vmid = FIRST_VMID
+    while len(free) < count:
+        if vmid not in taken:
+            free.append(vmid)
+        vmid += 1
+    return free
+
+
+class PveActivities:
+    def __init__(self, pve: PveClient, default_storage: str):
+        self.pve = pve
+        self.default_storage = default_storage
+
+    # ------------------------------------------------------------------------- admission
+
+    @activity.defn
+    def inspect_template(self, req: InspectInput) -> TemplateFacts:
+        """The template VM exists on PVE and is a template; the target node, the storage and the disk size
+        can take the clone. One cluster-wide read and one config read."""
+        storage = req.storage or self.default_storage
+        resources = self.pve.get("cluster/resources")
+        vms = [r for r in resources if r.get("type") in ("qemu", "lxc")]
+        template = next((r for r in vms if r["type"] == "qemu" and int(r["vmid"]) == req.template.vmid), None)
+        if template is None or not int(template.get("template") or 0):
+            raise refuse(Failure.TEMPLATE_NOT_FOUND, MSG_TEMPLATE_NOT_FOUND)
+        template_node = template["node"]  # where PVE has it now, even if it moved since it was registered
+        nodes = {r["node"]: r.get("status") for r in resources if r.get("type") == "node"}
+        if nodes.get(template_node) != "online":
+            raise PveUnavailable(f"the template's node {template_node} is {nodes.get(template_node)}")
+        if req.target not in nodes:
+            raise refuse(Failure.INVALID_REQUEST, f"Unknown target node '{req.target}'")
+        if nodes[req.target] != "online":
+            raise refuse(Failure.INVALID_REQUEST, f"Target node '{req.target}' is offline")
+        store = next(
+            (
+                r
+                for r in resources
+                if r.get("type") == "storage" and r.get("node") == req.target and r.get("storage") == storage
+            ),
+            None,
+        )
+        if store is None:
+            raise refuse(
+                Failure.INVALID_REQUEST, f"Storage '{storage}' is not available on node '{req.target}'"
+            )
+        if "images" not in str(store.get("content", "")).split(","):
+            raise refuse(Failure.INVALID_REQUEST, f"Storage '{storage}' cannot hold VM disks")
+        if store.get("status") != "available":
+            raise refuse(Failure.INVALID_REQUEST, f"Storage '{storage}' is not active on node '{req.target}'")
+        if req.target != template_node and not int(store.get("shared") or 0):
+            raise refuse(
+                Failure.INVALID_REQUEST,
+                f"Storage '{storage}' is not shared, so the template on '{template_node}' "
+                f"cannot be cloned onto node '{req.target}'",
+            )
+        with final_errors_as(Failure.TEMPLATE_NOT_FOUND, MSG_TEMPLATE_NOT_FOUND):
+            config = self.pve.get(f"nodes/{template_node}/qemu/{req.template.vmid}/config")
+        disk = boot_disk(config)
+        if disk is None:
+            raise refuse(Failure.INVALID_REQUEST, "The template VM has no disk")
+        disk_key, template_gb = disk
+        if req.disk_gb < template_gb:
+            raise refuse(
+                Failure.INVALID_REQUEST,
+                f"diskSize {req.disk_gb} GB is smaller than the template's disk ({template_gb} GB); "
+                "PVE cannot shrink a disk",
+            )
+        return TemplateFacts(
+            disk_key=disk_key,
+            disk_gb=template_gb,
+            free_vmids=free_vmids({int(r["vmid"]) for r in vms}),
+            node=template_node,
+            storage=storage,
+        )
+
+    # ------------------------------------------------------------------------------ clone
+
+    @activity.defn
+    def start_clone(self, req: CloneInput) -> CloneStarted:
+        """Start a full clone of the template as VMID req.vmid, or adopt the one an earlier attempt started."""
+        if activity.info().attempt > 1 and self._adoptable(req.task_id, req.vmid):
+            return CloneStarted(upid=None)
+        params: dict[str, Any] = {
+            "newid": req.vmid,
+            "name": req.name,
+            "full": 1,
+            "storage": req.storage,
+            "description": vm_description(req.task_id),
+        }
+        if req.target != req.template.node:
+            params["target"] = req.target
+        try:
+            upid = self.pve.post(f"nodes/{req.template.node}/qemu/{req.template.vmid}/clone", **params)
+        except PveError as exc:
+            # An earlier attempt's request may have reached PVE although its answer did not reach us.
+            if "already exists" in exc.message and self._adoptable(req.task_id, req.vmid):
+                return CloneStarted(upid=None)
+            raise ApplicationError(
+                MSG_CLONE_FAILED,
+                f"PVE {exc.status}: {exc.message}",
+                type=Failure.CLONE_FAILED.value,
+                non_retryable=True,
+            ) from exc
+        return CloneStarted(upid=str(upid))
+
+    def _adoptable(self, task_id: str, vmid: int) -> bool:
+        """True if VM vmid exists and this task made it; a VM of someone else's under our VMID is final."""
+        found = self._find_vm(vmid)
+        if found is None:
+            return False
+        if self._owned_by(task_id, found["node"], vmid):
+            return True
+        raise ApplicationError(
+            MSG_CLONE_FAILED,
+            f"VMID {vmid} is taken by a VM this task did not create",
+            type=Failure.CLONE_FAILED.value,
+            non_retryable=True,
+        )
+
+    @activity.defn
+    def await_task(self, ref: PveTaskRef) -> None:
+        """Return once the PVE task has ended well. A failed task is final for this activity; its type says
+        whether doing the step again may succeed (another task held a lock) or not."""
+        try:
+            finished = self._wait(ref.upid, INLINE_WAIT_SECONDS)
+        except PveTaskFailed as exc:
+            raise ApplicationError(
+                f"PVE task failed: {exc}",
+                type=PVE_TASK_FAILED_TRANSIENT if is_transient_task_error(str(exc)) else PVE_TASK_FAILED,
+                non_retryable=True,
+            ) from exc
+        if not finished:
+            raise still_running(f"PVE task {ref.upid} is still running")
+
+    @activity.defn
+    def await_clone_by_lock(self, ref: VmRef) -> None:
+        """For a clone adopted without its UPID: done when the VM no longer carries the clone lock."""
+        found = self._find_vm(ref.vmid)
+        if found is None:
+            raise ApplicationError(
+                MSG_CLONE_FAILED,
+                f"the clone to VM {ref.vmid} did not complete",
+                type=Failure.CLONE_FAILED.value,
+                non_retryable=True,
+            )
+        if found.get("lock") == "clone":
+            raise still_running(f"VM {ref.vmid} is still being cloned")
+
+    # -------------------------------------------------------------------------- configure
+
+    @activity.defn
+    def configure_vm(self, req: ConfigureInput) -> None:
+        """Set cores and memory, tag the VM, and grow the boot disk; each write is absolute, so a retry is safe."""
+        with final_errors_as(Failure.CONFIGURE_FAILED):
+            upid = self.pve.post(
+                f"nodes/{req.node}/qemu/{req.vmid}/config",
+                cores=req.cpu_cores,
+                memory=req.memory_mb,
+                tags=SERVICE_TAG,
+            )
+            # POST .../config answers with a task on PVE 8/9; PUT (older clients) with null.
+            if upid:
+                self._wait_or_retry(str(upid))
+            if req.disk_gb > req.template_disk_gb:
+                # Current PVE answers a UPID, older PVE null (the resize is then already done).
+                upid = self.pve.put(
+                    f"nodes/{req.node}/qemu/{req.vmid}/resize", disk=req.disk_key, size=f"{req.disk_gb}G"
+                )
+                if upid:
+                    self._wait_or_retry(str(upid))
+
+    # ---------------------------------------------------------------------------- cleanup
+
+    @activity.defn
+    def destroy_vm(self, ref: VmRef) -> None:
+        """Remove the VM this task created, with its disks; nothing if it is gone or is not this task's."""
+        found = self._find_vm(ref.vmid)
+        if found is None:
+            return
+        node = found["node"]
+        if not self._owned_by(ref.task_id, node, ref.vmid):
+            activity.logger.warning("VM %s is not task %s's; leaving it alone", ref.vmid, ref.task_id)
+            return
+        if found.get("lock") == "clone":
+            raise still_running(f"VM {ref.vmid} is still being cloned; it can be removed once the clone ends")
+        if found.get("status") == "running":
+            self._wait_or_retry(str(self.pve.post(f"nodes/{node}/qemu/{ref.vmid}/status/stop")))
+        upid = self.pve.delete(f"nodes/{node}/qemu/{ref.vmid}", purge=1, **{"destroy-unreferenced-disks": 1})
+        if upid:
+            self._wait_or_retry(str(upid))
+
+    # ---------------------------------------------------------------------------- helpers
+
+    def _find_vm(self, vmid: int) -> dict[str, Any] | None:
+        for vm in self.pve.get("cluster/resources", type="vm"):
+            if int(vm["vmid"]) == vmid:
+                return dict(vm)
+        return None
+
+    def _owned_by(self, task_id: str, node: str, vmid: int) -> bool:
+        config = self.pve.get(f"nodes/{node}/qemu/{vmid}/config")
+        return vm_description(task_id) in str(config.get("description", ""))
+
+    def _wait(self, upid: str, limit: float) -> bool:
+        """Poll the task until it ends (True) or `limit` seconds pass (False); raise if it failed."""
+        deadline = time.monotonic() + limit
+        interval = 0.05
+        while True:
+            status = self.pve.get(f"nodes/{upid_node(upid)}/tasks/{upid}/status")
+            if status.get("status") == "stopped":
+                exit_status = str(status.get("exitstatus", ""))
+                if exit_status == "OK" or exit_status.startswith("WARNINGS"):
+                    return True
+                raise PveTaskFailed(exit_status)
+            activity.heartbeat()
+            if time.monotonic() + interval > deadline:
+                return False
+            time.sleep(interval)
+            interval = min(interval * 2, 0.5)
+
+    def _wait_or_retry(self, upid: str) -> None:
+        try:
+            finished = self._wait(upid, 60)
+        except PveTaskFailed as exc:
+            if is_transient_task_error(str(exc)):
+                # Another task held the VM's lock: a retry of the whole (idempotent) step may well succeed.
+                raise PveUnavailable(str(exc)) from exc
+            raise PveError(500, str(exc)) from exc
+        if not finished:
+            raise PveUnavailable(f"PVE task {upid} did not end within 60 s")
+
+
+class PveTaskFailed(Exception):
+    """A PVE task that ended with an error: its exit status."""

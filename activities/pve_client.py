@@ -1,0 +1,117 @@
+"""One PVE API connection per worker: lazy login, a fresh ticket when PVE rejects the old one, and the line
+between PVE errors worth retrying and those that are final."""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any
+
+import requests
+from proxmoxer import ProxmoxAPI, ResourceException
+from proxmoxer.backends.https import AuthenticationError
+
+from settings import Settings
+
+# Statuses PVE (or its proxy) answers while a node, the cluster or the network is in trouble:
+# 595-599 are pveproxy's "could not reach the node".
+TRANSIENT_STATUSES = {408, 429, 502, 503, 504, 595, 596, 597, 598, 599}
+# PVE answers 500 for nearly everything; these messages mean "try again later", not "this is wrong".
+TRANSIENT_MESSAGES = re.compile(
+    r"got timeout|no quorum|cluster not ready|temporarily|timeout|connection refused|connection reset"
+    r"|no route to host|is not online|try again",
+    re.IGNORECASE,
+)
+
+
+class PveError(Exception):
+    """A PVE answer that retrying will not change (bad parameter, missing VM, permission, ...)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status} {message}")
+        self.status = status
+        self.message = message
+
+
+class PveUnavailable(Exception):
+    """PVE could not be reached or said to try again; retry with backoff."""
+
+
+def classify(exc: ResourceException) -> Exception:
+    message = str(exc.content or exc.status_message or "")
+    if exc.errors:
+        message = f"{message} {exc.errors}"
+    if exc.status_code in TRANSIENT_STATUSES or (
+        exc.status_code >= 500 and TRANSIENT_MESSAGES.search(message)
+    ):
+        return PveUnavailable(f"{exc.status_code} {message}")
+    return PveError(exc.status_code, message)
+
+
+class PveClient:
+    """Thread-safe enough for activities on a thread pool: requests' connection pool is shared, and a
+    re-login swaps the whole ProxmoxAPI object under a lock."""
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._api: ProxmoxAPI | None = None
+
+    def _connect(self) -> ProxmoxAPI:
+        s = self._settings
+        auth: dict[str, Any]
+        if s.pve_token_name and s.pve_token_value:
+            auth = {"token_name": s.pve_token_name, "token_value": s.pve_token_value}
+        else:
+            auth = {"password": s.pve_password}
+        try:
+            return ProxmoxAPI(
+                s.pve_host,
+                port=s.pve_port,
+                user=s.pve_user,
+                verify_ssl=s.pve_verify,
+                timeout=s.pve_timeout_seconds,
+                **auth,
+            )
+        except AuthenticationError as exc:
+            # Wrong credentials are final; PVE being down while we log in is not.
+            if "code: 401" in str(exc):
+                raise PveError(401, f"PVE login failed for {s.pve_user}") from exc
+            raise PveUnavailable(str(exc)) from exc
+        except requests.RequestException as exc:
+            raise PveUnavailable(f"PVE login: {exc}") from exc
+
+    def _current(self, stale: ProxmoxAPI | None = None) -> ProxmoxAPI:
+        with self._lock:
+            if self._api is None or self._api is stale:
+                self._api = self._connect()
+            return self._api
+
+    def call(self, method: str, path: str, **params: Any) -> Any:
+        """One API call; returns PVE's `data`. Raises PveError (final) or PveUnavailable (retry)."""
+        api = self._current()
+        for attempt in (1, 2):
+            resource = api(path)
+            try:
+                return getattr(resource, method)(**params)
+            except ResourceException as exc:
+                if exc.status_code == 401 and attempt == 1:
+                    # The ticket expired or was revoked: log in again, once.
+                    api = self._current(stale=api)
+                    continue
+                raise classify(exc) from exc
+            except requests.RequestException as exc:
+                raise PveUnavailable(f"{method.upper()} {path}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.call("get", path, **params)
+
+    def post(self, path: str, **params: Any) -> Any:
+        return self.call("post", path, **params)
+
+    def put(self, path: str, **params: Any) -> Any:
+        return self.call("put", path, **params)
+
+    def delete(self, path: str, **params: Any) -> Any:
+        return self.call("delete", path, **params)

@@ -1,0 +1,43 @@
+"""The FastAPI application: `uvicorn api.app:app`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.routes import vm_manage
+from api.temporal import TemporalConnection
+from db.engine import init_db, make_engine
+from settings import Settings, get_settings
+
+log = logging.getLogger("api")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings or get_settings()
+        app.state.engine = make_engine(app.state.settings.database_url)
+        init_db(app.state.engine)
+        app.state.temporal = TemporalConnection(app.state.settings)
+        # Connect early so the first request is fast; a server that is down now is retried per request.
+        with suppress(Exception):
+            await app.state.temporal.get()
+        yield
+        app.state.engine.dispose()
+
+    app = FastAPI(
+        title="PVE Boxes",
+        description="Create Proxmox VE VMs from Box templates, durably, on Temporal.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(vm_manage.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,192 @@
+"""POST /api/v1/vm/manage/createFromBoxTemplate and GET /api/v1/vm/manage/tasks/{task_id}."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from temporalio.client import (
+    Client,
+    WithStartWorkflowOperation,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.deps import CurrentUser, SettingsDep, TemporalDep
+from api.errors import ApiError
+from api.schemas import CreateFromBoxRequest, Envelope, valid_vm_name
+from payloads import (
+    MSG_CLONE_FAILED,
+    MSG_CREATED,
+    MSG_INVALID_NAME,
+    MSG_UNAVAILABLE,
+    Admission,
+    CreateFromBoxInput,
+    TaskState,
+    status_of,
+)
+from workflows import CreateFromBoxWorkflow
+
+router = APIRouter(prefix="/api/v1/vm/manage", tags=["vm manage"])
+
+TASK_NOT_FOUND = "Task not found"
+# After the workflow's own admission deadline, how long the API still listens for its answer.
+ADMISSION_GRACE_SECONDS = 2.0
+STATUS = {
+    WorkflowExecutionStatus.RUNNING: "running",
+    WorkflowExecutionStatus.CONTINUED_AS_NEW: "running",
+    WorkflowExecutionStatus.COMPLETED: "succeeded",
+    WorkflowExecutionStatus.FAILED: "failed",
+    WorkflowExecutionStatus.TERMINATED: "failed",
+    WorkflowExecutionStatus.TIMED_OUT: "failed",
+    WorkflowExecutionStatus.CANCELED: "cancelled",
+}
+
+
+def new_task_id(box_id: str) -> str:
+    """clone-<box>-<ms>-<random>: readable in the Web UI, unique without coordination."""
+    box = re.sub(r"[^A-Za-z0-9_.-]", "_", box_id)[:64]
+    return f"clone-{box}-{int(time.time() * 1000)}-{secrets.token_hex(3)}"
+
+
+def admission_data(admission: Admission) -> dict[str, Any]:
+    return {"task_id": admission.task_id, "vm_name": admission.vm_name, "vmid": str(admission.vmid)}
+
+
+@router.post("/createFromBoxTemplate", response_model=Envelope)
+async def create_from_box_template(
+    body: CreateFromBoxRequest,
+    username: CurrentUser,
+    settings: SettingsDep,
+    client: TemporalDep,
+    wait: Annotated[float, Query(ge=0, le=3600, description="seconds to wait for the creation to end")] = 0,
+) -> Envelope:
+    if not valid_vm_name(body.name):
+        raise ApiError(400, MSG_INVALID_NAME)
+    task_id = new_task_id(body.box_id)
+    admission = await admit(
+        client,
+        settings.temporal_task_queue,
+        settings.admission_timeout_seconds,
+        task_id,
+        CreateFromBoxInput(
+            username=username,
+            box_id=body.box_id,
+            name=body.name,
+            target=body.target,
+            cpu_cores=body.cpu_cores,
+            memory_mb=body.memory_mb,
+            disk_gb=body.disk_gb,
+            storage=body.storage or settings.default_storage,
+        ),
+    )
+    if wait:
+        await wait_for_end(client, task_id, wait)
+    return Envelope(code=200, message=MSG_CREATED, data=admission_data(admission))
+
+
+async def admit(
+    client: Client, task_queue: str, timeout: float, task_id: str, input: CreateFromBoxInput
+) -> Admission:
+    """Start the run and wait for its admission update; 503 (and nothing created, ever) if it takes too long."""
+    input.admit_by = datetime.now(UTC) + timedelta(seconds=timeout)
+    start = WithStartWorkflowOperation(
+        CreateFromBoxWorkflow.run,
+        input,
+        id=task_id,
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+    )
+    try:
+        return await asyncio.wait_for(
+            client.execute_update_with_start_workflow(
+                CreateFromBoxWorkflow.admission, start_workflow_operation=start
+            ),
+            timeout + ADMISSION_GRACE_SECONDS,
+        )
+    except WorkflowUpdateFailedError as exc:
+        cause = exc.cause
+        if isinstance(cause, ApplicationError):
+            raise ApiError(status_of(cause.type), cause.message) from exc
+        raise ApiError(500, MSG_CLONE_FAILED) from exc
+    except (TimeoutError, RPCError) as exc:
+        # No worker answered in time, or the server refused: the run (if it started) must not act later.
+        # Its own deadline stops it; cancelling it also ends it at once when a worker sees it.
+        await give_up(client, task_id)
+        raise ApiError(503, MSG_UNAVAILABLE) from exc
+    finally:
+        # Retrieve the start's outcome so that asyncio does not report it as never retrieved.
+        if start._workflow_handle.done() and not start._workflow_handle.cancelled():
+            start._workflow_handle.exception()
+
+
+async def give_up(client: Client, task_id: str) -> None:
+    try:
+        await client.get_workflow_handle(task_id).cancel()
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise ApiError(503, MSG_UNAVAILABLE) from exc
+
+
+async def wait_for_end(client: Client, task_id: str, seconds: float) -> None:
+    """For ?wait=: answer what the run ended with; a run still going after `seconds` answers as without wait."""
+    try:
+        await asyncio.wait_for(client.get_workflow_handle(task_id).result(), seconds)
+    except TimeoutError:
+        return
+    except WorkflowFailureError as exc:
+        cause = exc.cause
+        if isinstance(cause, ApplicationError):
+            raise ApiError(status_of(cause.type), cause.message) from exc
+        # Cancelled or terminated by an operator.
+        raise ApiError(500, MSG_CLONE_FAILED) from exc
+
+
+@router.get("/tasks/{task_id}", response_model=Envelope)
+async def get_task(task_id: str, username: CurrentUser, client: TemporalDep) -> Envelope:
+    try:
+        description = await client.get_workflow_handle(task_id).describe()
+    except RPCError as exc:
+        if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
+            raise ApiError(404, TASK_NOT_FOUND) from exc
+        raise ApiError(
+            503, "Service unavailable: the workflow service cannot be reached, try again later"
+        ) from exc
+    if description.workflow_type != "CreateFromBoxWorkflow":
+        raise ApiError(404, TASK_NOT_FOUND)
+    memo = await description.memo()
+    state = TaskState(**memo["state"]) if "state" in memo else None
+    if state is None or state.owner != username:
+        raise ApiError(404, TASK_NOT_FOUND)
+    status = STATUS.get(description.status, "running") if description.status else "running"
+    return Envelope(
+        code=200,
+        message="OK",
+        data={
+            "task_id": task_id,
+            "status": status,
+            "step": state.step,
+            "vmid": str(state.vmid) if state.vmid is not None else None,
+            "vm_name": state.vm_name,
+            "node": state.node,
+            "result_code": state.result_code,
+            "result_message": state.result_message,
+            "started_at": iso(description.start_time),
+            "finished_at": iso(description.close_time),
+        },
+    )
+
+
+def iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

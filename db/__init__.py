@@ -1,0 +1,1 @@
+"""The application database: table models, the engine, quota and admin data."""

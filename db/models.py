@@ -1,0 +1,105 @@
+"""Table models. API request/response models live in api/schemas.py, Temporal payloads in payloads.py."""
+
+from datetime import UTC, datetime
+
+from sqlalchemy import Index, text
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Plan(SQLModel, table=True):
+    """A compute resource plan: limits for one VM, and for all of a user's VMs together."""
+
+    id: str = Field(primary_key=True)
+    name: str
+    per_vm_cores: int
+    per_vm_memory_mb: int
+    per_vm_disk_gb: int
+    total_cores: int
+    total_memory_mb: int
+    total_disk_gb: int
+    total_vms: int | None = None  # None: no limit on the count of VMs
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "app_user"
+
+    username: str = Field(primary_key=True)
+    # Not a foreign key on purpose: a plan deleted later leaves the user with "Compute resource plan not found".
+    plan_id: str | None = None
+
+
+class SessionToken(SQLModel, table=True):
+    """A session Bearer token; only its SHA-256 is kept."""
+
+    token_hash: str = Field(primary_key=True)
+    username: str = Field(foreign_key="app_user.username", index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Template(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    name: str
+    node: str
+    vmid: int
+    public: bool = False
+
+
+class TemplateUser(SQLModel, table=True):
+    """A user allowed to use a template that is not public."""
+
+    template_id: str = Field(foreign_key="template.id", primary_key=True)
+    username: str = Field(foreign_key="app_user.username", primary_key=True)
+
+
+class Box(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    name: str
+    # Not a foreign key: a box may name a template that is not (or no longer) defined.
+    template_id: str
+
+
+class Reservation(SQLModel, table=True):
+    """Quota held for one creation, keyed by its task id: held while it runs, then committed or released."""
+
+    __table_args__ = (
+        # Two live creations never get the same VMID.
+        Index(
+            "uq_reservation_held_vmid",
+            "vmid",
+            unique=True,
+            sqlite_where=text("state = 'held'"),
+            postgresql_where=text("state = 'held'"),
+        ),
+    )
+
+    task_id: str = Field(primary_key=True)
+    username: str = Field(index=True)
+    cores: int
+    memory_mb: int
+    disk_gb: int
+    vmid: int | None = None
+    state: str = Field(default="held", index=True)  # held | committed | released
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Vm(SQLModel, table=True):
+    """A VM the service created. Counts against its owner's plan until it is seen deleted."""
+
+    task_id: str = Field(primary_key=True)
+    username: str = Field(index=True)
+    vmid: int = Field(index=True)
+    node: str
+    name: str
+    cores: int
+    memory_mb: int
+    disk_gb: int
+    created_at: datetime = Field(default_factory=utcnow)
+    deleted_at: datetime | None = None
+
+
+HELD, COMMITTED, RELEASED = "held", "committed", "released"

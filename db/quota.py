@@ -1,0 +1,140 @@
+"""Admission against a compute resource plan: check the limits and reserve, atomically, keyed by task id.
+
+Every function here is idempotent for its task id, because Temporal may run an activity more than once.
+"""
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, func
+from sqlmodel import col, select
+
+from db.engine import session
+from db.models import COMMITTED, HELD, RELEASED, Plan, Reservation, User, Vm, utcnow
+from payloads import (
+    MSG_PER_VM_LIMIT,
+    MSG_PLAN_NOT_FOUND,
+    MSG_TOTAL_LIMIT,
+    Failure,
+    FinishInput,
+    ReserveInput,
+)
+
+
+class Refused(Exception):
+    """A request the plan does not admit; permanent."""
+
+    def __init__(self, failure: Failure, message: str):
+        super().__init__(message)
+        self.failure = failure
+        self.message = message
+
+
+class NoFreeVmid(Exception):
+    """Every candidate VMID is held by another live creation; transient (look at PVE again)."""
+
+
+@dataclass
+class Usage:
+    cores: int = 0
+    memory_mb: int = 0
+    disk_gb: int = 0
+    vms: int = 0
+
+
+def usage_of(db, username: str) -> Usage:  # type: ignore[no-untyped-def]
+    """What counts against the user's totals: live VMs the service created, plus creations in flight."""
+    usage = Usage()
+    vm_sums = db.exec(
+        select(func.count(), func.sum(Vm.cores), func.sum(Vm.memory_mb), func.sum(Vm.disk_gb)).where(
+            Vm.username == username, col(Vm.deleted_at).is_(None)
+        )
+    ).one()
+    held_sums = db.exec(
+        select(
+            func.count(),
+            func.sum(Reservation.cores),
+            func.sum(Reservation.memory_mb),
+            func.sum(Reservation.disk_gb),
+        ).where(Reservation.username == username, Reservation.state == HELD)
+    ).one()
+    for count, cores, memory, disk in (vm_sums, held_sums):
+        usage.vms += count or 0
+        usage.cores += cores or 0
+        usage.memory_mb += memory or 0
+        usage.disk_gb += disk or 0
+    return usage
+
+
+def reserve(engine: Engine, req: ReserveInput) -> int:
+    """Check the plan and hold the quota and a VMID for req.task_id; returns the VMID."""
+    with session(engine) as db, db.begin():
+        existing = db.get(Reservation, req.task_id)
+        if existing is not None and existing.vmid is not None:
+            return existing.vmid
+        # The user row serialises one user's reservations on PostgreSQL; on SQLite, BEGIN IMMEDIATE does.
+        user = db.exec(select(User).where(User.username == req.username).with_for_update()).first()
+        plan = db.get(Plan, user.plan_id) if user is not None and user.plan_id else None
+        if plan is None:
+            raise Refused(Failure.PLAN_NOT_FOUND, MSG_PLAN_NOT_FOUND)
+        if (
+            req.cpu_cores > plan.per_vm_cores
+            or req.memory_mb > plan.per_vm_memory_mb
+            or req.disk_gb > plan.per_vm_disk_gb
+        ):
+            raise Refused(Failure.PER_VM_LIMIT, MSG_PER_VM_LIMIT)
+        used = usage_of(db, req.username)
+        if (
+            used.cores + req.cpu_cores > plan.total_cores
+            or used.memory_mb + req.memory_mb > plan.total_memory_mb
+            or used.disk_gb + req.disk_gb > plan.total_disk_gb
+            or (plan.total_vms is not None and used.vms + 1 > plan.total_vms)
+        ):
+            raise Refused(Failure.TOTAL_LIMIT, MSG_TOTAL_LIMIT)
+        held = set(db.exec(select(Reservation.vmid).where(Reservation.state == HELD)).all())
+        vmid = next((v for v in req.free_vmids if v not in held), None)
+        if vmid is None:
+            raise NoFreeVmid(f"all of {len(req.free_vmids)} free VMIDs are held by other creations")
+        db.add(
+            Reservation(
+                task_id=req.task_id,
+                username=req.username,
+                cores=req.cpu_cores,
+                memory_mb=req.memory_mb,
+                disk_gb=req.disk_gb,
+                vmid=vmid,
+            )
+        )
+        return vmid
+
+
+def commit(engine: Engine, done: FinishInput) -> None:
+    """Record the created VM and turn its reservation into usage, once."""
+    with session(engine) as db, db.begin():
+        if db.get(Vm, done.task_id) is None:
+            db.add(
+                Vm(
+                    task_id=done.task_id,
+                    username=done.username,
+                    vmid=done.vmid,
+                    node=done.node,
+                    name=done.name,
+                    cores=done.cpu_cores,
+                    memory_mb=done.memory_mb,
+                    disk_gb=done.disk_gb,
+                )
+            )
+        reservation = db.get(Reservation, done.task_id)
+        if reservation is not None and reservation.state != COMMITTED:
+            reservation.state = COMMITTED
+            reservation.updated_at = utcnow()
+
+
+def release(engine: Engine, task_id: str) -> bool:
+    """Give back the quota held for task_id; True if this call released it."""
+    with session(engine) as db, db.begin():
+        reservation = db.get(Reservation, task_id)
+        if reservation is None or reservation.state != HELD:
+            return False
+        reservation.state = RELEASED
+        reservation.updated_at = utcnow()
+        return True

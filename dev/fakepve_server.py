@@ -1,0 +1,51 @@
+"""Serve the fake cluster of dev/fakepve_cluster.py over HTTPS, as `make run`'s PVE.
+
+    python -m dev.fakepve_server --host 127.0.0.1 --port 8006 --ca-out var/fakepve-ca.pem
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import tempfile
+
+from fakepve import FakePve
+from fakepve.certs import make_cert
+
+from dev.fakepve_cluster import seed
+
+
+async def serve(args: argparse.Namespace) -> None:
+    pve = FakePve(user=args.user, password=args.password, host=args.host, port=args.port)
+    pve.time_scale = args.time_scale
+    seed(pve)
+    tmp = tempfile.mkdtemp(prefix="fakepve-")
+    try:
+        certfile, keyfile, _ = make_cert(tmp, hosts=(args.host,))
+        # The certificate is its own CA: clients verify PVE with it (PVE_CA_FILE).
+        shutil.copyfile(certfile, args.ca_out)
+        await pve.start(certfile, keyfile)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"fakepve listening on {pve.url}", flush=True)
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8006)
+    parser.add_argument("--user", default="root@pam")
+    parser.add_argument("--password", default="secret")
+    parser.add_argument("--time-scale", type=float, default=0.05, help="real seconds per PVE second")
+    parser.add_argument("--ca-out", required=True, help="where to write the CA certificate clients verify with")
+    args = parser.parse_args()
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

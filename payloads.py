@@ -1,0 +1,232 @@
+"""Everything that crosses the Temporal boundary: workflow, update and activity inputs and results.
+
+Plain dataclasses with defaults on every field added later, so that old histories still decode.
+No side effects and no heavy imports: workflow code imports this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+# --------------------------------------------------------------------- the seed's messages
+
+MSG_CREATED = "VM created and configured successfully"
+MSG_INVALID_NAME = (
+    "Invalid VM name. Name must contain only alphanumeric characters, hyphens, and dots, "
+    "and each dot-separated label must start and end with an alphanumeric character"
+)
+MSG_PER_VM_LIMIT = "Requested resources exceed the per VM limits of your compute resource plan"
+MSG_TOTAL_LIMIT = "Requested resources exceed the available limits of your compute resource plan"
+MSG_FORBIDDEN = "You do not have permission to use this template"
+MSG_BOX_NOT_FOUND = "Box not found"
+MSG_TEMPLATE_NOT_FOUND = "Template not found"
+MSG_PLAN_NOT_FOUND = "Compute resource plan not found"
+MSG_CLONE_FAILED = "Failed to clone VM from template"
+MSG_CONFIGURE_FAILED = "VM created but configuration failed, resources have been cleaned up"
+MSG_UNAVAILABLE = "Service unavailable: the request could not be admitted in time, nothing was created"
+
+
+class Failure(StrEnum):
+    """ApplicationError types the workflow and activities raise, and the HTTP status each one answers."""
+
+    INVALID_REQUEST = "InvalidRequest"
+    FORBIDDEN = "Forbidden"
+    BOX_NOT_FOUND = "BoxNotFound"
+    TEMPLATE_NOT_FOUND = "TemplateNotFound"
+    PLAN_NOT_FOUND = "PlanNotFound"
+    PER_VM_LIMIT = "PerVmLimitExceeded"
+    TOTAL_LIMIT = "TotalLimitExceeded"
+    UNAVAILABLE = "Unavailable"
+    CLONE_FAILED = "CloneFailed"
+    CONFIGURE_FAILED = "ConfigureFailed"
+
+    @property
+    def status(self) -> int:
+        return _STATUS[self]
+
+
+_STATUS = {
+    Failure.INVALID_REQUEST: 400,
+    Failure.PER_VM_LIMIT: 400,
+    Failure.TOTAL_LIMIT: 400,
+    Failure.FORBIDDEN: 403,
+    Failure.BOX_NOT_FOUND: 404,
+    Failure.TEMPLATE_NOT_FOUND: 404,
+    Failure.PLAN_NOT_FOUND: 404,
+    Failure.CLONE_FAILED: 500,
+    Failure.CONFIGURE_FAILED: 500,
+    Failure.UNAVAILABLE: 503,
+}
+
+
+def status_of(error_type: str | None) -> int:
+    """HTTP status for an ApplicationError type; anything unexpected is a 500."""
+    try:
+        return Failure(error_type).status
+    except ValueError:
+        return 500
+
+
+# ApplicationError types of a PVE task that ended in error: final, or worth starting the step again.
+PVE_TASK_FAILED = "PveTaskFailed"
+PVE_TASK_FAILED_TRANSIENT = "PveTaskFailedTransient"
+
+# Marker in the description of every VM the service clones, so that a VM is always traceable to its task.
+OWNER_MARK = "pve-boxes task "
+SERVICE_TAG = "pve-boxes"
+
+
+def vm_description(task_id: str) -> str:
+    return f"{OWNER_MARK}{task_id}"
+
+
+# ------------------------------------------------------------------------------ workflow
+
+
+@dataclass
+class CreateFromBoxInput:
+    username: str  # whose plan and template permissions apply
+    box_id: str
+    name: str
+    target: str
+    cpu_cores: int
+    memory_mb: int
+    disk_gb: int
+    storage: str | None = None  # None: DEFAULT_STORAGE
+    # Set by the REST API: past this instant the run gives up admission and creates nothing.
+    admit_by: datetime | None = None
+
+
+@dataclass
+class CreateFromBoxResult:
+    vmid: int
+    vm_name: str
+    node: str
+    task_id: str = ""
+
+
+@dataclass
+class Admission:
+    """What the POST answers once the request is admitted: the VMID the new VM will have."""
+
+    task_id: str
+    vmid: int
+    vm_name: str
+    node: str
+
+
+class Step(StrEnum):
+    ADMISSION = "admission"
+    CLONE = "clone"
+    CONFIGURE = "configure"
+    CLEANUP = "cleanup"
+    DONE = "done"
+
+
+@dataclass
+class TaskState:
+    """The run's state as GET /tasks/{task_id} shows it; the workflow keeps it in its memo."""
+
+    owner: str
+    step: str = Step.ADMISSION.value
+    vmid: int | None = None
+    vm_name: str = ""
+    node: str = ""
+    result_code: int | None = None
+    result_message: str | None = None
+
+
+# ---------------------------------------------------------------------------- activities
+
+
+@dataclass
+class ResolveBoxInput:
+    username: str
+    box_id: str
+
+
+@dataclass
+class TemplateRef:
+    node: str
+    vmid: int
+
+
+@dataclass
+class InspectInput:
+    template: TemplateRef
+    target: str
+    storage: str | None  # None: the worker's DEFAULT_STORAGE
+    disk_gb: int
+
+
+@dataclass
+class TemplateFacts:
+    disk_key: str  # the boot disk, e.g. scsi0
+    disk_gb: int  # its size on the template
+    # Lowest VMIDs PVE shows as free, for the reservation to claim one no other live task holds.
+    free_vmids: list[int] = field(default_factory=list)
+    node: str = ""  # where PVE has the template now
+    storage: str = ""  # the storage the clone goes to
+
+
+@dataclass
+class ReserveInput:
+    task_id: str
+    username: str
+    cpu_cores: int
+    memory_mb: int
+    disk_gb: int
+    free_vmids: list[int]
+
+
+@dataclass
+class CloneInput:
+    task_id: str
+    template: TemplateRef
+    vmid: int
+    name: str
+    target: str
+    storage: str
+
+
+@dataclass
+class CloneStarted:
+    upid: str | None  # None: the VM was already there, made by an earlier attempt of this task
+
+
+@dataclass
+class PveTaskRef:
+    upid: str
+
+
+@dataclass
+class VmRef:
+    task_id: str
+    node: str
+    vmid: int
+
+
+@dataclass
+class ConfigureInput:
+    task_id: str
+    node: str
+    vmid: int
+    cpu_cores: int
+    memory_mb: int
+    disk_key: str
+    disk_gb: int
+    template_disk_gb: int
+
+
+@dataclass
+class FinishInput:
+    task_id: str
+    username: str
+    vmid: int
+    node: str
+    name: str
+    cpu_cores: int
+    memory_mb: int
+    disk_gb: int

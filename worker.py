@@ -1,0 +1,112 @@
+"""The Temporal worker: CreateFromBoxWorkflow and all its activities, on TEMPORAL_TASK_QUEUE."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from sqlalchemy import Engine
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
+from temporalio.client import Client
+from temporalio.common import SearchAttributeKey
+from temporalio.worker import Worker
+
+from activities.db import DbActivities
+from activities.pve import PveActivities
+from activities.pve_client import PveClient
+from db.engine import init_db, make_engine
+from settings import get_settings
+from workflows import SEARCH_ATTRIBUTES, CreateFromBoxWorkflow
+
+log = logging.getLogger("worker")
+
+# Activities are synchronous (proxmoxer, SQLAlchemy); they run on this many threads. A thread is held only
+# while a PVE or database call is under way: waiting for long PVE tasks happens between activity attempts.
+ACTIVITY_THREADS = 64
+
+
+async def ensure_search_attributes(
+    client: Client, namespace: str, keys: Sequence[SearchAttributeKey] = SEARCH_ATTRIBUTES
+) -> None:
+    """Register the workflow's custom search attributes if the server does not know them yet."""
+    existing = await client.operator_service.list_search_attributes(
+        ListSearchAttributesRequest(namespace=namespace)
+    )
+    missing = {
+        key.name: IndexedValueType.ValueType(key.indexed_value_type)
+        for key in keys
+        if key.name not in existing.custom_attributes
+    }
+    if missing:
+        await client.operator_service.add_search_attributes(
+            AddSearchAttributesRequest(namespace=namespace, search_attributes=missing)
+        )
+        log.info("registered search attributes %s", sorted(missing))
+
+
+def build_worker(
+    client: Client,
+    task_queue: str,
+    engine: Engine,
+    pve: PveClient,
+    default_storage: str,
+    executor: ThreadPoolExecutor,
+) -> Worker:
+    db_activities = DbActivities(engine)
+    pve_activities = PveActivities(pve, default_storage)
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[CreateFromBoxWorkflow],
+        activities=[
+            db_activities.resolve_box,
+            db_activities.reserve_quota,
+            db_activities.commit_creation,
+            db_activities.release_quota,
+            pve_activities.inspect_template,
+            pve_activities.start_clone,
+            pve_activities.await_task,
+            pve_activities.await_clone_by_lock,
+            pve_activities.configure_vm,
+            pve_activities.destroy_vm,
+        ],
+        activity_executor=executor,
+        max_concurrent_activities=ACTIVITY_THREADS,
+        max_concurrent_local_activities=ACTIVITY_THREADS,
+    )
+
+
+async def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    await ensure_search_attributes(client, settings.temporal_namespace)
+    engine = make_engine(settings.database_url)
+    init_db(engine)
+    with ThreadPoolExecutor(max_workers=ACTIVITY_THREADS) as executor:
+        worker = build_worker(
+            client,
+            settings.temporal_task_queue,
+            engine,
+            PveClient(settings),
+            settings.default_storage,
+            executor,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with worker:
+            log.info(
+                "worker polling task queue %r on %s", settings.temporal_task_queue, settings.temporal_address
+            )
+            await stop.wait()
+        log.info("worker stopped")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

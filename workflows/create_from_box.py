@@ -1,0 +1,320 @@
+"""CreateFromBoxWorkflow: admit the request, clone the template, configure the VM; undo on failure (saga).
+
+Admission (box, template, permission, PVE checks, plan, quota, VMID) ends before the REST API answers:
+the API starts the run with update-with-start and waits on the `admission` update. A parent workflow
+can instead run it as a child: admission refusals then fail the run with the seed's message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+
+with workflow.unsafe.imports_passed_through():
+    from activities.db import DbActivities
+    from activities.pve import PveActivities
+    from payloads import (
+        MSG_CLONE_FAILED,
+        MSG_CONFIGURE_FAILED,
+        MSG_CREATED,
+        MSG_UNAVAILABLE,
+        PVE_TASK_FAILED,
+        PVE_TASK_FAILED_TRANSIENT,
+        Admission,
+        CloneInput,
+        ConfigureInput,
+        CreateFromBoxInput,
+        CreateFromBoxResult,
+        Failure,
+        FinishInput,
+        InspectInput,
+        PveTaskRef,
+        ReserveInput,
+        ResolveBoxInput,
+        Step,
+        TaskState,
+        TemplateFacts,
+        TemplateRef,
+        VmRef,
+        status_of,
+    )
+
+# Custom search attributes, so operators can filter runs in the Web UI; worker.py registers them.
+OWNER = SearchAttributeKey.for_keyword("BoxOwner")
+STEP = SearchAttributeKey.for_keyword("BoxStep")
+SEARCH_ATTRIBUTES = (OWNER, STEP)
+
+FINAL_FAILURES = [f.value for f in Failure] + [PVE_TASK_FAILED, PVE_TASK_FAILED_TRANSIENT]
+
+# PVE calls: a few quick retries for dropped connections, lock timeouts and 5xx, then give up.
+PVE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=20),
+    maximum_attempts=6,
+    non_retryable_error_types=FINAL_FAILURES,
+)
+# Waiting for a PVE task: each attempt looks once (or for a moment), a retry is the next look. Nothing is
+# held between looks, and the interval grows with the task's age.
+POLL_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=250),
+    backoff_coefficient=1.5,
+    maximum_interval=timedelta(seconds=10),
+    non_retryable_error_types=FINAL_FAILURES,
+)
+# Cleanup must happen in the end, however long PVE is in trouble.
+CLEANUP_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=1),
+)
+DB_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    maximum_attempts=10,
+    non_retryable_error_types=FINAL_FAILURES,
+)
+CLONE_TIMEOUT = timedelta(hours=2)
+CLONE_STARTS = 3  # a clone that failed on a lock another task held is started again, this often
+
+
+@workflow.defn
+class CreateFromBoxWorkflow:
+    def __init__(self) -> None:
+        self._admission: Admission | None = None
+        self._refusal: ApplicationError | None = None
+        self._state = TaskState(owner="")
+        self._admit_by: datetime | None = None
+
+    @workflow.update
+    async def admission(self) -> Admission:
+        """Answers once the request is admitted (the VMID is fixed), or fails with the refusal."""
+        await workflow.wait_condition(lambda: self._admission is not None or self._refusal is not None)
+        if self._refusal is not None:
+            raise self._refusal
+        assert self._admission is not None
+        return self._admission
+
+    @workflow.query
+    def state(self) -> TaskState:
+        return self._state
+
+    @workflow.run
+    async def run(self, input: CreateFromBoxInput) -> CreateFromBoxResult:
+        task_id = workflow.info().workflow_id
+        self._admit_by = input.admit_by
+        self._state = TaskState(owner=input.username, vm_name=input.name, node=input.target)
+        self._publish(Step.ADMISSION)
+        try:
+            template, facts, vmid = await self._admit(input, task_id)
+        except BaseException as err:
+            # Admission is the only phase before anything exists on PVE: give back what it may have held.
+            await self._release(task_id)
+            refusal = self._as_refusal(err)
+            self._end(Step.DONE, status_of(refusal.type), refusal.message)
+            self._refusal = refusal
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            if is_cancelled_exception(err):
+                raise
+            raise refusal from None
+
+        self._state.vmid = vmid
+        self._admission = Admission(task_id=task_id, vmid=vmid, vm_name=input.name, node=input.target)
+        self._publish(Step.CLONE)
+        vm = VmRef(task_id=task_id, node=input.target, vmid=vmid)
+        try:
+            await self._clone(CloneInput(task_id, template, vmid, input.name, input.target, facts.storage))
+        except BaseException as err:
+            await self._compensate(vm)
+            self._end(Step.DONE, 500, MSG_CLONE_FAILED)
+            if is_cancelled_exception(err):
+                raise
+            raise ApplicationError(MSG_CLONE_FAILED, _reason(err), type=Failure.CLONE_FAILED.value) from None
+
+        self._publish(Step.CONFIGURE)
+        try:
+            await workflow.execute_activity_method(
+                PveActivities.configure_vm,
+                ConfigureInput(
+                    task_id=task_id,
+                    node=input.target,
+                    vmid=vmid,
+                    cpu_cores=input.cpu_cores,
+                    memory_mb=input.memory_mb,
+                    disk_key=facts.disk_key,
+                    disk_gb=input.disk_gb,
+                    template_disk_gb=facts.disk_gb,
+                ),
+                start_to_close_timeout=timedelta(minutes=3),
+                heartbeat_timeout=timedelta(seconds=30),
+                retry_policy=PVE_RETRY,
+            )
+            await workflow.execute_local_activity_method(
+                DbActivities.commit_creation,
+                FinishInput(
+                    task_id=task_id,
+                    username=input.username,
+                    vmid=vmid,
+                    node=input.target,
+                    name=input.name,
+                    cpu_cores=input.cpu_cores,
+                    memory_mb=input.memory_mb,
+                    disk_gb=input.disk_gb,
+                ),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=DB_RETRY,
+            )
+        except BaseException as err:
+            await self._compensate(vm)
+            self._end(Step.DONE, 500, MSG_CONFIGURE_FAILED)
+            if is_cancelled_exception(err):
+                raise
+            raise ApplicationError(
+                MSG_CONFIGURE_FAILED, _reason(err), type=Failure.CONFIGURE_FAILED.value
+            ) from None
+
+        self._end(Step.DONE, 200, MSG_CREATED)
+        return CreateFromBoxResult(vmid=vmid, vm_name=input.name, node=input.target, task_id=task_id)
+
+    # ---------------------------------------------------------------------------- phases
+
+    async def _admit(self, input: CreateFromBoxInput, task_id: str) -> tuple[TemplateRef, TemplateFacts, int]:
+        template = await workflow.execute_local_activity_method(
+            DbActivities.resolve_box,
+            ResolveBoxInput(username=input.username, box_id=input.box_id),
+            schedule_to_close_timeout=self._admission_budget(timedelta(seconds=30)),
+            retry_policy=DB_RETRY,
+        )
+        facts = await workflow.execute_activity_method(
+            PveActivities.inspect_template,
+            InspectInput(
+                template=template, target=input.target, storage=input.storage, disk_gb=input.disk_gb
+            ),
+            start_to_close_timeout=timedelta(seconds=60),
+            schedule_to_close_timeout=self._admission_budget(timedelta(minutes=5)),
+            retry_policy=PVE_RETRY,
+        )
+        template = TemplateRef(node=facts.node or template.node, vmid=template.vmid)
+        vmid = await workflow.execute_local_activity_method(
+            DbActivities.reserve_quota,
+            ReserveInput(
+                task_id=task_id,
+                username=input.username,
+                cpu_cores=input.cpu_cores,
+                memory_mb=input.memory_mb,
+                disk_gb=input.disk_gb,
+                free_vmids=facts.free_vmids,
+            ),
+            schedule_to_close_timeout=self._admission_budget(timedelta(seconds=30)),
+            retry_policy=DB_RETRY,
+        )
+        # Past the deadline the caller has answered 503 and given the request up: it must create nothing.
+        self._admission_budget(timedelta(0))
+        return template, facts, vmid
+
+    def _admission_budget(self, default: timedelta) -> timedelta:
+        """What is left of the caller's admission deadline (a REST request waits for it), else `default`.
+        A run that a worker picks up only after that deadline creates nothing."""
+        if self._admit_by is None:
+            return default
+        left = self._admit_by - workflow.now()
+        if left <= timedelta(0):
+            raise ApplicationError(MSG_UNAVAILABLE, type=Failure.UNAVAILABLE.value, non_retryable=True)
+        return min(left, default)
+
+    async def _clone(self, req: CloneInput) -> None:
+        for start in range(1, CLONE_STARTS + 1):
+            started = await workflow.execute_activity_method(
+                PveActivities.start_clone,
+                req,
+                start_to_close_timeout=timedelta(seconds=60),
+                retry_policy=PVE_RETRY,
+            )
+            try:
+                if started.upid is not None:
+                    await workflow.execute_activity_method(
+                        PveActivities.await_task,
+                        PveTaskRef(upid=started.upid),
+                        start_to_close_timeout=timedelta(seconds=60),
+                        schedule_to_close_timeout=CLONE_TIMEOUT,
+                        retry_policy=POLL_RETRY,
+                    )
+                else:
+                    await workflow.execute_activity_method(
+                        PveActivities.await_clone_by_lock,
+                        VmRef(task_id=req.task_id, node=req.target, vmid=req.vmid),
+                        start_to_close_timeout=timedelta(seconds=60),
+                        schedule_to_close_timeout=CLONE_TIMEOUT,
+                        retry_policy=POLL_RETRY,
+                    )
+                return
+            except ActivityError as err:
+                cause = err.cause
+                if (
+                    isinstance(cause, ApplicationError)
+                    and cause.type == PVE_TASK_FAILED_TRANSIENT
+                    and start < CLONE_STARTS
+                ):
+                    workflow.logger.warning("clone of VM %s failed on a lock; starting it again", req.vmid)
+                    await workflow.sleep(timedelta(seconds=5 * start))
+                    continue
+                raise
+
+    async def _compensate(self, vm: VmRef) -> None:
+        """Undo, in reverse order: the VM (if it exists and is this task's), then the quota."""
+        self._publish(Step.CLEANUP)
+        await workflow.execute_activity_method(
+            PveActivities.destroy_vm,
+            vm,
+            start_to_close_timeout=timedelta(minutes=3),
+            heartbeat_timeout=timedelta(seconds=30),
+            retry_policy=CLEANUP_RETRY,
+        )
+        await self._release(vm.task_id)
+
+    async def _release(self, task_id: str) -> None:
+        await workflow.execute_local_activity_method(
+            DbActivities.release_quota,
+            task_id,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=CLEANUP_RETRY,
+        )
+
+    # ---------------------------------------------------------------------------- state
+
+    def _publish(self, step: Step) -> None:
+        self._state.step = step.value
+        workflow.upsert_memo({"state": dataclasses.asdict(self._state)})
+        workflow.upsert_search_attributes(
+            TypedSearchAttributes(
+                [SearchAttributePair(OWNER, self._state.owner), SearchAttributePair(STEP, step.value)]
+            )
+        )
+
+    def _end(self, step: Step, code: int, message: str) -> None:
+        self._state.result_code = code
+        self._state.result_message = message
+        self._publish(step)
+
+    @staticmethod
+    def _as_refusal(err: BaseException) -> ApplicationError:
+        """The seed's words for an admission that did not go through."""
+        cause = err.cause if isinstance(err, ActivityError) else err
+        if isinstance(cause, ApplicationError) and cause.type in {f.value for f in Failure}:
+            return ApplicationError(cause.message, type=cause.type, non_retryable=True)
+        if is_cancelled_exception(err):
+            return ApplicationError(
+                MSG_CLONE_FAILED, "cancelled before the clone", type=Failure.CLONE_FAILED.value
+            )
+        # PVE or the database did not answer in time, or its retries ran out.
+        return ApplicationError(MSG_UNAVAILABLE, _reason(err), type=Failure.UNAVAILABLE.value)
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost message, for operators (kept in the failure's details)."""
+    while isinstance(err, ActivityError) and err.cause is not None:
+        err = err.cause
+    return str(err)
