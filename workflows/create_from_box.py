@@ -7,8 +7,11 @@ can instead run it as a child: admission refusals then fail the run with the see
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+from collections.abc import Awaitable
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
@@ -42,6 +45,8 @@ with workflow.unsafe.imports_passed_through():
         VmRef,
         status_of,
     )
+
+T = TypeVar("T")
 
 # Custom search attributes, so operators can filter runs in the Web UI; worker.py registers them.
 OWNER = SearchAttributeKey.for_keyword("BoxOwner")
@@ -88,6 +93,7 @@ class CreateFromBoxWorkflow:
         self._refusal: ApplicationError | None = None
         self._state = TaskState(owner="")
         self._admit_by: datetime | None = None
+        self._cancelled = False
 
     @workflow.update
     async def admission(self) -> Admission:
@@ -110,15 +116,14 @@ class CreateFromBoxWorkflow:
         self._publish(Step.ADMISSION)
         try:
             template, facts, vmid = await self._admit(input, task_id)
-        except BaseException as err:
-            # Admission is the only phase before anything exists on PVE: give back what it may have held.
-            await self._release(task_id)
+        except (Exception, asyncio.CancelledError) as err:  # not BaseException: eviction must pass through
             refusal = self._as_refusal(err)
+            self._refusal = refusal  # answers the admission update
+            # Admission is the only phase before anything exists on PVE: give back what it may have held.
+            await self._uncancellable(self._release(task_id))
             self._end(Step.DONE, status_of(refusal.type), refusal.message)
-            self._refusal = refusal
-            await workflow.wait_condition(workflow.all_handlers_finished)
-            if is_cancelled_exception(err):
-                raise
+            await self._uncancellable(workflow.wait_condition(workflow.all_handlers_finished))
+            self._raise_if_cancelled(err)
             raise refusal from None
 
         self._state.vmid = vmid
@@ -127,54 +132,20 @@ class CreateFromBoxWorkflow:
         vm = VmRef(task_id=task_id, node=input.target, vmid=vmid)
         try:
             await self._clone(CloneInput(task_id, template, vmid, input.name, input.target, facts.storage))
-        except BaseException as err:
+        except (Exception, asyncio.CancelledError) as err:
             await self._compensate(vm)
             self._end(Step.DONE, 500, MSG_CLONE_FAILED)
-            if is_cancelled_exception(err):
-                raise
+            self._raise_if_cancelled(err)
             raise ApplicationError(MSG_CLONE_FAILED, _reason(err), type=Failure.CLONE_FAILED.value) from None
 
         self._publish(Step.CONFIGURE)
         try:
-            await workflow.execute_activity_method(
-                PveActivities.configure_vm,
-                ConfigureInput(
-                    task_id=task_id,
-                    node=input.target,
-                    vmid=vmid,
-                    cpu_cores=input.cpu_cores,
-                    memory_mb=input.memory_mb,
-                    disk_key=facts.disk_key,
-                    disk_gb=input.disk_gb,
-                    template_disk_gb=facts.disk_gb,
-                ),
-                start_to_close_timeout=timedelta(minutes=3),
-                heartbeat_timeout=timedelta(seconds=30),
-                retry_policy=PVE_RETRY,
-            )
-            await workflow.execute_local_activity_method(
-                DbActivities.commit_creation,
-                FinishInput(
-                    task_id=task_id,
-                    username=input.username,
-                    vmid=vmid,
-                    node=input.target,
-                    name=input.name,
-                    cpu_cores=input.cpu_cores,
-                    memory_mb=input.memory_mb,
-                    disk_gb=input.disk_gb,
-                ),
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=DB_RETRY,
-            )
-        except BaseException as err:
+            await self._configure(input, vm, facts)
+        except (Exception, asyncio.CancelledError) as err:
             await self._compensate(vm)
             self._end(Step.DONE, 500, MSG_CONFIGURE_FAILED)
-            if is_cancelled_exception(err):
-                raise
-            raise ApplicationError(
-                MSG_CONFIGURE_FAILED, _reason(err), type=Failure.CONFIGURE_FAILED.value
-            ) from None
+            self._raise_if_cancelled(err)
+            raise ApplicationError(MSG_CONFIGURE_FAILED, _reason(err), type=Failure.CONFIGURE_FAILED.value) from None
 
         self._end(Step.DONE, 200, MSG_CREATED)
         return CreateFromBoxResult(vmid=vmid, vm_name=input.name, node=input.target, task_id=task_id)
@@ -190,9 +161,7 @@ class CreateFromBoxWorkflow:
         )
         facts = await workflow.execute_activity_method(
             PveActivities.inspect_template,
-            InspectInput(
-                template=template, target=input.target, storage=input.storage, disk_gb=input.disk_gb
-            ),
+            InspectInput(template=template, target=input.target, storage=input.storage, disk_gb=input.disk_gb),
             start_to_close_timeout=timedelta(seconds=60),
             schedule_to_close_timeout=self._admission_budget(timedelta(minutes=5)),
             retry_policy=PVE_RETRY,
@@ -224,6 +193,39 @@ class CreateFromBoxWorkflow:
         if left <= timedelta(0):
             raise ApplicationError(MSG_UNAVAILABLE, type=Failure.UNAVAILABLE.value, non_retryable=True)
         return min(left, default)
+
+    async def _configure(self, input: CreateFromBoxInput, vm: VmRef, facts: TemplateFacts) -> None:
+        await workflow.execute_activity_method(
+            PveActivities.configure_vm,
+            ConfigureInput(
+                task_id=vm.task_id,
+                node=vm.node,
+                vmid=vm.vmid,
+                cpu_cores=input.cpu_cores,
+                memory_mb=input.memory_mb,
+                disk_key=facts.disk_key,
+                disk_gb=input.disk_gb,
+                template_disk_gb=facts.disk_gb,
+            ),
+            start_to_close_timeout=timedelta(minutes=3),
+            heartbeat_timeout=timedelta(seconds=30),
+            retry_policy=PVE_RETRY,
+        )
+        await workflow.execute_local_activity_method(
+            DbActivities.commit_creation,
+            FinishInput(
+                task_id=vm.task_id,
+                username=input.username,
+                vmid=vm.vmid,
+                node=vm.node,
+                name=input.name,
+                cpu_cores=input.cpu_cores,
+                memory_mb=input.memory_mb,
+                disk_gb=input.disk_gb,
+            ),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=DB_RETRY,
+        )
 
     async def _clone(self, req: CloneInput) -> None:
         for start in range(1, CLONE_STARTS + 1):
@@ -264,16 +266,35 @@ class CreateFromBoxWorkflow:
                 raise
 
     async def _compensate(self, vm: VmRef) -> None:
-        """Undo, in reverse order: the VM (if it exists and is this task's), then the quota."""
+        """Undo, in reverse order: the VM (if it exists and is this task's), then the quota. A cancellation
+        that arrives meanwhile waits until the undo is done."""
         self._publish(Step.CLEANUP)
-        await workflow.execute_activity_method(
-            PveActivities.destroy_vm,
-            vm,
-            start_to_close_timeout=timedelta(minutes=3),
-            heartbeat_timeout=timedelta(seconds=30),
-            retry_policy=CLEANUP_RETRY,
+        await self._uncancellable(
+            workflow.execute_activity_method(
+                PveActivities.destroy_vm,
+                vm,
+                start_to_close_timeout=timedelta(minutes=3),
+                heartbeat_timeout=timedelta(seconds=30),
+                retry_policy=CLEANUP_RETRY,
+            )
         )
-        await self._release(vm.task_id)
+        await self._uncancellable(self._release(vm.task_id))
+
+    async def _uncancellable(self, step: Awaitable[T]) -> T:
+        """Await `step` to its end even if the run is cancelled meanwhile; the cancellation is kept for later."""
+        task = asyncio.ensure_future(step)
+        while True:
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.done():
+                    return task.result()
+                self._cancelled = True
+
+    def _raise_if_cancelled(self, err: BaseException) -> None:
+        """A cancelled run ends as cancelled (after its cleanup), not as failed."""
+        if self._cancelled or is_cancelled_exception(err):
+            raise asyncio.CancelledError()
 
     async def _release(self, task_id: str) -> None:
         await workflow.execute_local_activity_method(
@@ -300,15 +321,13 @@ class CreateFromBoxWorkflow:
         self._publish(step)
 
     @staticmethod
-    def _as_refusal(err: BaseException) -> ApplicationError:
+    def _as_refusal(err: Exception | asyncio.CancelledError) -> ApplicationError:
         """The seed's words for an admission that did not go through."""
         cause = err.cause if isinstance(err, ActivityError) else err
         if isinstance(cause, ApplicationError) and cause.type in {f.value for f in Failure}:
             return ApplicationError(cause.message, type=cause.type, non_retryable=True)
         if is_cancelled_exception(err):
-            return ApplicationError(
-                MSG_CLONE_FAILED, "cancelled before the clone", type=Failure.CLONE_FAILED.value
-            )
+            return ApplicationError(MSG_CLONE_FAILED, "cancelled before the clone", type=Failure.CLONE_FAILED.value)
         # PVE or the database did not answer in time, or its retries ran out.
         return ApplicationError(MSG_UNAVAILABLE, _reason(err), type=Failure.UNAVAILABLE.value)
 

@@ -16,6 +16,7 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
@@ -118,7 +119,7 @@ async def admit(
         if isinstance(cause, ApplicationError):
             raise ApiError(status_of(cause.type), cause.message) from exc
         raise ApiError(500, MSG_CLONE_FAILED) from exc
-    except (TimeoutError, RPCError) as exc:
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError, RPCError) as exc:
         # No worker answered in time, or the server refused: the run (if it started) must not act later.
         # Its own deadline stops it; cancelling it also ends it at once when a worker sees it.
         await give_up(client, task_id)
