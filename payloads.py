@@ -1,10 +1,12 @@
 """Everything that crosses the Temporal boundary: workflow, update and activity inputs and results.
 
+No `from __future__ import annotations` here: the payload converter resolves these type hints, also inside
+other teams' workflow sandboxes, and string annotations fail there.
+
 Plain dataclasses with defaults on every field added later, so that old histories still decode.
 No side effects and no heavy imports: workflow code imports this module.
 """
 
-from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime

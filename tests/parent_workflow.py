@@ -1,0 +1,30 @@
+"""Another team's workflow that creates a VM as one of its steps (a module of its own: the workflow sandbox
+re-imports the module a workflow is defined in)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError, ChildWorkflowError
+
+with workflow.unsafe.imports_passed_through():
+    from workflows import CreateFromBoxInput, CreateFromBoxResult, CreateFromBoxWorkflow
+
+
+@workflow.defn
+class ParentWorkflow:
+    @workflow.run
+    async def run(self, input: CreateFromBoxInput, task_queue: str) -> str:
+        try:
+            result: CreateFromBoxResult = await workflow.execute_child_workflow(
+                CreateFromBoxWorkflow.run,
+                input,
+                id=f"{workflow.info().workflow_id}-vm",
+                task_queue=task_queue,
+                execution_timeout=timedelta(minutes=5),
+            )
+        except ChildWorkflowError as err:
+            assert isinstance(err.cause, ApplicationError)
+            return f"failed: {err.cause.message}"
+        return f"created {result.vm_name} as {result.vmid} on {result.node}"

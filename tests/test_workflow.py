@@ -1,0 +1,100 @@
+"""The workflow's outside face for other workflows (child workflow, input and result dataclasses), and replay
+of recorded histories: a change to the workflow must keep the runs already in flight replayable.
+
+Re-record the histories after an intended, compatible change with:  RECORD_HISTORIES=1 make test
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client, WorkflowHistory
+from temporalio.worker import Replayer, Worker
+
+from payloads import MSG_BOX_NOT_FOUND, MSG_CLONE_FAILED, MSG_CONFIGURE_FAILED
+from settings import Settings
+from tests.conftest import created_vms, result_of
+from tests.factories import BOX, auth, body
+from tests.parent_workflow import ParentWorkflow
+from workflows import CreateFromBoxInput, CreateFromBoxWorkflow
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+def child_input(**overrides: Any) -> CreateFromBoxInput:
+    values: dict[str, Any] = dict(
+        username="alice", box_id=BOX, name="child-vm", target="pve2", cpu_cores=1, memory_mb=1024, disk_gb=10
+    )
+    values.update(overrides)
+    return CreateFromBoxInput(**values)
+
+
+@pytest.mark.usefixtures("worker")
+async def test_runs_as_a_child_workflow(temporal: Client, settings: Settings, pve: Any) -> None:
+    parent_queue = f"parent-{uuid.uuid4().hex[:8]}"
+    async with Worker(temporal, task_queue=parent_queue, workflows=[ParentWorkflow]):
+        ok = await temporal.execute_workflow(
+            ParentWorkflow.run,
+            args=[child_input(), settings.temporal_task_queue],
+            id=f"parent-{uuid.uuid4().hex[:8]}",
+            task_queue=parent_queue,
+        )
+        refused = await temporal.execute_workflow(
+            ParentWorkflow.run,
+            args=[child_input(box_id="missing"), settings.temporal_task_queue],
+            id=f"parent-{uuid.uuid4().hex[:8]}",
+            task_queue=parent_queue,
+        )
+    assert ok == "created child-vm as 100 on pve2"
+    assert refused == f"failed: {MSG_BOX_NOT_FOUND}"
+    # storage None in the input: the worker's DEFAULT_STORAGE (NFS) was used.
+    [vm] = created_vms(pve)
+    assert vm.config["scsi0"].startswith("NFS:")
+
+
+# --------------------------------------------------------------------------------- replay
+
+
+async def run_scenario(api: httpx.AsyncClient, temporal: Client, pve: Any, scenario: str) -> WorkflowHistory:
+    if scenario == "clone_failure":
+        pve.storages["NFS"]["avail"] = 1024**3
+    elif scenario == "compensation":
+        pve.fail("POST", "/nodes/pve2/qemu/100/config", 500, "unable to apply the new configuration")
+    response = await api.post("/api/v1/vm/manage/createFromBoxTemplate", json=body(), headers=auth())
+    task_id = response.json()["data"]["task_id"]
+    try:
+        await result_of(temporal, task_id)
+    except Exception as err:
+        assert scenario != "success", err
+    return await temporal.get_workflow_handle(task_id).fetch_history()
+
+
+@pytest.mark.usefixtures("worker")
+@pytest.mark.parametrize("scenario", ["success", "clone_failure", "compensation"])
+async def test_fresh_history_replays(api: httpx.AsyncClient, temporal: Client, pve: Any, scenario: str) -> None:
+    history = await run_scenario(api, temporal, pve, scenario)
+    await Replayer(workflows=[CreateFromBoxWorkflow]).replay_workflow(history)
+    if os.environ.get("RECORD_HISTORIES"):
+        HISTORIES.mkdir(exist_ok=True)
+        (HISTORIES / f"{scenario}.json").write_text(history.to_json())
+
+
+@pytest.mark.parametrize("scenario", ["success", "clone_failure", "compensation"])
+async def test_recorded_history_replays(scenario: str) -> None:
+    path = HISTORIES / f"{scenario}.json"
+    history = WorkflowHistory.from_json(f"recorded-{scenario}", path.read_text())
+    result = await Replayer(workflows=[CreateFromBoxWorkflow]).replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is None, result.replay_failure
+    # What the recorded run ended with is what the current code decides on replay too.
+    events = history.events
+    last = events[-1]
+    if scenario == "success":
+        assert last.HasField("workflow_execution_completed_event_attributes")
+    else:
+        message = last.workflow_execution_failed_event_attributes.failure.message
+        assert message == {"clone_failure": MSG_CLONE_FAILED, "compensation": MSG_CONFIGURE_FAILED}[scenario]
