@@ -113,9 +113,7 @@ def cmd_templates(_args: argparse.Namespace) -> None:
         allowed: dict[str, list[str]] = {}
         for link in db.exec(select(TemplateUser).order_by(col(TemplateUser.username))).all():
             allowed.setdefault(link.template_id, []).append(link.username)
-    rows = [
-        [t.id, t.name, t.node, t.vmid, t.public, ",".join(allowed.get(t.id, [])) or None] for t in templates
-    ]
+    rows = [[t.id, t.name, t.node, t.vmid, t.public, ",".join(allowed.get(t.id, [])) or None] for t in templates]
     print(_table(["ID", "NAME", "NODE", "VMID", "PUBLIC", "ALLOWED USERS"], rows))
 
 

@@ -7,7 +7,6 @@ Plain dataclasses with defaults on every field added later, so that old historie
 No side effects and no heavy imports: workflow code imports this module.
 """
 
-
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -66,7 +65,7 @@ _STATUS = {
 def status_of(error_type: str | None) -> int:
     """HTTP status for an ApplicationError type; anything unexpected is a 500."""
     try:
-        return Failure(error_type).status
+        return Failure(error_type or "").status
     except ValueError:
         return 500
 

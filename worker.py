@@ -33,9 +33,7 @@ async def ensure_search_attributes(
     client: Client, namespace: str, keys: Sequence[SearchAttributeKey] = SEARCH_ATTRIBUTES
 ) -> None:
     """Register the workflow's custom search attributes if the server does not know them yet."""
-    existing = await client.operator_service.list_search_attributes(
-        ListSearchAttributesRequest(namespace=namespace)
-    )
+    existing = await client.operator_service.list_search_attributes(ListSearchAttributesRequest(namespace=namespace))
     missing = {
         key.name: IndexedValueType.ValueType(key.indexed_value_type)
         for key in keys
@@ -101,9 +99,7 @@ async def main() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         async with worker:
-            log.info(
-                "worker polling task queue %r on %s", settings.temporal_task_queue, settings.temporal_address
-            )
+            log.info("worker polling task queue %r on %s", settings.temporal_task_queue, settings.temporal_address)
             await stop.wait()
         log.info("worker stopped")
 

@@ -141,9 +141,7 @@ class PveActivities:
             None,
         )
         if store is None:
-            raise refuse(
-                Failure.INVALID_REQUEST, f"Storage '{storage}' is not available on node '{req.target}'"
-            )
+            raise refuse(Failure.INVALID_REQUEST, f"Storage '{storage}' is not available on node '{req.target}'")
         if "images" not in str(store.get("content", "")).split(","):
             raise refuse(Failure.INVALID_REQUEST, f"Storage '{storage}' cannot hold VM disks")
         if store.get("status") != "available":

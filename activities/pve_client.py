@@ -41,9 +41,7 @@ def classify(exc: ResourceException) -> Exception:
     message = str(exc.content or exc.status_message or "")
     if exc.errors:
         message = f"{message} {exc.errors}"
-    if exc.status_code in TRANSIENT_STATUSES or (
-        exc.status_code >= 500 and TRANSIENT_MESSAGES.search(message)
-    ):
+    if exc.status_code in TRANSIENT_STATUSES or (exc.status_code >= 500 and TRANSIENT_MESSAGES.search(message)):
         return PveUnavailable(f"{exc.status_code} {message}")
     return PveError(exc.status_code, message)
 

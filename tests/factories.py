@@ -26,8 +26,14 @@ ADMIN_DATA: dict[str, Any] = {
         {"username": "carol", "plan": None, "tokens": [CAROL]},
     ],
     "templates": [
-        {"id": "tpl-ubuntu", "name": "Ubuntu 24.04", "node": "pve1", "vmid": TEMPLATE_VMID,
-         "public": False, "allowed_users": ["alice", "carol"]},
+        {
+            "id": "tpl-ubuntu",
+            "name": "Ubuntu 24.04",
+            "node": "pve1",
+            "vmid": TEMPLATE_VMID,
+            "public": False,
+            "allowed_users": ["alice", "carol"],
+        },
         {"id": "tpl-gone", "name": "Deleted on PVE", "node": "pve1", "vmid": 9999, "public": True},
     ],
     "boxes": [

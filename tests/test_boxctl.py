@@ -259,9 +259,7 @@ def test_unknown_nested_and_top_level_keys_refused(engine: Engine) -> None:
         ("users", ("tokens",), TOKEN, "users[0] (alice): tokens: Input should be a valid list"),
     ],
 )
-def test_bad_value_refused(
-    engine: Engine, section: str, path: tuple[str, ...], value: Any, expected: str
-) -> None:
+def test_bad_value_refused(engine: Engine, section: str, path: tuple[str, ...], value: Any, expected: str) -> None:
     data = example()
     target = data[section][0]
     for key in path[:-1]:
@@ -377,10 +375,7 @@ def test_cli_load_refused(tmp_path: Path, db_path: Path, capsys: pytest.CaptureF
     assert boxctl.main(["load", write_json(tmp_path, data)]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert (
-        "boxctl: users[0] (alice): plan 'gold' is defined neither in the file nor in the database"
-        in captured.err
-    )
+    assert "boxctl: users[0] (alice): plan 'gold' is defined neither in the file nor in the database" in captured.err
     engine = make_engine(f"sqlite:///{db_path}")
     assert all(rows == [] for rows in snapshot(engine).values())
     engine.dispose()
@@ -497,9 +492,7 @@ def pg_engine() -> Iterator[Engine]:
 
 def test_postgresql_load(pg_engine: Engine) -> None:
     report = load_admin_data(pg_engine, example())
-    assert (
-        report.plans.created == report.users.created == report.templates.created == report.boxes.created == 1
-    )
+    assert report.plans.created == report.users.created == report.templates.created == report.boxes.created == 1
     before = snapshot(pg_engine)
     again = load_admin_data(pg_engine, example())
     assert not again.changed

@@ -68,7 +68,10 @@ async def test_failed_clone_leaves_nothing(
     assert [r.state for r in reservations(engine)] == [RELEASED]
     seen = await state(api, task_id)
     assert (seen["status"], seen["step"], seen["result_code"], seen["result_message"]) == (
-        "failed", "done", 500, MSG_CLONE_FAILED,
+        "failed",
+        "done",
+        500,
+        MSG_CLONE_FAILED,
     )
 
 
@@ -176,8 +179,9 @@ async def test_no_worker_answers_503_and_the_request_never_acts(
 
         # A worker turns up later: the run must end without creating anything.
         with ThreadPoolExecutor(ACTIVITY_THREADS) as executor:
-            async with build_worker(temporal, settings.temporal_task_queue, engine, PveClient(settings),
-                                    settings.default_storage, executor):
+            async with build_worker(
+                temporal, settings.temporal_task_queue, engine, PveClient(settings), settings.default_storage, executor
+            ):
                 handle = temporal.get_workflow_handle(run.id)
                 await until_async(lambda: closed(handle), True, timeout=30)
         assert created_vms(pve) == []

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
@@ -240,7 +240,9 @@ class CreateFromBoxWorkflow:
                     await workflow.execute_activity_method(
                         PveActivities.await_task,
                         PveTaskRef(upid=started.upid),
-                        start_to_close_timeout=timedelta(seconds=60),
+                        start_to_close_timeout=timedelta(seconds=30),
+                        # A worker that dies mid-look is noticed within seconds, not at the timeout.
+                        heartbeat_timeout=timedelta(seconds=5),
                         schedule_to_close_timeout=CLONE_TIMEOUT,
                         retry_policy=POLL_RETRY,
                     )
@@ -309,11 +311,7 @@ class CreateFromBoxWorkflow:
     def _publish(self, step: Step) -> None:
         self._state.step = step.value
         workflow.upsert_memo({"state": dataclasses.asdict(self._state)})
-        workflow.upsert_search_attributes(
-            TypedSearchAttributes(
-                [SearchAttributePair(OWNER, self._state.owner), SearchAttributePair(STEP, step.value)]
-            )
-        )
+        workflow.upsert_search_attributes([OWNER.value_set(self._state.owner), STEP.value_set(step.value)])
 
     def _end(self, step: Step, code: int, message: str) -> None:
         self._state.result_code = code

@@ -95,9 +95,7 @@ async def create_from_box_template(
     return Envelope(code=200, message=MSG_CREATED, data=admission_data(admission))
 
 
-async def admit(
-    client: Client, task_queue: str, timeout: float, task_id: str, input: CreateFromBoxInput
-) -> Admission:
+async def admit(client: Client, task_queue: str, timeout: float, task_id: str, input: CreateFromBoxInput) -> Admission:
     """Start the run and wait for its admission update; 503 (and nothing created, ever) if it takes too long."""
     input.admit_by = datetime.now(UTC) + timedelta(seconds=timeout)
     start = WithStartWorkflowOperation(
@@ -109,9 +107,7 @@ async def admit(
     )
     try:
         return await asyncio.wait_for(
-            client.execute_update_with_start_workflow(
-                CreateFromBoxWorkflow.admission, start_workflow_operation=start
-            ),
+            client.execute_update_with_start_workflow(CreateFromBoxWorkflow.admission, start_workflow_operation=start),
             timeout + ADMISSION_GRACE_SECONDS,
         )
     except WorkflowUpdateFailedError as exc:
@@ -159,9 +155,7 @@ async def get_task(task_id: str, username: CurrentUser, client: TemporalDep) -> 
     except RPCError as exc:
         if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
             raise ApiError(404, TASK_NOT_FOUND) from exc
-        raise ApiError(
-            503, "Service unavailable: the workflow service cannot be reached, try again later"
-        ) from exc
+        raise ApiError(503, "Service unavailable: the workflow service cannot be reached, try again later") from exc
     if description.workflow_type != "CreateFromBoxWorkflow":
         raise ApiError(404, TASK_NOT_FOUND)
     memo = await description.memo()

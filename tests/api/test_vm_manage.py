@@ -84,7 +84,12 @@ async def test_create_answers_at_admission_and_the_run_configures_the_vm(
 
     [record] = vm_records(engine)
     assert (record.username, record.vmid, record.node, record.cores, record.memory_mb, record.disk_gb) == (
-        "alice", 100, "pve2", 3, 3072, 25,
+        "alice",
+        100,
+        "pve2",
+        3,
+        3072,
+        25,
     )
     [reservation] = reservations(engine)
     assert reservation.state == COMMITTED
@@ -97,9 +102,7 @@ async def test_create_answers_at_admission_and_the_run_configures_the_vm(
     assert state["started_at"].endswith("Z") and state["finished_at"].endswith("Z")
 
 
-async def test_storage_defaults_to_nfs_and_can_be_named(
-    api: httpx.AsyncClient, temporal: Client, pve: Any
-) -> None:
+async def test_storage_defaults_to_nfs_and_can_be_named(api: httpx.AsyncClient, temporal: Client, pve: Any) -> None:
     pve.storages["fast"] = dict(pve.storages["NFS"])
     first = (await api.post(CREATE, json=body(name="a"), headers=auth())).json()["data"]
     second = (await api.post(CREATE, json=body(name="b", storage="fast"), headers=auth())).json()["data"]
@@ -134,8 +137,10 @@ async def test_vmids_follow_each_other_and_never_collide(
 ) -> None:
     pve.add_vm(100, "made-outside-the-service", node="pve1")
     answers = await asyncio.gather(
-        *(api.post(CREATE, json=body(name=f"vm{i}", cpuCores=1, memorySize=512, diskSize=10), headers=auth())
-          for i in range(4))
+        *(
+            api.post(CREATE, json=body(name=f"vm{i}", cpuCores=1, memorySize=512, diskSize=10), headers=auth())
+            for i in range(4)
+        )
     )
     vmids = sorted(int(a.json()["data"]["vmid"]) for a in answers)
     assert vmids == [101, 102, 103, 104]
@@ -196,13 +201,13 @@ async def test_checks_run_in_the_contract_order(api: httpx.AsyncClient, pve: Any
     # Box before everything; permission before PVE; PVE checks before the plan; per-VM before totals.
     everything_wrong = {"target": "pve9", "cpuCores": 99}
     assert (await api.post(CREATE, json=body(box_id="x", **everything_wrong), headers=auth(BOB))).json()[
-        "message"] == MSG_BOX_NOT_FOUND
-    assert (await api.post(CREATE, json=body(**everything_wrong), headers=auth(BOB))).json()[
-        "message"] == MSG_FORBIDDEN
+        "message"
+    ] == MSG_BOX_NOT_FOUND
+    assert (await api.post(CREATE, json=body(**everything_wrong), headers=auth(BOB))).json()["message"] == MSG_FORBIDDEN
     assert (await api.post(CREATE, json=body(**everything_wrong), headers=auth(CAROL))).json()[
-        "message"] == "Unknown target node 'pve9'"
-    assert (await api.post(CREATE, json=body(cpuCores=99), headers=auth(CAROL))).json()[
-        "message"] == MSG_PLAN_NOT_FOUND
+        "message"
+    ] == "Unknown target node 'pve9'"
+    assert (await api.post(CREATE, json=body(cpuCores=99), headers=auth(CAROL))).json()["message"] == MSG_PLAN_NOT_FOUND
 
 
 async def test_total_limits_count_vms_and_creations_in_flight(
