@@ -70,6 +70,11 @@ def status_of(error_type: str | None) -> int:
         return 500
 
 
+# start_clone found a VM it did not make under the task's VMID (made outside the service): pick another.
+VMID_TAKEN = "VmidTaken"
+# No clone slot free on the node or storage yet: the acquiring activity is retried until one is.
+NO_CLONE_SLOT = "NoCloneSlot"
+
 # ApplicationError types of a PVE task that ended in error: final, or worth starting the step again.
 PVE_TASK_FAILED = "PveTaskFailed"
 PVE_TASK_FAILED_TRANSIENT = "PveTaskFailedTransient"
@@ -180,6 +185,19 @@ class ReserveInput:
     memory_mb: int
     disk_gb: int
     free_vmids: list[int]
+
+
+@dataclass
+class ReassignInput:
+    task_id: str
+    free_vmids: list[int]
+
+
+@dataclass
+class CloneSlotRequest:
+    task_id: str
+    node: str  # the node whose PVE worker runs the clone (the template's)
+    storage: str  # the storage the clone writes to
 
 
 @dataclass

@@ -27,6 +27,12 @@ class Settings(BaseSettings):
 
     default_storage: str = "NFS"
 
+    # Full clones running at once per PVE node (the template's, whose worker copies the disk) and per target
+    # storage; more wait their turn inside the workflow. Real PVE times out on storage locks in clone storms.
+    # 0: no limit.
+    clone_limit_per_node: int = 4
+    clone_limit_per_storage: int = 4
+
     # How long the POST may take to admit a request before it answers 503 and gives the request up.
     admission_timeout_seconds: float = 20.0
 

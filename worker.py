@@ -19,7 +19,7 @@ from activities.db import DbActivities
 from activities.pve import PveActivities
 from activities.pve_client import PveClient
 from db.engine import init_db, make_engine
-from settings import get_settings
+from settings import Settings, get_settings
 from workflows import SEARCH_ATTRIBUTES, CreateFromBoxWorkflow
 
 log = logging.getLogger("worker")
@@ -51,11 +51,11 @@ def build_worker(
     task_queue: str,
     engine: Engine,
     pve: PveClient,
-    default_storage: str,
+    settings: Settings,
     executor: ThreadPoolExecutor,
 ) -> Worker:
-    db_activities = DbActivities(engine)
-    pve_activities = PveActivities(pve, default_storage)
+    db_activities = DbActivities(engine, settings.clone_limit_per_node, settings.clone_limit_per_storage)
+    pve_activities = PveActivities(pve, settings.default_storage)
     return Worker(
         client,
         task_queue=task_queue,
@@ -63,6 +63,9 @@ def build_worker(
         activities=[
             db_activities.resolve_box,
             db_activities.reserve_quota,
+            db_activities.reassign_vmid,
+            db_activities.acquire_clone_slot,
+            db_activities.release_clone_slot,
             db_activities.commit_creation,
             db_activities.release_quota,
             pve_activities.inspect_template,
@@ -91,7 +94,7 @@ async def main() -> None:
             settings.temporal_task_queue,
             engine,
             PveClient(settings),
-            settings.default_storage,
+            settings,
             executor,
         )
         stop = asyncio.Event()

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 from sqlalchemy import Engine
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
-from db import quota
+from db import clone_slots, quota
 from db.engine import session
 from db.models import Box, Template, TemplateUser
 from payloads import (
     MSG_BOX_NOT_FOUND,
     MSG_FORBIDDEN,
     MSG_TEMPLATE_NOT_FOUND,
+    NO_CLONE_SLOT,
+    CloneSlotRequest,
     Failure,
     FinishInput,
+    ReassignInput,
     ReserveInput,
     ResolveBoxInput,
     TemplateRef,
@@ -27,8 +30,10 @@ def refuse(failure: Failure, message: str) -> ApplicationError:
 
 
 class DbActivities:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, clone_limit_per_node: int = 0, clone_limit_per_storage: int = 0):
         self.engine = engine
+        self.clone_limit_per_node = clone_limit_per_node
+        self.clone_limit_per_storage = clone_limit_per_storage
 
     @activity.defn
     def resolve_box(self, req: ResolveBoxInput) -> TemplateRef:
@@ -51,6 +56,28 @@ class DbActivities:
             return quota.reserve(self.engine, req)
         except quota.Refused as exc:
             raise refuse(exc.failure, exc.message) from exc
+
+    @activity.defn
+    def reassign_vmid(self, req: ReassignInput) -> int:
+        try:
+            return quota.reassign_vmid(self.engine, req.task_id, req.free_vmids)
+        except quota.Refused as exc:
+            raise refuse(exc.failure, exc.message) from exc
+
+    @activity.defn
+    def acquire_clone_slot(self, req: CloneSlotRequest) -> None:
+        """Returns once the task holds a clone slot. While none is free it fails with a benign error, and its
+        retry policy is the queue: nothing is held while the run waits its turn."""
+        if not clone_slots.acquire(self.engine, req, self.clone_limit_per_node, self.clone_limit_per_storage):
+            raise ApplicationError(
+                f"no clone slot free on node {req.node} / storage {req.storage}",
+                type=NO_CLONE_SLOT,
+                category=ApplicationErrorCategory.BENIGN,
+            )
+
+    @activity.defn
+    def release_clone_slot(self, task_id: str) -> None:
+        clone_slots.release(self.engine, task_id)
 
     @activity.defn
     def commit_creation(self, done: FinishInput) -> None:

@@ -20,6 +20,7 @@ from payloads import (
     PVE_TASK_FAILED,
     PVE_TASK_FAILED_TRANSIENT,
     SERVICE_TAG,
+    VMID_TAKEN,
     CloneInput,
     CloneStarted,
     ConfigureInput,
@@ -210,10 +211,7 @@ class PveActivities:
         if self._owned_by(task_id, found["node"], vmid):
             return True
         raise ApplicationError(
-            MSG_CLONE_FAILED,
-            f"VMID {vmid} is taken by a VM this task did not create",
-            type=Failure.CLONE_FAILED.value,
-            non_retryable=True,
+            f"VMID {vmid} is taken by a VM this task did not create", type=VMID_TAKEN, non_retryable=True
         )
 
     @activity.defn

@@ -102,4 +102,13 @@ class Vm(SQLModel, table=True):
     deleted_at: datetime | None = None
 
 
+class CloneSlot(SQLModel, table=True):
+    """A full clone under way, counted against the per-node and per-storage clone limits."""
+
+    task_id: str = Field(primary_key=True)
+    node: str = Field(index=True)
+    storage: str = Field(index=True)
+    acquired_at: datetime = Field(default_factory=utcnow)
+
+
 HELD, COMMITTED, RELEASED = "held", "committed", "released"

@@ -107,6 +107,21 @@ def reserve(engine: Engine, req: ReserveInput) -> int:
         return vmid
 
 
+def reassign_vmid(engine: Engine, task_id: str, free_vmids: list[int]) -> int:
+    """Move the task's held reservation to another VMID (its own was taken outside the service)."""
+    with session(engine) as db, db.begin():
+        reservation = db.get(Reservation, task_id)
+        if reservation is None or reservation.state != HELD:
+            raise Refused(Failure.CLONE_FAILED, "the task holds no reservation")
+        held = set(db.exec(select(Reservation.vmid).where(Reservation.state == HELD)).all())
+        vmid = next((v for v in free_vmids if v not in held), None)
+        if vmid is None:
+            raise NoFreeVmid(f"all of {len(free_vmids)} free VMIDs are held by other creations")
+        reservation.vmid = vmid
+        reservation.updated_at = utcnow()
+        return vmid
+
+
 def commit(engine: Engine, done: FinishInput) -> None:
     """Record the created VM and turn its reservation into usage, once."""
     with session(engine) as db, db.begin():

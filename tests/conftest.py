@@ -93,9 +93,7 @@ def engine(settings: Settings) -> Iterator[Engine]:
 @pytest.fixture
 async def worker(temporal: Client, settings: Settings, engine: Engine) -> AsyncIterator[Worker]:
     with ThreadPoolExecutor(max_workers=ACTIVITY_THREADS) as executor:
-        worker = build_worker(
-            temporal, settings.temporal_task_queue, engine, PveClient(settings), settings.default_storage, executor
-        )
+        worker = build_worker(temporal, settings.temporal_task_queue, engine, PveClient(settings), settings, executor)
         async with worker:
             yield worker
 

@@ -180,7 +180,7 @@ async def test_no_worker_answers_503_and_the_request_never_acts(
         # A worker turns up later: the run must end without creating anything.
         with ThreadPoolExecutor(ACTIVITY_THREADS) as executor:
             async with build_worker(
-                temporal, settings.temporal_task_queue, engine, PveClient(settings), settings.default_storage, executor
+                temporal, settings.temporal_task_queue, engine, PveClient(settings), settings, executor
             ):
                 handle = temporal.get_workflow_handle(run.id)
                 await until_async(lambda: closed(handle), True, timeout=30)

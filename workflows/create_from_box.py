@@ -27,8 +27,10 @@ with workflow.unsafe.imports_passed_through():
         MSG_UNAVAILABLE,
         PVE_TASK_FAILED,
         PVE_TASK_FAILED_TRANSIENT,
+        VMID_TAKEN,
         Admission,
         CloneInput,
+        CloneSlotRequest,
         ConfigureInput,
         CreateFromBoxInput,
         CreateFromBoxResult,
@@ -36,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
         FinishInput,
         InspectInput,
         PveTaskRef,
+        ReassignInput,
         ReserveInput,
         ResolveBoxInput,
         Step,
@@ -53,7 +56,7 @@ OWNER = SearchAttributeKey.for_keyword("BoxOwner")
 STEP = SearchAttributeKey.for_keyword("BoxStep")
 SEARCH_ATTRIBUTES = (OWNER, STEP)
 
-FINAL_FAILURES = [f.value for f in Failure] + [PVE_TASK_FAILED, PVE_TASK_FAILED_TRANSIENT]
+FINAL_FAILURES = [f.value for f in Failure] + [PVE_TASK_FAILED, PVE_TASK_FAILED_TRANSIENT, VMID_TAKEN]
 
 # PVE calls: a few quick retries for dropped connections, lock timeouts and 5xx, then give up.
 PVE_RETRY = RetryPolicy(
@@ -82,7 +85,15 @@ DB_RETRY = RetryPolicy(
     maximum_attempts=10,
     non_retryable_error_types=FINAL_FAILURES,
 )
+# Waiting for a clone slot: look again soon at first, then every 15 s at most.
+SLOT_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=1.5,
+    maximum_interval=timedelta(seconds=15),
+)
 CLONE_TIMEOUT = timedelta(hours=2)
+VMID_CHANGES = 3  # how often a VMID taken outside the service is replaced before the clone fails
+CLONE_SLOTS_PATCH = "clone-slots"
 CLONE_STARTS = 3  # a clone that failed on a lock another task held is started again, this often
 
 
@@ -94,6 +105,7 @@ class CreateFromBoxWorkflow:
         self._state = TaskState(owner="")
         self._admit_by: datetime | None = None
         self._cancelled = False
+        self._vm = VmRef(task_id="", node="", vmid=0)
 
     @workflow.update
     async def admission(self) -> Admission:
@@ -129,26 +141,27 @@ class CreateFromBoxWorkflow:
         self._state.vmid = vmid
         self._admission = Admission(task_id=task_id, vmid=vmid, vm_name=input.name, node=input.target)
         self._publish(Step.CLONE)
-        vm = VmRef(task_id=task_id, node=input.target, vmid=vmid)
+        self._vm = VmRef(task_id=task_id, node=input.target, vmid=vmid)
+        clone = CloneInput(task_id, template, vmid, input.name, input.target, facts.storage)
         try:
-            await self._clone(CloneInput(task_id, template, vmid, input.name, input.target, facts.storage))
+            await self._clone_in_turn(clone, input)
         except (Exception, asyncio.CancelledError) as err:
-            await self._compensate(vm)
+            await self._compensate(self._vm)
             self._end(Step.DONE, 500, MSG_CLONE_FAILED)
             self._raise_if_cancelled(err)
             raise ApplicationError(MSG_CLONE_FAILED, _reason(err), type=Failure.CLONE_FAILED.value) from None
 
         self._publish(Step.CONFIGURE)
         try:
-            await self._configure(input, vm, facts)
+            await self._configure(input, self._vm, facts)
         except (Exception, asyncio.CancelledError) as err:
-            await self._compensate(vm)
+            await self._compensate(self._vm)
             self._end(Step.DONE, 500, MSG_CONFIGURE_FAILED)
             self._raise_if_cancelled(err)
             raise ApplicationError(MSG_CONFIGURE_FAILED, _reason(err), type=Failure.CONFIGURE_FAILED.value) from None
 
         self._end(Step.DONE, 200, MSG_CREATED)
-        return CreateFromBoxResult(vmid=vmid, vm_name=input.name, node=input.target, task_id=task_id)
+        return CreateFromBoxResult(vmid=self._vm.vmid, vm_name=input.name, node=input.target, task_id=task_id)
 
     # ---------------------------------------------------------------------------- phases
 
@@ -227,14 +240,50 @@ class CreateFromBoxWorkflow:
             retry_policy=DB_RETRY,
         )
 
-    async def _clone(self, req: CloneInput) -> None:
-        for start in range(1, CLONE_STARTS + 1):
-            started = await workflow.execute_activity_method(
-                PveActivities.start_clone,
-                req,
-                start_to_close_timeout=timedelta(seconds=60),
-                retry_policy=PVE_RETRY,
+    async def _clone_in_turn(self, req: CloneInput, input: CreateFromBoxInput) -> None:
+        """Wait for a clone slot on the node and storage, clone, and free the slot whatever happens."""
+        if not workflow.patched(CLONE_SLOTS_PATCH):
+            # Runs that started before clone slots existed go on as they were.
+            await self._clone(req, input)
+            return
+        try:
+            await workflow.execute_activity_method(
+                DbActivities.acquire_clone_slot,
+                CloneSlotRequest(task_id=req.task_id, node=req.template.node, storage=req.storage),
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=CLONE_TIMEOUT,
+                retry_policy=SLOT_RETRY,
             )
+            await self._clone(req, input)
+        finally:
+            await self._uncancellable(
+                workflow.execute_local_activity_method(
+                    DbActivities.release_clone_slot,
+                    req.task_id,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=CLEANUP_RETRY,
+                )
+            )
+
+    async def _clone(self, req: CloneInput, input: CreateFromBoxInput) -> None:
+        vmid_changes = 0
+        start = 0
+        while True:
+            start += 1
+            try:
+                started = await workflow.execute_activity_method(
+                    PveActivities.start_clone,
+                    req,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=PVE_RETRY,
+                )
+            except ActivityError as err:
+                if _error_type(err) == VMID_TAKEN and vmid_changes < VMID_CHANGES:
+                    # A VM made outside the service took our VMID after admission: take another one.
+                    vmid_changes += 1
+                    req.vmid = await self._reassign_vmid(req, input)
+                    continue
+                raise
             try:
                 if started.upid is not None:
                     await workflow.execute_activity_method(
@@ -256,16 +305,30 @@ class CreateFromBoxWorkflow:
                     )
                 return
             except ActivityError as err:
-                cause = err.cause
-                if (
-                    isinstance(cause, ApplicationError)
-                    and cause.type == PVE_TASK_FAILED_TRANSIENT
-                    and start < CLONE_STARTS
-                ):
+                if _error_type(err) == PVE_TASK_FAILED_TRANSIENT and start < CLONE_STARTS:
                     workflow.logger.warning("clone of VM %s failed on a lock; starting it again", req.vmid)
                     await workflow.sleep(timedelta(seconds=5 * start))
                     continue
                 raise
+
+    async def _reassign_vmid(self, req: CloneInput, input: CreateFromBoxInput) -> int:
+        facts = await workflow.execute_activity_method(
+            PveActivities.inspect_template,
+            InspectInput(template=req.template, target=req.target, storage=req.storage, disk_gb=input.disk_gb),
+            start_to_close_timeout=timedelta(seconds=60),
+            retry_policy=PVE_RETRY,
+        )
+        vmid = await workflow.execute_local_activity_method(
+            DbActivities.reassign_vmid,
+            ReassignInput(task_id=req.task_id, free_vmids=facts.free_vmids),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=DB_RETRY,
+        )
+        workflow.logger.warning("VMID %s was taken outside the service; the VM will be %s", req.vmid, vmid)
+        self._vm = VmRef(task_id=req.task_id, node=req.target, vmid=vmid)
+        self._state.vmid = vmid
+        self._publish(Step.CLONE)
+        return vmid
 
     async def _compensate(self, vm: VmRef) -> None:
         """Undo, in reverse order: the VM (if it exists and is this task's), then the quota. A cancellation
@@ -328,6 +391,10 @@ class CreateFromBoxWorkflow:
             return ApplicationError(MSG_CLONE_FAILED, "cancelled before the clone", type=Failure.CLONE_FAILED.value)
         # PVE or the database did not answer in time, or its retries ran out.
         return ApplicationError(MSG_UNAVAILABLE, _reason(err), type=Failure.UNAVAILABLE.value)
+
+
+def _error_type(err: ActivityError) -> str | None:
+    return err.cause.type if isinstance(err.cause, ApplicationError) else None
 
 
 def _reason(err: BaseException) -> str:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import json
 import re
 import secrets
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
@@ -19,7 +22,7 @@ from temporalio.client import (
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import WorkflowIDConflictPolicy
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import CurrentUser, SettingsDep, TemporalDep
@@ -40,6 +43,9 @@ from workflows import CreateFromBoxWorkflow
 router = APIRouter(prefix="/api/v1/vm/manage", tags=["vm manage"])
 
 TASK_NOT_FOUND = "Task not found"
+MSG_KEY_REUSED = "This Idempotency-Key was already used with a different request"
+# The memo key under which a run keeps the digest of the request that started it.
+REQUEST_MEMO = "request"
 # After the workflow's own admission deadline, how long the API still listens for its answer.
 ADMISSION_GRACE_SECONDS = 2.0
 STATUS = {
@@ -70,60 +76,136 @@ async def create_from_box_template(
     settings: SettingsDep,
     client: TemporalDep,
     wait: Annotated[float, Query(ge=0, le=3600, description="seconds to wait for the creation to end")] = 0,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            description="a retried request with the same key returns the first answer and creates nothing",
+        ),
+    ] = None,
 ) -> Envelope:
     if not valid_vm_name(body.name):
         raise ApiError(400, MSG_INVALID_NAME)
-    task_id = new_task_id(body.box_id)
-    admission = await admit(
-        client,
-        settings.temporal_task_queue,
-        settings.admission_timeout_seconds,
-        task_id,
-        CreateFromBoxInput(
-            username=username,
-            box_id=body.box_id,
-            name=body.name,
-            target=body.target,
-            cpu_cores=body.cpu_cores,
-            memory_mb=body.memory_mb,
-            disk_gb=body.disk_gb,
-            storage=body.storage or settings.default_storage,
-        ),
+    input = CreateFromBoxInput(
+        username=username,
+        box_id=body.box_id,
+        name=body.name,
+        target=body.target,
+        cpu_cores=body.cpu_cores,
+        memory_mb=body.memory_mb,
+        disk_gb=body.disk_gb,
+        storage=body.storage or settings.default_storage,
     )
+    admitter = Admitter(client, settings.temporal_task_queue, settings.admission_timeout_seconds)
+    if idempotency_key is None:
+        admission = await admitter.admit(new_task_id(body.box_id), input)
+    else:
+        admission = await admitter.admit_once(keyed_task_id(username, idempotency_key), input)
     if wait:
-        await wait_for_end(client, task_id, wait)
+        await wait_for_end(client, admission.task_id, wait)
     return Envelope(code=200, message=MSG_CREATED, data=admission_data(admission))
 
 
-async def admit(client: Client, task_queue: str, timeout: float, task_id: str, input: CreateFromBoxInput) -> Admission:
-    """Start the run and wait for its admission update; 503 (and nothing created, ever) if it takes too long."""
-    input.admit_by = datetime.now(UTC) + timedelta(seconds=timeout)
-    start = WithStartWorkflowOperation(
-        CreateFromBoxWorkflow.run,
-        input,
-        id=task_id,
-        task_queue=task_queue,
-        id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-    )
-    try:
-        return await asyncio.wait_for(
-            client.execute_update_with_start_workflow(CreateFromBoxWorkflow.admission, start_workflow_operation=start),
-            timeout + ADMISSION_GRACE_SECONDS,
+def keyed_task_id(username: str, key: str) -> str:
+    """The same user and Idempotency-Key always name the same run, whichever API process is asked."""
+    return "clone-k" + hashlib.sha256(f"{username}\0{key}".encode()).hexdigest()[:32]
+
+
+def request_digest(input: CreateFromBoxInput) -> str:
+    fields = dataclasses.asdict(input)
+    fields.pop("admit_by")
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+class Admitter:
+    def __init__(self, client: Client, task_queue: str, timeout: float):
+        self.client = client
+        self.task_queue = task_queue
+        self.timeout = timeout
+
+    async def admit(self, task_id: str, input: CreateFromBoxInput) -> Admission:
+        """Start the run and wait for its admission update; 503 (and nothing created, ever) if that takes
+        longer than the admission timeout."""
+        input.admit_by = datetime.now(UTC) + timedelta(seconds=self.timeout)
+        start = WithStartWorkflowOperation(
+            CreateFromBoxWorkflow.run,
+            input,
+            id=task_id,
+            task_queue=self.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            memo={REQUEST_MEMO: request_digest(input)},
         )
-    except WorkflowUpdateFailedError as exc:
-        cause = exc.cause
-        if isinstance(cause, ApplicationError):
-            raise ApiError(status_of(cause.type), cause.message) from exc
-        raise ApiError(500, MSG_CLONE_FAILED) from exc
-    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError, RPCError) as exc:
-        # No worker answered in time, or the server refused: the run (if it started) must not act later.
-        # Its own deadline stops it; cancelling it also ends it at once when a worker sees it.
-        await give_up(client, task_id)
-        raise ApiError(503, MSG_UNAVAILABLE) from exc
-    finally:
-        # Retrieve the start's outcome so that asyncio does not report it as never retrieved.
-        if start._workflow_handle.done() and not start._workflow_handle.cancelled():
-            start._workflow_handle.exception()
+        try:
+            return await asyncio.wait_for(
+                self.client.execute_update_with_start_workflow(
+                    CreateFromBoxWorkflow.admission, start_workflow_operation=start
+                ),
+                self.timeout + ADMISSION_GRACE_SECONDS,
+            )
+        except WorkflowUpdateFailedError as exc:
+            raise refusal(exc) from exc
+        except WorkflowAlreadyStartedError:
+            raise
+        except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError, RPCError) as exc:
+            # No worker answered in time, or the server refused: the run (if it started) must not act later.
+            # Its own deadline stops it; cancelling it also ends it at once when a worker sees it.
+            await give_up(self.client, task_id)
+            raise ApiError(503, MSG_UNAVAILABLE) from exc
+        finally:
+            # Retrieve the start's outcome so that asyncio does not report it as never retrieved.
+            if start._workflow_handle.done() and not start._workflow_handle.cancelled():
+                start._workflow_handle.exception()
+
+    async def admit_once(self, task_id: str, input: CreateFromBoxInput) -> Admission:
+        """Admit under an Idempotency-Key: the first request starts the run; a repeat of it gets the first
+        answer; the same key with another request is refused."""
+        digest = request_digest(input)
+        handle = self.client.get_workflow_handle(task_id)
+        for _ in range(3):
+            try:
+                description = await handle.describe()
+            except RPCError as exc:
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    raise ApiError(503, MSG_UNAVAILABLE) from exc
+                description = None
+            memo = await description.memo() if description else {}
+            state = TaskState(**memo["state"]) if "state" in memo else None
+            gave_up = (
+                description is not None
+                and description.close_time is not None
+                and (state is None or (state.vmid is None and state.result_code == 503))
+            )
+            if description is None or gave_up:
+                # Nothing was created under this key (or the earlier attempt answered 503): start afresh.
+                try:
+                    return await self.admit(task_id, input)
+                except WorkflowAlreadyStartedError:
+                    continue  # a concurrent repeat started it first: answer what it answers
+            if memo.get(REQUEST_MEMO) != digest:
+                raise ApiError(422, MSG_KEY_REUSED)
+            if description.close_time is None:
+                try:
+                    return await asyncio.wait_for(
+                        handle.execute_update(CreateFromBoxWorkflow.admission), self.timeout + ADMISSION_GRACE_SECONDS
+                    )
+                except WorkflowUpdateFailedError as exc:
+                    raise refusal(exc) from exc
+                except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError, RPCError) as exc:
+                    raise ApiError(503, MSG_UNAVAILABLE) from exc
+            assert state is not None
+            if state.vmid is not None:  # it was admitted: the first answer was the 200
+                return Admission(task_id=task_id, vmid=state.vmid, vm_name=state.vm_name, node=state.node)
+            raise ApiError(state.result_code or 500, state.result_message or MSG_CLONE_FAILED)
+        raise ApiError(503, MSG_UNAVAILABLE)
+
+
+def refusal(exc: WorkflowUpdateFailedError) -> ApiError:
+    cause = exc.cause
+    if isinstance(cause, ApplicationError):
+        return ApiError(status_of(cause.type), cause.message)
+    return ApiError(500, MSG_CLONE_FAILED)
 
 
 async def give_up(client: Client, task_id: str) -> None:
