@@ -153,3 +153,8 @@ def release(engine: Engine, task_id: str) -> bool:
         reservation.state = RELEASED
         reservation.updated_at = utcnow()
         return True
+
+
+def usage_of_user(engine: Engine, username: str) -> Usage:
+    with session(engine) as db:
+        return usage_of(db, username)

@@ -60,9 +60,28 @@ def pve(fakepve: Any) -> Any:
     return fakepve
 
 
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path}/app.db"
+@pytest.fixture(params=["sqlite"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """SQLite by default; tests that depend on the database's locking add "postgresql" with
+    `@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)`."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/app.db"
+        return
+    yield from postgres_database()
+
+
+def postgres_database() -> Iterator[str]:
+    """A fresh database on the local PostgreSQL server, dropped afterwards."""
+    import psycopg
+
+    name = f"boxes_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield POSTGRES_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture

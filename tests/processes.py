@@ -26,6 +26,10 @@ def process_env(settings: Settings) -> dict[str, str]:
         PVE_PASSWORD=settings.pve_password,
         PVE_CA_FILE=settings.pve_ca_file,
         DEFAULT_STORAGE=settings.default_storage,
+        PVE_TIMEOUT_SECONDS=str(settings.pve_timeout_seconds),
+        ADMISSION_TIMEOUT_SECONDS=str(settings.admission_timeout_seconds),
+        CLONE_LIMIT_PER_NODE=str(settings.clone_limit_per_node),
+        CLONE_LIMIT_PER_STORAGE=str(settings.clone_limit_per_storage),
     )
     return env
 
@@ -47,6 +51,53 @@ class WorkerProcess:
         """SIGKILL: no chance to finish anything."""
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self._log.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ApiProcess:
+    """`uvicorn api.app:app`, as an operator runs it."""
+
+    def __init__(self, settings: Settings, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = log.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT,
+            env=process_env(settings),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    async def ready(self, timeout: float = 30) -> None:
+        import asyncio
+
+        import httpx
+
+        async with httpx.AsyncClient() as client:
+            for _ in range(int(timeout / 0.1)):
+                try:
+                    await client.get(self.url + "/docs")
+                    return
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+        raise AssertionError(f"API process on {self.url} did not start")
 
     def stop(self) -> None:
         if self.process.poll() is None:

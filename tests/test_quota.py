@@ -1,0 +1,56 @@
+"""The reservation itself under contention: threads reserving at once for one user, with no VMID conflict to
+serialise them, on SQLite and PostgreSQL. Exactly what fits is admitted; release and commit happen once."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from db import quota
+from db.models import COMMITTED, HELD, RELEASED
+from payloads import FinishInput, ReserveInput
+from tests.conftest import reservations
+
+pytestmark = pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+
+
+def attempt(engine: Engine, i: int) -> Any:
+    try:
+        return quota.reserve(
+            engine,
+            ReserveInput(
+                task_id=f"t{i}", username="alice", cpu_cores=1, memory_mb=1024, disk_gb=10, free_vmids=[1000 + i]
+            ),  # a VMID of its own: only the quota lock orders them
+        )
+    except quota.Refused as refused:
+        return refused.failure
+
+
+def test_concurrent_reservations_admit_exactly_the_plan(engine: Engine) -> None:
+    # Plan "small": at most 5 VMs in total.
+    with ThreadPoolExecutor(24) as pool:
+        outcomes = list(pool.map(lambda i: attempt(engine, i), range(24)))
+    admitted = [o for o in outcomes if isinstance(o, int)]
+    assert len(admitted) == 5
+    assert len(reservations(engine, HELD)) == 5
+
+
+def test_release_and_commit_happen_once(engine: Engine) -> None:
+    assert attempt(engine, 1) == 1001
+    assert attempt(engine, 1) == 1001  # a retried reservation is the same reservation
+    assert quota.release(engine, "t1") is True
+    assert quota.release(engine, "t1") is False
+    assert [r.state for r in reservations(engine)] == [RELEASED]
+
+    assert attempt(engine, 2) == 1002
+    done = FinishInput(
+        task_id="t2", username="alice", vmid=1002, node="pve2", name="x", cpu_cores=1, memory_mb=1024, disk_gb=10
+    )
+    quota.commit(engine, done)
+    quota.commit(engine, done)
+    assert quota.release(engine, "t2") is False  # committed quota is not given back by a late cleanup
+    assert sorted(r.state for r in reservations(engine)) == [COMMITTED, RELEASED]
+    assert quota.usage_of_user(engine, "alice").vms == 1
