@@ -178,6 +178,20 @@ def cmd_reservations(args: argparse.Namespace) -> None:
     print(_table(headers, rows))
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Report (and with --fix repair) drift between PVE, the database and Temporal; 1 if any remains."""
+    import asyncio
+
+    from reconcile import ReconcileError, reconcile
+
+    try:
+        report = asyncio.run(reconcile(get_settings(), fix=args.fix))
+    except ReconcileError as exc:
+        raise CliError(str(exc)) from None
+    print("\n".join(report.lines()))
+    return report.exit_code
+
+
 def _time(value: Any) -> str | None:
     # SQLite hands datetimes back without their timezone; they are stored in UTC either way.
     return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else None
@@ -187,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boxctl", description="Admin CLI of the VM provisioning service.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, handler: Callable[[argparse.Namespace], None], text: str) -> argparse.ArgumentParser:
+    def add(name: str, handler: Callable[[argparse.Namespace], int | None], text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
         sub.set_defaults(handler=handler)
         return sub
@@ -208,19 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
     add("reservations", cmd_reservations, "list quota reservations").add_argument(
         "--user", help="only this user's reservations"
     )
+    add(
+        "reconcile",
+        cmd_reconcile,
+        "compare PVE with the database and Temporal: orphan VMs, stale reservations, VMs deleted on PVE; "
+        "exit status 1 while any remain",
+    ).add_argument("--fix", action="store_true", help="repair what is found (destroy orphan VMs, ...)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.handler(args)
+        status = args.handler(args)
     except CliError as exc:
         # One prefixed line per problem: a refused load may list several.
         for line in str(exc).splitlines():
             print(f"boxctl: {line}", file=sys.stderr)
         return 1
-    return 0
+    return status or 0  # a handler may answer its own exit status (reconcile: 1 while drift remains)
 
 
 if __name__ == "__main__":

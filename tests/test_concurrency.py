@@ -35,8 +35,10 @@ async def two_of_each(settings: Settings, engine: Engine, tmp_path: Path) -> Asy
             await api.ready()
         yield [api.url for api in apis]
     finally:
-        for process in (*apis, *workers):
-            process.stop()
+        for api in apis:
+            api.stop()
+        for worker in workers:
+            worker.stop()
 
 
 async def settle(temporal: Client, answers: list[httpx.Response]) -> None:
