@@ -255,15 +255,20 @@ class CreateFromBoxWorkflow:
                 retry_policy=SLOT_RETRY,
             )
             await self._clone(req, input)
-        finally:
-            await self._uncancellable(
-                workflow.execute_local_activity_method(
-                    DbActivities.release_clone_slot,
-                    req.task_id,
-                    start_to_close_timeout=timedelta(seconds=30),
-                    retry_policy=CLEANUP_RETRY,
-                )
+        except (Exception, asyncio.CancelledError):  # not `finally`: an evicted run must not act
+            await self._release_clone_slot(req.task_id)
+            raise
+        await self._release_clone_slot(req.task_id)
+
+    async def _release_clone_slot(self, task_id: str) -> None:
+        await self._uncancellable(
+            workflow.execute_local_activity_method(
+                DbActivities.release_clone_slot,
+                task_id,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=CLEANUP_RETRY,
             )
+        )
 
     async def _clone(self, req: CloneInput, input: CreateFromBoxInput) -> None:
         vmid_changes = 0
