@@ -12,6 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 from temporalio.client import Client, WorkflowFailureError
+from temporalio.exceptions import ApplicationError
 
 from db.models import COMMITTED, HELD
 from payloads import MSG_CLONE_FAILED, MSG_CONFIGURE_FAILED
@@ -151,7 +152,8 @@ async def test_permanent_fault_ends_the_run_at_once_with_the_cleanup(
     response = await api.post(CREATE, json=body(), headers=auth())
     with pytest.raises(WorkflowFailureError) as failed:
         await result_of(temporal, response.json()["data"]["task_id"])
-    assert failed.value.cause.message == message  # type: ignore[union-attr]
+    assert isinstance(failed.value.cause, ApplicationError)
+    assert failed.value.cause.message == message
     assert created_vms(pve) == []
     assert reservations(engine, HELD) == []
     assert vm_records(engine) == []
