@@ -107,3 +107,56 @@ class ApiProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self._log.close()
+
+
+class TemporalServer:
+    """A file-backed Temporal dev server of its own, so that a test can restart it."""
+
+    def __init__(self, binary: str, db_file: Path, log: Path):
+        self.binary = binary
+        self.db_file = db_file
+        self.port = free_port()
+        self.http_port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self._log = log.open("ab")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        import asyncio
+        import socket
+
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "server",
+                "start-dev",
+                "--db-filename",
+                str(self.db_file),
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--http-port",
+                str(self.http_port),
+                "--headless",
+                "--log-level",
+                "error",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(600):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            await asyncio.sleep(0.1)
+        raise AssertionError("the Temporal dev server did not start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -1,0 +1,309 @@
+"""The chaos suite: real worker and API processes against fakepve with its fault injection, worker kills,
+a Temporal server restart and an API restart. After every phase: every task ended; the VMs on PVE are
+exactly the succeeded creations, each once; no reservation or clone slot is left without a live run; the
+quota arithmetic is exact; and `boxctl reconcile` finds nothing to repair."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import Engine
+from sqlmodel import select
+from temporalio.client import Client, WorkflowExecutionStatus
+
+from db import quota
+from db.engine import session
+from db.load import load_admin_data
+from db.models import COMMITTED, HELD, CloneSlot
+from dev.fakepve_cluster import TEMPLATE_VMID
+from payloads import OWNER_MARK
+from reconcile import reconcile
+from settings import Settings
+from tests.conftest import TEMPORAL_BIN, created_vms, reservations, vm_records
+from tests.factories import auth, body
+from tests.processes import ApiProcess, TemporalServer, WorkerProcess
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.fakepve(time_scale=1),
+    pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True),
+]
+
+CREATE = "/api/v1/vm/manage/createFromBoxTemplate"
+SUMMARY = Path(__file__).resolve().parent.parent / "var" / "chaos-summary-{}.json"
+
+
+@dataclass
+class Ledger:
+    """What the suite asked for and what came of it."""
+
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # task_id -> request
+    refused: Counter[int] = field(default_factory=Counter)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)
+    succeeded: dict[str, int] = field(default_factory=dict)  # task_id -> vmid
+    ended: set[str] = field(default_factory=set)
+
+
+class Cluster:
+    """Two workers, one API process and a restartable Temporal server around the test's fakepve."""
+
+    def __init__(self, settings: Settings, tmp: Path):
+        self.settings = settings
+        self.tmp = tmp
+        assert TEMPORAL_BIN
+        self.temporal = TemporalServer(TEMPORAL_BIN, tmp / "temporal.db", tmp / "temporal.log")
+        settings.temporal_address = self.temporal.address
+        self.workers: list[WorkerProcess] = []
+        self.api: ApiProcess | None = None
+        self.client: Client | None = None
+        self.restarts = 0
+
+    async def start(self) -> None:
+        await self.temporal.start()
+        self.client = await Client.connect(self.temporal.address)
+        self.workers = [self.new_worker(), self.new_worker()]
+        await self.start_api()
+
+    def new_worker(self) -> WorkerProcess:
+        self.restarts += 1
+        return WorkerProcess(self.settings, self.tmp / f"worker{self.restarts}.log")
+
+    async def start_api(self) -> None:
+        self.api = ApiProcess(self.settings, self.tmp / f"api{self.restarts}.log")
+        await self.api.ready()
+
+    def kill_worker(self, index: int) -> None:
+        self.workers[index].kill()
+        self.workers[index].stop()
+        self.workers[index] = self.new_worker()
+
+    def stop(self) -> None:
+        if self.api:
+            self.api.stop()
+        for worker in self.workers:
+            worker.stop()
+        self.temporal.stop()
+
+
+@pytest.fixture
+async def cluster(settings: Settings, engine: Engine, tmp_path: Path) -> AsyncIterator[Cluster]:
+    settings.admission_timeout_seconds = 10
+    settings.pve_timeout_seconds = 2
+    load_admin_data(
+        engine,
+        {
+            "plans": [
+                {
+                    "id": "big",
+                    "name": "Big",
+                    "per_vm": {"cores": 4, "memory_mb": 8192, "disk_gb": 100},
+                    "total": {"cores": 1000, "memory_mb": 1000000, "disk_gb": 100000},
+                }
+            ],
+            "users": [{"username": "alice", "plan": "big"}],
+        },
+    )
+    cluster = Cluster(settings, tmp_path)
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def create(cluster: Cluster, ledger: Ledger, n: int, **overrides: Any) -> list[str]:
+    """n creations at once through the API process; returns the admitted task ids."""
+    assert cluster.api
+    requests = [
+        body(
+            name=f"chaos-{len(ledger.tasks) + i}-{random.randrange(10**6)}",
+            cpuCores=1,
+            memorySize=512,
+            diskSize=10,
+            storage="ceph",
+            **overrides,
+        )
+        for i in range(n)
+    ]
+    async with httpx.AsyncClient(timeout=60) as client:
+        answers = await asyncio.gather(
+            *(client.post(cluster.api.url + CREATE, json=r, headers=auth()) for r in requests),
+            return_exceptions=True,
+        )
+    admitted = []
+    for request, answer in zip(requests, answers, strict=True):
+        if isinstance(answer, BaseException):
+            ledger.refused[0] += 1  # the API process itself was down: nothing may come of it either
+            continue
+        if answer.status_code == 200:
+            task_id = answer.json()["data"]["task_id"]
+            ledger.tasks[task_id] = request
+            admitted.append(task_id)
+        else:
+            assert answer.status_code == 503, answer.text  # the only refusal a fitting request may get
+            ledger.refused[answer.status_code] += 1
+    return admitted
+
+
+async def settle(cluster: Cluster, ledger: Ledger, timeout: float = 240) -> None:
+    """Wait until every admitted run has ended, and record how."""
+    assert cluster.client
+    pending = [t for t in ledger.tasks if t not in ledger.ended]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while pending:
+        assert asyncio.get_running_loop().time() < deadline, f"runs still going: {pending}"
+        still = []
+        for task_id in pending:
+            description = await cluster.client.get_workflow_handle(task_id).describe()
+            if description.status == WorkflowExecutionStatus.RUNNING:
+                still.append(task_id)
+                continue
+            outcome = description.status.name.lower() if description.status else "unknown"
+            ledger.outcomes[outcome] += 1
+            ledger.ended.add(task_id)
+            if description.status == WorkflowExecutionStatus.COMPLETED:
+                result = await cluster.client.get_workflow_handle(task_id).result()
+                ledger.succeeded[task_id] = result["vmid"]
+        pending = still
+        if pending:
+            await asyncio.sleep(0.5)
+
+
+def check_invariants(pve: Any, engine: Engine, ledger: Ledger) -> None:
+    vms = created_vms(pve)
+    # The VMs on PVE are exactly the succeeded creations, each once.
+    owners = Counter(str(vm.config.get("description", "")).removeprefix(OWNER_MARK) for vm in vms)
+    assert all(count == 1 for count in owners.values()), owners
+    assert set(owners) == set(ledger.succeeded), set(owners) ^ set(ledger.succeeded)
+    assert sorted(vm.vmid for vm in vms) == sorted(ledger.succeeded.values())
+    assert all(vm.lock is None for vm in vms)
+    # No reservation or clone slot without a live run; records match PVE.
+    assert reservations(engine, HELD) == []
+    committed = {r.task_id for r in reservations(engine, COMMITTED)}
+    assert committed == set(ledger.succeeded)
+    assert {v.task_id: v.vmid for v in vm_records(engine)} == ledger.succeeded
+    with session(engine) as db:
+        assert db.exec(select(CloneSlot)).all() == []
+    # The quota arithmetic is exact: what counts is what succeeded.
+    usage = quota.usage_of_user(engine, "alice")
+    asked = [ledger.tasks[t] for t in ledger.succeeded]
+    assert (usage.vms, usage.cores, usage.memory_mb, usage.disk_gb) == (
+        len(asked),
+        sum(r["cpuCores"] for r in asked),
+        sum(r["memorySize"] for r in asked),
+        sum(r["diskSize"] for r in asked),
+    )
+
+
+def after(seconds: float, action: Callable[[], None]) -> None:
+    threading.Timer(seconds, action).start()
+
+
+async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Engine) -> None:
+    random.seed(2026)
+    ledger = Ledger()
+    pve.add_ceph_storage("ceph")
+    pve.ceph_slow(1)  # each clone takes 1 s: faults and kills land in the middle of runs
+    assert pve.vm(TEMPLATE_VMID)
+
+    # 1. A flaky network, and a worker SIGKILLed during the clones.
+    pve.flaky_network(drop_rate=0.08, seed=1)
+    ledger.faults["flaky network (8% of requests dropped)"] += 1
+    await create(cluster, ledger, 6)
+    await asyncio.sleep(0.5)
+    cluster.kill_worker(0)
+    ledger.faults["worker SIGKILL"] += 1
+    await settle(cluster, ledger)
+    pve.flaky_network()
+    check_invariants(pve, engine, ledger)
+
+    # 2. Lock timeouts and 5xx on clone and configuration, and the other worker killed.
+    pve.fail("POST", "/clone", 500, "can't lock file '/var/lock/pve-manager/pve-storage-ceph' - got timeout", times=3)
+    pve.fail("POST", "/config", 503, "Service Unavailable", times=3)
+    ledger.faults["storage lock timeouts"] += 3
+    ledger.faults["HTTP 503"] += 3
+    await create(cluster, ledger, 6)
+    await asyncio.sleep(1.2)
+    cluster.kill_worker(1)
+    ledger.faults["worker SIGKILL"] += 1
+    await settle(cluster, ledger)
+    pve.failures.clear()
+    check_invariants(pve, engine, ledger)
+
+    # 3. The target node offline and the cluster without quorum, for a few seconds each.
+    await create(cluster, ledger, 6)
+    pve.set_node_offline("pve2")
+    after(3, lambda: pve.set_node_offline("pve2", offline=False))
+    ledger.faults["target node offline 3 s"] += 1
+    await asyncio.sleep(0.3)
+    pve.lose_quorum()
+    after(2, pve.regain_quorum)
+    ledger.faults["quorum lost 2 s"] += 1
+    pve.revoke_tickets()
+    ledger.faults["ticket expired"] += 1
+    await settle(cluster, ledger)
+    check_invariants(pve, engine, ledger)
+
+    # 4. The Temporal server restarted (file-backed) and the API process restarted, with runs in flight.
+    await create(cluster, ledger, 6)
+    await asyncio.sleep(0.5)
+    cluster.temporal.stop()
+    ledger.faults["Temporal server restart"] += 1
+    assert cluster.api
+    cluster.api.stop()
+    ledger.faults["API process restart"] += 1
+    await asyncio.sleep(1)
+    await cluster.temporal.start()
+    await cluster.start_api()
+    await create(cluster, ledger, 3)
+    await settle(cluster, ledger)
+    check_invariants(pve, engine, ledger)
+
+    # 5. Permanent faults: the clone refused, then the configuration refused; and cancellations mid-clone.
+    pve.fail("POST", "/clone", error="permission_denied")
+    ledger.faults["clone refused (403)"] += 1
+    await create(cluster, ledger, 2)
+    await settle(cluster, ledger)
+    pve.failures.clear()
+    pve.fail("POST", "/config", 400, "Parameter verification failed.")
+    ledger.faults["configuration refused (400)"] += 1
+    await create(cluster, ledger, 2)
+    await settle(cluster, ledger)
+    pve.failures.clear()
+    for task_id in await create(cluster, ledger, 3):
+        await asyncio.sleep(0.3)
+        assert cluster.client
+        await cluster.client.get_workflow_handle(task_id).cancel()
+        ledger.faults["operator cancel"] += 1
+    await settle(cluster, ledger)
+    check_invariants(pve, engine, ledger)
+
+    # The safety net agrees: nothing to repair.
+    report = await reconcile(settings, fix=False)
+    assert report.exit_code == 0, "\n".join(report.lines())
+
+    summary = {
+        "admitted": len(ledger.tasks),
+        "refused_503": ledger.refused[503],
+        "api_unreachable": ledger.refused[0],
+        "outcomes": dict(ledger.outcomes),
+        "faults": dict(ledger.faults),
+        "vms_on_pve": len(created_vms(pve)),
+    }
+    path = Path(str(SUMMARY).format(engine.dialect.name))
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2), file=sys.stderr)
+    assert ledger.outcomes["completed"] >= 20  # the transient faults did not cost creations
