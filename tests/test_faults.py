@@ -92,7 +92,7 @@ async def test_dropped_and_hung_requests_are_retried(
     if kind == "drop":
         pve.flaky_network(drop_rate=0.25, seed=7)
     else:
-        pve.flaky_network(hang_rate=0.25, hang_secs=30, seed=7)
+        pve.flaky_network(hang_rate=0.25, hang_secs=4, seed=7)
     result = await create_and_finish(api, temporal)
     pve.flaky_network()
     assert result.vmid == 100
