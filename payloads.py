@@ -171,10 +171,13 @@ class InspectInput:
 class TemplateFacts:
     disk_key: str  # the boot disk, e.g. scsi0
     disk_gb: int  # its size on the template
-    # Lowest VMIDs PVE shows as free, for the reservation to claim one no other live task holds.
+    # (Runs before free_ranges existed.) Lowest VMIDs PVE showed as free.
     free_vmids: list[int] = field(default_factory=list)
     node: str = ""  # where PVE has the template now
     storage: str = ""  # the storage the clone goes to
+    # VMIDs PVE shows as free, as inclusive [first, last] ranges, lowest first: the reservation claims the
+    # lowest one that no other live creation holds.
+    free_ranges: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -184,13 +187,15 @@ class ReserveInput:
     cpu_cores: int
     memory_mb: int
     disk_gb: int
-    free_vmids: list[int]
+    free_vmids: list[int] = field(default_factory=list)
+    free_ranges: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
 class ReassignInput:
     task_id: str
-    free_vmids: list[int]
+    free_vmids: list[int] = field(default_factory=list)
+    free_ranges: list[list[int]] = field(default_factory=list)
 
 
 @dataclass

@@ -60,7 +60,7 @@ class DbActivities:
     @activity.defn
     def reassign_vmid(self, req: ReassignInput) -> int:
         try:
-            return quota.reassign_vmid(self.engine, req.task_id, req.free_vmids)
+            return quota.reassign_vmid(self.engine, req.task_id, req.free_vmids, req.free_ranges)
         except quota.Refused as exc:
             raise refuse(exc.failure, exc.message) from exc
 

@@ -32,8 +32,9 @@ from payloads import (
     vm_description,
 )
 
-FREE_VMID_CANDIDATES = 64
 FIRST_VMID = 100
+LAST_VMID = 999_999_999
+MAX_FREE_RANGES = 256  # a fragmented cluster still offers thousands of free VMIDs in these
 DISK_KEY = re.compile(r"^(scsi|virtio|sata|ide)\d+$")
 SIZE = re.compile(r"(?:^|,)size=(\d+(?:\.\d+)?)([KMGT]?)(?:,|$)")
 GIB_PER_UNIT = {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0, "": 1 / 1024**3}
@@ -98,14 +99,18 @@ def boot_disk(config: dict[str, Any]) -> tuple[str, int] | None:
     return None
 
 
-def free_vmids(taken: set[int], count: int = FREE_VMID_CANDIDATES) -> list[int]:
-    free: list[int] = []
-    vmid = FIRST_VMID
-    while len(free) < count:
-        if vmid not in taken:
-            free.append(vmid)
-        vmid += 1
-    return free
+def free_vmid_ranges(taken: set[int]) -> list[list[int]]:
+    """The gaps between the VMIDs in use, as inclusive [first, last] ranges from 100 up to PVE's maximum."""
+    ranges: list[list[int]] = []
+    start = FIRST_VMID
+    for vmid in sorted(v for v in taken if v >= FIRST_VMID):
+        if vmid > start:
+            ranges.append([start, vmid - 1])
+            if len(ranges) == MAX_FREE_RANGES:
+                return ranges
+        start = max(start, vmid + 1)
+    ranges.append([start, LAST_VMID])
+    return ranges
 
 
 class PveActivities:
@@ -168,7 +173,7 @@ class PveActivities:
         return TemplateFacts(
             disk_key=disk_key,
             disk_gb=template_gb,
-            free_vmids=free_vmids({int(r["vmid"]) for r in vms}),
+            free_ranges=free_vmid_ranges({int(r["vmid"]) for r in vms}),
             node=template_node,
             storage=storage,
         )

@@ -65,6 +65,23 @@ def usage_of(db, username: str) -> Usage:  # type: ignore[no-untyped-def]
     return usage
 
 
+def pick_vmid(db, free_vmids: list[int], free_ranges: list[list[int]]) -> int:  # type: ignore[no-untyped-def]
+    """The lowest VMID that PVE showed free and that the service has not given out: neither held by a live
+    creation (not on PVE yet) nor one of its VMs (PVE's answer may be a moment old)."""
+    ours = set(db.exec(select(Reservation.vmid).where(Reservation.state == HELD)).all())
+    ours |= set(db.exec(select(Vm.vmid).where(col(Vm.deleted_at).is_(None))).all())
+    for first, last in free_ranges:
+        vmid = first
+        while vmid in ours:
+            vmid += 1
+        if vmid <= last:
+            return vmid
+    vmid_or_none = next((v for v in free_vmids if v not in ours), None)
+    if vmid_or_none is None:
+        raise NoFreeVmid("every VMID PVE showed free is held by another creation")
+    return vmid_or_none
+
+
 def reserve(engine: Engine, req: ReserveInput) -> int:
     """Check the plan and hold the quota and a VMID for req.task_id; returns the VMID."""
     with session(engine) as db, db.begin():
@@ -90,10 +107,7 @@ def reserve(engine: Engine, req: ReserveInput) -> int:
             or (plan.total_vms is not None and used.vms + 1 > plan.total_vms)
         ):
             raise Refused(Failure.TOTAL_LIMIT, MSG_TOTAL_LIMIT)
-        held = set(db.exec(select(Reservation.vmid).where(Reservation.state == HELD)).all())
-        vmid = next((v for v in req.free_vmids if v not in held), None)
-        if vmid is None:
-            raise NoFreeVmid(f"all of {len(req.free_vmids)} free VMIDs are held by other creations")
+        vmid = pick_vmid(db, req.free_vmids, req.free_ranges)
         db.add(
             Reservation(
                 task_id=req.task_id,
@@ -107,16 +121,13 @@ def reserve(engine: Engine, req: ReserveInput) -> int:
         return vmid
 
 
-def reassign_vmid(engine: Engine, task_id: str, free_vmids: list[int]) -> int:
+def reassign_vmid(engine: Engine, task_id: str, free_vmids: list[int], free_ranges: list[list[int]]) -> int:
     """Move the task's held reservation to another VMID (its own was taken outside the service)."""
     with session(engine) as db, db.begin():
         reservation = db.get(Reservation, task_id)
         if reservation is None or reservation.state != HELD:
             raise Refused(Failure.CLONE_FAILED, "the task holds no reservation")
-        held = set(db.exec(select(Reservation.vmid).where(Reservation.state == HELD)).all())
-        vmid = next((v for v in free_vmids if v not in held), None)
-        if vmid is None:
-            raise NoFreeVmid(f"all of {len(free_vmids)} free VMIDs are held by other creations")
+        vmid = pick_vmid(db, free_vmids, free_ranges)
         reservation.vmid = vmid
         reservation.updated_at = utcnow()
         return vmid

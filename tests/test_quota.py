@@ -54,3 +54,19 @@ def test_release_and_commit_happen_once(engine: Engine) -> None:
     assert quota.release(engine, "t2") is False  # committed quota is not given back by a late cleanup
     assert sorted(r.state for r in reservations(engine)) == [COMMITTED, RELEASED]
     assert quota.usage_of_user(engine, "alice").vms == 1
+
+
+def test_vmids_come_from_the_free_ranges_skipping_what_the_service_gave_out(engine: Engine) -> None:
+    from activities.pve import free_vmid_ranges
+
+    ranges = free_vmid_ranges({100, 101, 103, 9000})
+    assert ranges == [[102, 102], [104, 8999], [9001, 999_999_999]]
+    picked = [
+        quota.reserve(
+            engine,
+            ReserveInput(task_id=f"r{i}", username="alice", cpu_cores=1, memory_mb=1, disk_gb=1, free_ranges=ranges),
+        )
+        for i in range(3)
+    ]
+    # 102, then past the held ones; none of them collides with another creation in flight.
+    assert picked == [102, 104, 105]

@@ -189,6 +189,7 @@ class CreateFromBoxWorkflow:
                 memory_mb=input.memory_mb,
                 disk_gb=input.disk_gb,
                 free_vmids=facts.free_vmids,
+                free_ranges=facts.free_ranges,
             ),
             schedule_to_close_timeout=self._admission_budget(timedelta(seconds=30)),
             retry_policy=DB_RETRY,
@@ -325,7 +326,7 @@ class CreateFromBoxWorkflow:
         )
         vmid = await workflow.execute_local_activity_method(
             DbActivities.reassign_vmid,
-            ReassignInput(task_id=req.task_id, free_vmids=facts.free_vmids),
+            ReassignInput(task_id=req.task_id, free_vmids=facts.free_vmids, free_ranges=facts.free_ranges),
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=DB_RETRY,
         )
