@@ -218,6 +218,7 @@ class CloneInput:
 @dataclass
 class CloneStarted:
     upid: str | None  # None: the VM was already there, made by an earlier attempt of this task
+    finished: bool = False  # the clone already ended well while the activity watched it
 
 
 @dataclass

@@ -64,6 +64,7 @@ def build_worker(
             db_activities.resolve_box,
             db_activities.reserve_quota,
             db_activities.reassign_vmid,
+            db_activities.try_clone_slot,
             db_activities.acquire_clone_slot,
             db_activities.release_clone_slot,
             db_activities.commit_creation,

@@ -76,6 +76,11 @@ class DbActivities:
             )
 
     @activity.defn
+    def try_clone_slot(self, req: CloneSlotRequest) -> bool:
+        """Take a clone slot if one is free now."""
+        return clone_slots.acquire(self.engine, req, self.clone_limit_per_node, self.clone_limit_per_storage)
+
+    @activity.defn
     def release_clone_slot(self, task_id: str) -> None:
         clone_slots.release(self.engine, task_id)
 

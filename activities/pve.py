@@ -38,14 +38,36 @@ MAX_FREE_RANGES = 256  # a fragmented cluster still offers thousands of free VMI
 DISK_KEY = re.compile(r"^(scsi|virtio|sata|ide)\d+$")
 SIZE = re.compile(r"(?:^|,)size=(\d+(?:\.\d+)?)([KMGT]?)(?:,|$)")
 GIB_PER_UNIT = {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0, "": 1 / 1024**3}
-# A PVE task this short is awaited inside the activity; longer ones through activity retries (no slot held).
-INLINE_WAIT_SECONDS = 2.0
+# Waiting for PVE tasks. A clone is watched inside the activity that starts it for its first seconds (most
+# clones of small templates end by then); after that, each retry of await_task is one look, and the retry
+# policy spaces the looks out, so that a long clone holds no worker slot while it runs.
+CLONE_INLINE_WAIT = 3.0
+POLL_FIRST = 0.25  # the first look, 0.25 s after the task started, as a script polling every 0.25 s would
+POLL_GROWTH = 1.5
+POLL_MAX_INLINE = 1.0
+# Short tasks (config, resize, destroy) are awaited inside their activity, for this long at most.
+SHORT_TASK_WAIT = 60.0
+# A template's boot disk key, cached per worker: templates do not change their disk layout in passing.
+TEMPLATE_DISK_TTL = 300.0
 
 
 def is_transient_task_error(exit_status: str) -> bool:
     """A task that failed on a lock another task held (`can't lock file ... - got timeout`) or on a cluster
     hiccup may succeed when started again."""
     return bool(TRANSIENT_MESSAGES.search(exit_status))
+
+
+@contextmanager
+def task_failures_final() -> Iterator[None]:
+    """A PVE task that ended in error ends the activity; the error's type says if starting over may help."""
+    try:
+        yield
+    except PveTaskFailed as exc:
+        raise ApplicationError(
+            f"PVE task failed: {exc}",
+            type=PVE_TASK_FAILED_TRANSIENT if is_transient_task_error(str(exc)) else PVE_TASK_FAILED,
+            non_retryable=True,
+        ) from exc
 
 
 def refuse(failure: Failure, message: str) -> ApplicationError:
@@ -117,6 +139,7 @@ class PveActivities:
     def __init__(self, pve: PveClient, default_storage: str):
         self.pve = pve
         self.default_storage = default_storage
+        self._template_disks: dict[tuple[int | str, int], tuple[float, tuple[str, int]]] = {}
 
     # ------------------------------------------------------------------------- admission
 
@@ -158,12 +181,10 @@ class PveActivities:
                 f"Storage '{storage}' is not shared, so the template on '{template_node}' "
                 f"cannot be cloned onto node '{req.target}'",
             )
-        with final_errors_as(Failure.TEMPLATE_NOT_FOUND, MSG_TEMPLATE_NOT_FOUND):
-            config = self.pve.get(f"nodes/{template_node}/qemu/{req.template.vmid}/config")
-        disk = boot_disk(config)
-        if disk is None:
-            raise refuse(Failure.INVALID_REQUEST, "The template VM has no disk")
-        disk_key, template_gb = disk
+        disk_key, template_gb = self._template_disk(template_node, req.template.vmid)
+        if template.get("maxdisk"):
+            # /cluster/resources gives the boot disk's size fresh on every read.
+            template_gb = math.ceil(int(template["maxdisk"]) / 1024**3)
         if req.disk_gb < template_gb:
             raise refuse(
                 Failure.INVALID_REQUEST,
@@ -195,7 +216,7 @@ class PveActivities:
         if req.target != req.template.node:
             params["target"] = req.target
         try:
-            upid = self.pve.post(f"nodes/{req.template.node}/qemu/{req.template.vmid}/clone", **params)
+            upid = str(self.pve.post(f"nodes/{req.template.node}/qemu/{req.template.vmid}/clone", **params))
         except PveError as exc:
             # An earlier attempt's request may have reached PVE although its answer did not reach us.
             if "already exists" in exc.message and self._adoptable(req.task_id, req.vmid):
@@ -206,7 +227,9 @@ class PveActivities:
                 type=Failure.CLONE_FAILED.value,
                 non_retryable=True,
             ) from exc
-        return CloneStarted(upid=str(upid))
+        with task_failures_final():
+            finished = self._wait(upid, CLONE_INLINE_WAIT, first_look=POLL_FIRST)
+        return CloneStarted(upid=upid, finished=finished)
 
     def _adoptable(self, task_id: str, vmid: int) -> bool:
         """True if VM vmid exists and this task made it; a VM of someone else's under our VMID is final."""
@@ -221,16 +244,10 @@ class PveActivities:
 
     @activity.defn
     def await_task(self, ref: PveTaskRef) -> None:
-        """Return once the PVE task has ended well. A failed task is final for this activity; its type says
-        whether doing the step again may succeed (another task held a lock) or not."""
-        try:
-            finished = self._wait(ref.upid, INLINE_WAIT_SECONDS)
-        except PveTaskFailed as exc:
-            raise ApplicationError(
-                f"PVE task failed: {exc}",
-                type=PVE_TASK_FAILED_TRANSIENT if is_transient_task_error(str(exc)) else PVE_TASK_FAILED,
-                non_retryable=True,
-            ) from exc
+        """One look at the PVE task: returns if it ended well, fails (benign, retried) while it runs. A failed
+        task is final for this activity; its type says whether doing the step again may succeed."""
+        with task_failures_final():
+            finished = self._task_done(ref.upid)
         if not finished:
             raise still_running(f"PVE task {ref.upid} is still running")
 
@@ -254,13 +271,14 @@ class PveActivities:
     def configure_vm(self, req: ConfigureInput) -> None:
         """Set cores and memory, tag the VM, and grow the boot disk; each write is absolute, so a retry is safe."""
         with final_errors_as(Failure.CONFIGURE_FAILED):
-            upid = self.pve.post(
+            # PUT is PVE's synchronous form: it answers once the change is written, with no task to watch
+            # (POST .../config would answer a UPID to await). A stopped VM takes cores and memory at once.
+            upid = self.pve.put(
                 f"nodes/{req.node}/qemu/{req.vmid}/config",
                 cores=req.cpu_cores,
                 memory=req.memory_mb,
                 tags=SERVICE_TAG,
             )
-            # POST .../config answers with a task on PVE 8/9; PUT (older clients) with null.
             if upid:
                 self._wait_or_retry(str(upid))
             if req.disk_gb > req.template_disk_gb:
@@ -293,6 +311,19 @@ class PveActivities:
 
     # ---------------------------------------------------------------------------- helpers
 
+    def _template_disk(self, node: str, vmid: int) -> tuple[str, int]:
+        """The template's boot disk (key and size), read from its config at most every few minutes."""
+        cached = self._template_disks.get((node, vmid))
+        if cached is not None and time.monotonic() - cached[0] < TEMPLATE_DISK_TTL:
+            return cached[1]
+        with final_errors_as(Failure.TEMPLATE_NOT_FOUND, MSG_TEMPLATE_NOT_FOUND):
+            config = self.pve.get(f"nodes/{node}/qemu/{vmid}/config")
+        disk = boot_disk(config)
+        if disk is None:
+            raise refuse(Failure.INVALID_REQUEST, "The template VM has no disk")
+        self._template_disks[(node, vmid)] = (time.monotonic(), disk)
+        return disk
+
     def _find_vm(self, vmid: int) -> dict[str, Any] | None:
         for vm in self.pve.get("cluster/resources", type="vm"):
             if int(vm["vmid"]) == vmid:
@@ -303,33 +334,41 @@ class PveActivities:
         config = self.pve.get(f"nodes/{node}/qemu/{vmid}/config")
         return vm_description(task_id) in str(config.get("description", ""))
 
-    def _wait(self, upid: str, limit: float) -> bool:
-        """Poll the task until it ends (True) or `limit` seconds pass (False); raise if it failed."""
+    def _wait(self, upid: str, limit: float, first_look: float) -> bool:
+        """Poll the task until it ends (True) or `limit` seconds pass (False); raise if it failed. The looks
+        grow apart as the task ages (a few for a task of seconds), like a person watching it would."""
         deadline = time.monotonic() + limit
-        interval = 0.05
+        interval = first_look
         while True:
-            status = self.pve.get(f"nodes/{upid_node(upid)}/tasks/{upid}/status")
-            if status.get("status") == "stopped":
-                exit_status = str(status.get("exitstatus", ""))
-                if exit_status == "OK" or exit_status.startswith("WARNINGS"):
-                    return True
-                raise PveTaskFailed(exit_status)
+            if interval:
+                if time.monotonic() + interval > deadline:
+                    return False
+                time.sleep(interval)
+            if self._task_done(upid):
+                return True
             activity.heartbeat()
-            if time.monotonic() + interval > deadline:
-                return False
-            time.sleep(interval)
-            interval = min(interval * 2, 0.5)
+            interval = min(max(interval, POLL_FIRST) * POLL_GROWTH, POLL_MAX_INLINE)
+
+    def _task_done(self, upid: str) -> bool:
+        """One look at a PVE task: False while it runs, True if it ended well; PveTaskFailed if it did not."""
+        status = self.pve.get(f"nodes/{upid_node(upid)}/tasks/{upid}/status")
+        if status.get("status") != "stopped":
+            return False
+        exit_status = str(status.get("exitstatus", ""))
+        if exit_status == "OK" or exit_status.startswith("WARNINGS"):
+            return True
+        raise PveTaskFailed(exit_status)
 
     def _wait_or_retry(self, upid: str) -> None:
         try:
-            finished = self._wait(upid, 60)
+            finished = self._wait(upid, SHORT_TASK_WAIT, first_look=0.1)
         except PveTaskFailed as exc:
             if is_transient_task_error(str(exc)):
                 # Another task held the VM's lock: a retry of the whole (idempotent) step may well succeed.
                 raise PveUnavailable(str(exc)) from exc
             raise PveError(500, str(exc)) from exc
         if not finished:
-            raise PveUnavailable(f"PVE task {upid} did not end within 60 s")
+            raise PveUnavailable(f"PVE task {upid} did not end within {SHORT_TASK_WAIT:.0f} s")
 
 
 class PveTaskFailed(Exception):

@@ -231,7 +231,7 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
 
     # 2. Lock timeouts and 5xx on clone and configuration, and the other worker killed.
     pve.fail("POST", "/clone", 500, "can't lock file '/var/lock/pve-manager/pve-storage-ceph' - got timeout", times=3)
-    pve.fail("POST", "/config", 503, "Service Unavailable", times=3)
+    pve.fail("PUT", "/config", 503, "Service Unavailable", times=3)
     ledger.faults["storage lock timeouts"] += 3
     ledger.faults["HTTP 503"] += 3
     await create(cluster, ledger, 6)
@@ -277,7 +277,7 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
     await create(cluster, ledger, 2)
     await settle(cluster, ledger)
     pve.failures.clear()
-    pve.fail("POST", "/config", 400, "Parameter verification failed.")
+    pve.fail("PUT", "/config", 400, "Parameter verification failed.")
     ledger.faults["configuration refused (400)"] += 1
     await create(cluster, ledger, 2)
     await settle(cluster, ledger)

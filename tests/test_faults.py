@@ -60,9 +60,9 @@ def later(seconds: float, action: Callable[[], None]) -> None:
             ),
             id="storage-lock-timeout",
         ),
-        pytest.param(lambda pve: pve.fail("POST", CONFIG, error="config_lock_timeout", times=2), id="vm-lock-timeout"),
+        pytest.param(lambda pve: pve.fail("PUT", CONFIG, error="config_lock_timeout", times=2), id="vm-lock-timeout"),
         pytest.param(lambda pve: pve.fail("POST", CLONE, error="no_quorum", times=2), id="no-quorum"),
-        pytest.param(lambda pve: pve.fail("POST", CONFIG, error="no_route_to_host", times=2), id="node-unreachable"),
+        pytest.param(lambda pve: pve.fail("PUT", CONFIG, error="no_route_to_host", times=2), id="node-unreachable"),
         pytest.param(
             lambda pve: pve.fail("POST", CLONE, 502, "<html>Bad Gateway</html>", html=True, times=2),
             id="proxy-html-502",
@@ -134,7 +134,7 @@ async def test_quorum_lost_for_a_moment(api: httpx.AsyncClient, temporal: Client
             lambda pve: pve.fail("POST", CLONE, error="storage_disabled"), MSG_CLONE_FAILED, id="clone-storage-disabled"
         ),
         pytest.param(
-            lambda pve: pve.fail("POST", CONFIG, 400, "Parameter verification failed."),
+            lambda pve: pve.fail("PUT", CONFIG, 400, "Parameter verification failed."),
             MSG_CONFIGURE_FAILED,
             id="config-400",
         ),

@@ -85,7 +85,7 @@ async def test_failed_clone_with_wait_answers_500(api: httpx.AsyncClient, pve: A
 
 
 def config_refused(pve: Any) -> None:
-    pve.fail("POST", "/nodes/pve2/qemu/100/config", 500, "unable to apply the new configuration")
+    pve.fail("PUT", "/nodes/pve2/qemu/100/config", 500, "unable to apply the new configuration")
 
 
 def resize_refused(pve: Any) -> None:
@@ -129,7 +129,7 @@ async def test_failed_configuration_with_wait_answers_500(api: httpx.AsyncClient
 async def test_a_config_lock_held_for_a_moment_is_retried(
     api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine
 ) -> None:
-    pve.fail("POST", "/nodes/pve2/qemu/100/config", error="config_lock_timeout", times=2)
+    pve.fail("PUT", "/nodes/pve2/qemu/100/config", error="config_lock_timeout", times=2)
     task_id = (await api.post(CREATE, json=body(), headers=auth())).json()["data"]["task_id"]
     result = await result_of(temporal, task_id)
     assert result.vmid == 100

@@ -64,7 +64,7 @@ async def run_scenario(api: httpx.AsyncClient, temporal: Client, pve: Any, scena
     if scenario == "clone_failure":
         pve.storages["NFS"]["avail"] = 1024**3
     elif scenario == "compensation":
-        pve.fail("POST", "/nodes/pve2/qemu/100/config", 500, "unable to apply the new configuration")
+        pve.fail("PUT", "/nodes/pve2/qemu/100/config", 500, "unable to apply the new configuration")
     response = await api.post("/api/v1/vm/manage/createFromBoxTemplate", json=body(), headers=auth())
     task_id = response.json()["data"]["task_id"]
     try:

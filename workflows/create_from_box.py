@@ -66,12 +66,12 @@ PVE_RETRY = RetryPolicy(
     maximum_attempts=6,
     non_retryable_error_types=FINAL_FAILURES,
 )
-# Waiting for a PVE task: each attempt looks once (or for a moment), a retry is the next look. Nothing is
-# held between looks, and the interval grows with the task's age.
+# Waiting for a long PVE task: each attempt is one look, a retry the next. Nothing is held between looks,
+# and they grow apart with the task's age, to one every 20 s.
 POLL_RETRY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=250),
+    initial_interval=timedelta(seconds=1),
     backoff_coefficient=1.5,
-    maximum_interval=timedelta(seconds=10),
+    maximum_interval=timedelta(seconds=20),
     non_retryable_error_types=FINAL_FAILURES,
 )
 # Cleanup must happen in the end, however long PVE is in trouble.
@@ -94,6 +94,7 @@ SLOT_RETRY = RetryPolicy(
 CLONE_TIMEOUT = timedelta(hours=2)
 VMID_CHANGES = 3  # how often a VMID taken outside the service is replaced before the clone fails
 CLONE_SLOTS_PATCH = "clone-slots"
+LOCAL_ADMISSION_PATCH = "local-inspect-and-slot"
 CLONE_STARTS = 3  # a clone that failed on a lock another task held is started again, this often
 
 
@@ -172,13 +173,24 @@ class CreateFromBoxWorkflow:
             schedule_to_close_timeout=self._admission_budget(timedelta(seconds=30)),
             retry_policy=DB_RETRY,
         )
-        facts = await workflow.execute_activity_method(
-            PveActivities.inspect_template,
-            InspectInput(template=template, target=input.target, storage=input.storage, disk_gb=input.disk_gb),
-            start_to_close_timeout=timedelta(seconds=60),
-            schedule_to_close_timeout=self._admission_budget(timedelta(minutes=5)),
-            retry_policy=PVE_RETRY,
-        )
+        inspect = InspectInput(template=template, target=input.target, storage=input.storage, disk_gb=input.disk_gb)
+        if workflow.patched(LOCAL_ADMISSION_PATCH):
+            # Two quick reads: as a local activity it costs no round trip through the server.
+            facts = await workflow.execute_local_activity_method(
+                PveActivities.inspect_template,
+                inspect,
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=self._admission_budget(timedelta(minutes=5)),
+                retry_policy=PVE_RETRY,
+            )
+        else:
+            facts = await workflow.execute_activity_method(
+                PveActivities.inspect_template,
+                inspect,
+                start_to_close_timeout=timedelta(seconds=60),
+                schedule_to_close_timeout=self._admission_budget(timedelta(minutes=5)),
+                retry_policy=PVE_RETRY,
+            )
         template = TemplateRef(node=facts.node or template.node, vmid=template.vmid)
         vmid = await workflow.execute_local_activity_method(
             DbActivities.reserve_quota,
@@ -247,14 +259,21 @@ class CreateFromBoxWorkflow:
             # Runs that started before clone slots existed go on as they were.
             await self._clone(req, input)
             return
+        slot = CloneSlotRequest(task_id=req.task_id, node=req.template.node, storage=req.storage)
         try:
-            await workflow.execute_activity_method(
-                DbActivities.acquire_clone_slot,
-                CloneSlotRequest(task_id=req.task_id, node=req.template.node, storage=req.storage),
-                start_to_close_timeout=timedelta(seconds=30),
-                schedule_to_close_timeout=CLONE_TIMEOUT,
-                retry_policy=SLOT_RETRY,
+            # A free slot is taken at once, locally; only a run that must wait its turn goes to the server,
+            # whose activity retries are the queue.
+            free = workflow.patched(LOCAL_ADMISSION_PATCH) and await workflow.execute_local_activity_method(
+                DbActivities.try_clone_slot, slot, start_to_close_timeout=timedelta(seconds=30), retry_policy=DB_RETRY
             )
+            if not free:
+                await workflow.execute_activity_method(
+                    DbActivities.acquire_clone_slot,
+                    slot,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    schedule_to_close_timeout=CLONE_TIMEOUT,
+                    retry_policy=SLOT_RETRY,
+                )
             await self._clone(req, input)
         except (Exception, asyncio.CancelledError):  # not `finally`: an evicted run must not act
             await self._release_clone_slot(req.task_id)
@@ -273,49 +292,50 @@ class CreateFromBoxWorkflow:
 
     async def _clone(self, req: CloneInput, input: CreateFromBoxInput) -> None:
         vmid_changes = 0
-        start = 0
+        starts = 0
         while True:
-            start += 1
+            starts += 1
             try:
-                started = await workflow.execute_activity_method(
-                    PveActivities.start_clone,
-                    req,
-                    start_to_close_timeout=timedelta(seconds=30),
-                    retry_policy=PVE_RETRY,
-                )
+                await self._clone_once(req)
+                return
             except ActivityError as err:
                 if _error_type(err) == VMID_TAKEN and vmid_changes < VMID_CHANGES:
                     # A VM made outside the service took our VMID after admission: take another one.
                     vmid_changes += 1
                     req.vmid = await self._reassign_vmid(req, input)
                     continue
-                raise
-            try:
-                if started.upid is not None:
-                    await workflow.execute_activity_method(
-                        PveActivities.await_task,
-                        PveTaskRef(upid=started.upid),
-                        start_to_close_timeout=timedelta(seconds=30),
-                        # A worker that dies mid-look is noticed within seconds, not at the timeout.
-                        heartbeat_timeout=timedelta(seconds=5),
-                        schedule_to_close_timeout=CLONE_TIMEOUT,
-                        retry_policy=POLL_RETRY,
-                    )
-                else:
-                    await workflow.execute_activity_method(
-                        PveActivities.await_clone_by_lock,
-                        VmRef(task_id=req.task_id, node=req.target, vmid=req.vmid),
-                        start_to_close_timeout=timedelta(seconds=60),
-                        schedule_to_close_timeout=CLONE_TIMEOUT,
-                        retry_policy=POLL_RETRY,
-                    )
-                return
-            except ActivityError as err:
-                if _error_type(err) == PVE_TASK_FAILED_TRANSIENT and start < CLONE_STARTS:
+                if _error_type(err) == PVE_TASK_FAILED_TRANSIENT and starts < CLONE_STARTS:
                     workflow.logger.warning("clone of VM %s failed on a lock; starting it again", req.vmid)
-                    await workflow.sleep(timedelta(seconds=5 * start))
+                    await workflow.sleep(timedelta(seconds=5 * starts))
                     continue
                 raise
+
+    async def _clone_once(self, req: CloneInput) -> None:
+        started = await workflow.execute_activity_method(
+            PveActivities.start_clone,
+            req,
+            start_to_close_timeout=timedelta(seconds=60),
+            heartbeat_timeout=timedelta(seconds=10),
+            retry_policy=PVE_RETRY,
+        )
+        if started.finished:
+            return
+        if started.upid is not None:
+            await workflow.execute_activity_method(
+                PveActivities.await_task,
+                PveTaskRef(upid=started.upid),
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=CLONE_TIMEOUT,
+                retry_policy=POLL_RETRY,
+            )
+        else:
+            await workflow.execute_activity_method(
+                PveActivities.await_clone_by_lock,
+                VmRef(task_id=req.task_id, node=req.target, vmid=req.vmid),
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=CLONE_TIMEOUT,
+                retry_policy=POLL_RETRY,
+            )
 
     async def _reassign_vmid(self, req: CloneInput, input: CreateFromBoxInput) -> int:
         facts = await workflow.execute_activity_method(
