@@ -148,6 +148,12 @@ class TaskState:
 
 
 @dataclass
+class AdmitInput:
+    task_id: str
+    request: CreateFromBoxInput
+
+
+@dataclass
 class ResolveBoxInput:
     username: str
     box_id: str
@@ -178,6 +184,13 @@ class TemplateFacts:
     # VMIDs PVE shows as free, as inclusive [first, last] ranges, lowest first: the reservation claims the
     # lowest one that no other live creation holds.
     free_ranges: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class Admitted:
+    template: TemplateRef  # where PVE has the template now
+    facts: TemplateFacts
+    vmid: int
 
 
 @dataclass

@@ -15,6 +15,7 @@ from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 from temporalio.worker import Worker
 
+from activities.admission import AdmissionActivities
 from activities.db import DbActivities
 from activities.pve import PveActivities
 from activities.pve_client import PveClient
@@ -56,11 +57,13 @@ def build_worker(
 ) -> Worker:
     db_activities = DbActivities(engine, settings.clone_limit_per_node, settings.clone_limit_per_storage)
     pve_activities = PveActivities(pve, settings.default_storage)
+    admission = AdmissionActivities(db_activities, pve_activities)
     return Worker(
         client,
         task_queue=task_queue,
         workflows=[CreateFromBoxWorkflow],
         activities=[
+            admission.admit,
             db_activities.resolve_box,
             db_activities.reserve_quota,
             db_activities.reassign_vmid,

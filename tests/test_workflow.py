@@ -1,7 +1,8 @@
 """The workflow's outside face for other workflows (child workflow, input and result dataclasses), and replay
 of recorded histories: a change to the workflow must keep the runs already in flight replayable.
 
-Re-record the histories after an intended, compatible change with:  RECORD_HISTORIES=1 make test
+Histories are named <version>-<scenario>.json; keep the old ones. After a change to the workflow, record the
+new version's beside them with:  RECORD_HISTORIES=v3 make test
 """
 
 from __future__ import annotations
@@ -79,15 +80,16 @@ async def run_scenario(api: httpx.AsyncClient, temporal: Client, pve: Any, scena
 async def test_fresh_history_replays(api: httpx.AsyncClient, temporal: Client, pve: Any, scenario: str) -> None:
     history = await run_scenario(api, temporal, pve, scenario)
     await Replayer(workflows=[CreateFromBoxWorkflow]).replay_workflow(history)
-    if os.environ.get("RECORD_HISTORIES"):
+    version = os.environ.get("RECORD_HISTORIES")
+    if version:
         HISTORIES.mkdir(exist_ok=True)
-        (HISTORIES / f"{scenario}.json").write_text(history.to_json())
+        (HISTORIES / f"{version}-{scenario}.json").write_text(history.to_json())
 
 
-@pytest.mark.parametrize("scenario", ["success", "clone_failure", "compensation"])
-async def test_recorded_history_replays(scenario: str) -> None:
-    path = HISTORIES / f"{scenario}.json"
-    history = WorkflowHistory.from_json(f"recorded-{scenario}", path.read_text())
+@pytest.mark.parametrize("path", sorted(HISTORIES.glob("*.json")), ids=lambda path: path.stem)
+async def test_recorded_history_replays(path: Path) -> None:
+    scenario = path.stem.split("-", 1)[1]
+    history = WorkflowHistory.from_json(f"recorded-{path.stem}", path.read_text())
     result = await Replayer(workflows=[CreateFromBoxWorkflow]).replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, result.replay_failure
     # What the recorded run ended with is what the current code decides on replay too.

@@ -18,6 +18,7 @@ from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
+    from activities.admission import AdmissionActivities
     from activities.db import DbActivities
     from activities.pve import PveActivities
     from payloads import (
@@ -29,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         PVE_TASK_FAILED_TRANSIENT,
         VMID_TAKEN,
         Admission,
+        AdmitInput,
         CloneInput,
         CloneSlotRequest,
         ConfigureInput,
@@ -94,7 +96,7 @@ SLOT_RETRY = RetryPolicy(
 CLONE_TIMEOUT = timedelta(hours=2)
 VMID_CHANGES = 3  # how often a VMID taken outside the service is replaced before the clone fails
 CLONE_SLOTS_PATCH = "clone-slots"
-LOCAL_ADMISSION_PATCH = "local-inspect-and-slot"
+LOCAL_ADMISSION_PATCH = "admission-in-one-local-activity"
 CLONE_STARTS = 3  # a clone that failed on a lock another task held is started again, this often
 
 
@@ -167,30 +169,38 @@ class CreateFromBoxWorkflow:
     # ---------------------------------------------------------------------------- phases
 
     async def _admit(self, input: CreateFromBoxInput, task_id: str) -> tuple[TemplateRef, TemplateFacts, int]:
+        if workflow.patched(LOCAL_ADMISSION_PATCH):
+            admitted = await workflow.execute_local_activity_method(
+                AdmissionActivities.admit,
+                AdmitInput(task_id=task_id, request=input),
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=self._admission_budget(timedelta(minutes=5)),
+                retry_policy=PVE_RETRY,
+            )
+            template, facts, vmid = admitted.template, admitted.facts, admitted.vmid
+        else:
+            template, facts, vmid = await self._admit_in_three_steps(input, task_id)
+        # Past the deadline the caller has answered 503 and given the request up: it must create nothing.
+        self._admission_budget(timedelta(0))
+        return template, facts, vmid
+
+    async def _admit_in_three_steps(
+        self, input: CreateFromBoxInput, task_id: str
+    ) -> tuple[TemplateRef, TemplateFacts, int]:
+        """Admission as runs started before the single admission activity did it."""
         template = await workflow.execute_local_activity_method(
             DbActivities.resolve_box,
             ResolveBoxInput(username=input.username, box_id=input.box_id),
             schedule_to_close_timeout=self._admission_budget(timedelta(seconds=30)),
             retry_policy=DB_RETRY,
         )
-        inspect = InspectInput(template=template, target=input.target, storage=input.storage, disk_gb=input.disk_gb)
-        if workflow.patched(LOCAL_ADMISSION_PATCH):
-            # Two quick reads: as a local activity it costs no round trip through the server.
-            facts = await workflow.execute_local_activity_method(
-                PveActivities.inspect_template,
-                inspect,
-                start_to_close_timeout=timedelta(seconds=30),
-                schedule_to_close_timeout=self._admission_budget(timedelta(minutes=5)),
-                retry_policy=PVE_RETRY,
-            )
-        else:
-            facts = await workflow.execute_activity_method(
-                PveActivities.inspect_template,
-                inspect,
-                start_to_close_timeout=timedelta(seconds=60),
-                schedule_to_close_timeout=self._admission_budget(timedelta(minutes=5)),
-                retry_policy=PVE_RETRY,
-            )
+        facts = await workflow.execute_activity_method(
+            PveActivities.inspect_template,
+            InspectInput(template=template, target=input.target, storage=input.storage, disk_gb=input.disk_gb),
+            start_to_close_timeout=timedelta(seconds=60),
+            schedule_to_close_timeout=self._admission_budget(timedelta(minutes=5)),
+            retry_policy=PVE_RETRY,
+        )
         template = TemplateRef(node=facts.node or template.node, vmid=template.vmid)
         vmid = await workflow.execute_local_activity_method(
             DbActivities.reserve_quota,
@@ -206,8 +216,6 @@ class CreateFromBoxWorkflow:
             schedule_to_close_timeout=self._admission_budget(timedelta(seconds=30)),
             retry_policy=DB_RETRY,
         )
-        # Past the deadline the caller has answered 503 and given the request up: it must create nothing.
-        self._admission_budget(timedelta(0))
         return template, facts, vmid
 
     def _admission_budget(self, default: timedelta) -> timedelta:

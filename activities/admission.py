@@ -1,0 +1,39 @@
+"""Admission as one local activity: the box and permission (database), the template, node, storage and disk
+(PVE), then the plan, the quota and the VMID (database), in the order the contract fixes. One activity, not
+three: the POST waits for it, and every step between activities costs a turn of the workflow."""
+
+from __future__ import annotations
+
+from temporalio import activity
+
+from activities.db import DbActivities
+from activities.pve import PveActivities
+from payloads import AdmitInput, Admitted, InspectInput, ReserveInput, ResolveBoxInput, TemplateRef
+
+
+class AdmissionActivities:
+    def __init__(self, db: DbActivities, pve: PveActivities):
+        self.db = db
+        self.pve = pve
+
+    @activity.defn
+    def admit(self, req: AdmitInput) -> Admitted:
+        """Every check of the request, then the reservation; safe to repeat (the reservation is keyed by the
+        task id)."""
+        ask = req.request
+        registered = self.db.resolve_box(ResolveBoxInput(username=ask.username, box_id=ask.box_id))
+        facts = self.pve.inspect_template(
+            InspectInput(template=registered, target=ask.target, storage=ask.storage, disk_gb=ask.disk_gb)
+        )
+        template = TemplateRef(node=facts.node or registered.node, vmid=registered.vmid)
+        vmid = self.db.reserve_quota(
+            ReserveInput(
+                task_id=req.task_id,
+                username=ask.username,
+                cpu_cores=ask.cpu_cores,
+                memory_mb=ask.memory_mb,
+                disk_gb=ask.disk_gb,
+                free_ranges=facts.free_ranges,
+            )
+        )
+        return Admitted(template=template, facts=facts, vmid=vmid)
