@@ -81,8 +81,9 @@ class DbActivities:
         return clone_slots.acquire(self.engine, req, self.clone_limit_per_node, self.clone_limit_per_storage)
 
     @activity.defn
-    def release_clone_slot(self, task_id: str) -> None:
-        clone_slots.release(self.engine, task_id)
+    def release_clone_slot(self, task_id: str) -> list[str]:
+        """Free the task's slot; returns the waiting tasks the freed capacity was handed to."""
+        return clone_slots.release(self.engine, task_id, self.clone_limit_per_node, self.clone_limit_per_storage)
 
     @activity.defn
     def commit_creation(self, done: FinishInput) -> None:

@@ -111,4 +111,13 @@ class CloneSlot(SQLModel, table=True):
     acquired_at: datetime = Field(default_factory=utcnow)
 
 
+class CloneWaiter(SQLModel, table=True):
+    """A creation waiting for a clone slot, first come first served."""
+
+    task_id: str = Field(primary_key=True)
+    node: str
+    storage: str
+    queued_at: datetime = Field(default_factory=utcnow, index=True)
+
+
 HELD, COMMITTED, RELEASED = "held", "committed", "released"

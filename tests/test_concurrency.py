@@ -15,7 +15,7 @@ from sqlmodel import select
 from temporalio.client import Client
 
 from db.engine import session
-from db.models import COMMITTED, HELD, CloneSlot
+from db.models import COMMITTED, HELD, CloneSlot, CloneWaiter
 from payloads import MSG_CREATED, MSG_TOTAL_LIMIT
 from settings import Settings
 from tests.conftest import created_vms, reservations, result_of, vm_records
@@ -155,6 +155,18 @@ async def test_clones_over_the_limit_wait_their_turn(
     assert len(created_vms(pve)) == 3
     with session(engine) as db:
         assert db.exec(select(CloneSlot)).all() == []
+        assert db.exec(select(CloneWaiter)).all() == []
+    # The runs that waited slept until the run before them handed its slot over: no polling.
+    for answer in answers[1:]:
+        history = await temporal.get_workflow_handle(answer.json()["data"]["task_id"]).fetch_history()
+        signals = [e for e in history.events if e.HasField("workflow_execution_signaled_event_attributes")]
+        assert [e.workflow_execution_signaled_event_attributes.signal_name for e in signals] == ["clone_slot_granted"]
+        scheduled = [
+            e.activity_task_scheduled_event_attributes.activity_type.name
+            for e in history.events
+            if e.HasField("activity_task_scheduled_event_attributes")
+        ]
+        assert "acquire_clone_slot" not in scheduled
 
 
 @pytest.mark.usefixtures("one_clone_per_node", "worker")

@@ -8,6 +8,7 @@ can instead run it as a child: admission refusals then fail the run with the see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Awaitable
 from datetime import datetime, timedelta
@@ -97,6 +98,8 @@ CLONE_TIMEOUT = timedelta(hours=2)
 VMID_CHANGES = 3  # how often a VMID taken outside the service is replaced before the clone fails
 CLONE_SLOTS_PATCH = "clone-slots"
 LOCAL_ADMISSION_PATCH = "admission-in-one-local-activity"
+SLOT_HANDOFF_PATCH = "clone-slot-hand-over"
+SLOT_RECHECK = timedelta(minutes=5)  # a waiting run looks at the queue this often even if nobody tells it
 CLONE_STARTS = 3  # a clone that failed on a lock another task held is started again, this often
 
 
@@ -108,6 +111,7 @@ class CreateFromBoxWorkflow:
         self._state = TaskState(owner="")
         self._admit_by: datetime | None = None
         self._cancelled = False
+        self._clone_slot_granted = False
         self._vm = VmRef(task_id="", node="", vmid=0)
 
     @workflow.update
@@ -269,34 +273,69 @@ class CreateFromBoxWorkflow:
             return
         slot = CloneSlotRequest(task_id=req.task_id, node=req.template.node, storage=req.storage)
         try:
-            # A free slot is taken at once, locally; only a run that must wait its turn goes to the server,
-            # whose activity retries are the queue.
-            free = workflow.patched(LOCAL_ADMISSION_PATCH) and await workflow.execute_local_activity_method(
-                DbActivities.try_clone_slot, slot, start_to_close_timeout=timedelta(seconds=30), retry_policy=DB_RETRY
-            )
-            if not free:
-                await workflow.execute_activity_method(
-                    DbActivities.acquire_clone_slot,
-                    slot,
-                    start_to_close_timeout=timedelta(seconds=30),
-                    schedule_to_close_timeout=CLONE_TIMEOUT,
-                    retry_policy=SLOT_RETRY,
-                )
+            if workflow.patched(SLOT_HANDOFF_PATCH):
+                await self._wait_for_clone_slot(slot)
+            else:
+                await self._poll_for_clone_slot(slot)
             await self._clone(req, input)
         except (Exception, asyncio.CancelledError):  # not `finally`: an evicted run must not act
             await self._release_clone_slot(req.task_id)
             raise
         await self._release_clone_slot(req.task_id)
 
-    async def _release_clone_slot(self, task_id: str) -> None:
-        await self._uncancellable(
-            workflow.execute_local_activity_method(
-                DbActivities.release_clone_slot,
-                task_id,
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=CLEANUP_RETRY,
-            )
+    async def _wait_for_clone_slot(self, slot: CloneSlotRequest) -> None:
+        """Take a free slot, or queue for one and sleep until the run that frees one hands it over (with a
+        look every few minutes, in case that word was lost). Waiting costs nothing while it lasts."""
+        self._clone_slot_granted = False
+        while not await workflow.execute_local_activity_method(
+            DbActivities.try_clone_slot, slot, start_to_close_timeout=timedelta(seconds=30), retry_policy=DB_RETRY
+        ):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await workflow.wait_condition(lambda: self._clone_slot_granted, timeout=SLOT_RECHECK)
+            self._clone_slot_granted = False
+
+    async def _poll_for_clone_slot(self, slot: CloneSlotRequest) -> None:
+        """How runs started before the hand-over waited: a free slot at once, else activity retries."""
+        free = workflow.patched(LOCAL_ADMISSION_PATCH) and await workflow.execute_local_activity_method(
+            DbActivities.try_clone_slot, slot, start_to_close_timeout=timedelta(seconds=30), retry_policy=DB_RETRY
         )
+        if not free:
+            await workflow.execute_activity_method(
+                DbActivities.acquire_clone_slot,
+                slot,
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=CLONE_TIMEOUT,
+                retry_policy=SLOT_RETRY,
+            )
+
+    @workflow.signal
+    def clone_slot_granted(self) -> None:
+        """Another run freed a clone slot and handed it to this one."""
+        self._clone_slot_granted = True
+
+    async def _release_clone_slot(self, task_id: str) -> None:
+        """Free the slot, and tell the runs it was handed to. A run that has ended meanwhile cannot use it:
+        its slot is freed in turn."""
+        to_free = [task_id]
+        while to_free:
+            granted = await self._uncancellable(
+                workflow.execute_local_activity_method(
+                    DbActivities.release_clone_slot,
+                    to_free.pop(),
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=CLEANUP_RETRY,
+                )
+            )
+            for waiter in granted or []:  # runs older than the hand-over recorded no list here
+                try:
+                    await self._uncancellable(
+                        workflow.get_external_workflow_handle_for(CreateFromBoxWorkflow.run, waiter).signal(
+                            CreateFromBoxWorkflow.clone_slot_granted
+                        )
+                    )
+                except Exception:
+                    workflow.logger.warning("run %s has ended; freeing the clone slot it was given", waiter)
+                    to_free.append(waiter)
 
     async def _clone(self, req: CloneInput, input: CreateFromBoxInput) -> None:
         vmid_changes = 0

@@ -1,0 +1,40 @@
+"""The clone-slot queue: first come, first served; a freed slot is handed over in the same transaction."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Engine
+
+from db import clone_slots
+from payloads import CloneSlotRequest
+
+pytestmark = pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+
+
+def ask(engine: Engine, task_id: str, node: str = "pve1", storage: str = "NFS") -> bool:
+    return clone_slots.acquire(engine, CloneSlotRequest(task_id, node, storage), per_node=1, per_storage=2)
+
+
+def test_slots_are_handed_over_in_the_order_asked(engine: Engine) -> None:
+    assert ask(engine, "a") is True
+    assert ask(engine, "b") is False
+    assert ask(engine, "c") is False
+    assert ask(engine, "b") is False  # asking again keeps its place
+    assert ask(engine, "x", node="pve2") is True  # another node: its own limit (the storage allows 2)
+    assert ask(engine, "y", node="pve3") is False  # the storage's 2 are taken
+    assert clone_slots.release(engine, "a", 1, 2) == ["b"]
+    assert ask(engine, "b") is True  # it holds the slot it was handed
+    assert ask(engine, "d") is False  # a newcomer does not overtake c
+    assert clone_slots.release(engine, "x", 1, 2) == ["y"]
+    assert clone_slots.release(engine, "b", 1, 2) == ["c"]
+    assert clone_slots.release(engine, "c", 1, 2) == ["d"]
+    assert clone_slots.release(engine, "d", 1, 2) == []
+    assert clone_slots.release(engine, "y", 1, 2) == []
+
+
+def test_a_waiter_that_gives_up_leaves_the_queue(engine: Engine) -> None:
+    assert ask(engine, "a") is True
+    assert ask(engine, "b") is False
+    assert clone_slots.release(engine, "b", 1, 2) == []  # b was cancelled while it waited
+    assert clone_slots.release(engine, "a", 1, 2) == []
+    assert ask(engine, "c") is True
