@@ -21,16 +21,12 @@ import argparse
 import asyncio
 import contextlib
 import re
-import shutil
-import tempfile
 from collections import Counter
 from typing import Any
 
 from aiohttp import web
-from fakepve import FakePve
-from fakepve.certs import make_cert
 
-from dev.fakepve_cluster import seed
+from dev.fakepve_server import make_fake, start
 
 CEPH = "ceph"
 PREFIX = re.compile(r"^/api2/(json|extjs)/")
@@ -85,22 +81,13 @@ def control_app(pve: Any) -> web.Application:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    pve = FakePve(user=args.user, password=args.password, host=args.host, port=args.port)
-    pve.time_scale = args.time_scale
+    pve = make_fake(args)
     # The default (10000) would drop requests while the benchmark counts them.
     pve.max_requests = 10**7
-    seed(pve)
     pve.add_ceph_storage(CEPH)
     if args.ceph_slow:
         pve.ceph_slow(args.ceph_slow)
-    tmp = tempfile.mkdtemp(prefix="bench-fakepve-")
-    try:
-        certfile, keyfile, _ = make_cert(tmp, hosts=(args.host,))
-        # The certificate is its own CA: clients verify PVE with it (PVE_CA_FILE).
-        shutil.copyfile(certfile, args.ca_out)
-        await pve.start(certfile, keyfile)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    await start(pve, args.ca_out)
     runner = web.AppRunner(control_app(pve), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.control_port).start()

@@ -17,18 +17,29 @@ from fakepve.certs import make_cert
 from dev.fakepve_cluster import seed
 
 
-async def serve(args: argparse.Namespace) -> None:
+def make_fake(args: argparse.Namespace) -> FakePve:
+    """The seeded fake cluster, not yet listening."""
     pve = FakePve(user=args.user, password=args.password, host=args.host, port=args.port)
     pve.time_scale = args.time_scale
     seed(pve)
+    return pve
+
+
+async def start(pve: FakePve, ca_out: str) -> None:
+    """Listen over HTTPS with a fresh certificate, written to ca_out for the clients to verify it with."""
     tmp = tempfile.mkdtemp(prefix="fakepve-")
     try:
-        certfile, keyfile, _ = make_cert(tmp, hosts=(args.host,))
+        certfile, keyfile, _ = make_cert(tmp, hosts=(pve.host,))
         # The certificate is its own CA: clients verify PVE with it (PVE_CA_FILE).
-        shutil.copyfile(certfile, args.ca_out)
+        shutil.copyfile(certfile, ca_out)
         await pve.start(certfile, keyfile)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    pve = make_fake(args)
+    await start(pve, args.ca_out)
     print(f"fakepve listening on {pve.url}", flush=True)
     await asyncio.Event().wait()
 

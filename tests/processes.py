@@ -34,23 +34,14 @@ def process_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-class WorkerProcess:
-    """`python worker.py`, as an operator runs it."""
+class ServiceProcess:
+    """One of the project's processes, started as an operator starts it, its output in a log file."""
 
-    def __init__(self, settings: Settings, log: Path):
+    def __init__(self, command: list[str], settings: Settings, log: Path):
         self._log = log.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "worker.py"],
-            cwd=ROOT,
-            env=process_env(settings),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            command, cwd=ROOT, env=process_env(settings), stdout=self._log, stderr=subprocess.STDOUT
         )
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to finish anything."""
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -62,6 +53,18 @@ class WorkerProcess:
         self._log.close()
 
 
+class WorkerProcess(ServiceProcess):
+    """`python worker.py`."""
+
+    def __init__(self, settings: Settings, log: Path):
+        super().__init__([sys.executable, "worker.py"], settings, log)
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to finish anything."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+
 def free_port() -> int:
     import socket
 
@@ -70,20 +73,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class ApiProcess:
-    """`uvicorn api.app:app`, as an operator runs it."""
+class ApiProcess(ServiceProcess):
+    """`uvicorn api.app:app` on a free port."""
 
     def __init__(self, settings: Settings, log: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._log = log.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT,
-            env=process_env(settings),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        command = [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        super().__init__(command, settings, log)
 
     async def ready(self, timeout: float = 30) -> None:
         import asyncio
@@ -98,15 +95,6 @@ class ApiProcess:
                 except httpx.TransportError:
                     await asyncio.sleep(0.1)
         raise AssertionError(f"API process on {self.url} did not start")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self._log.close()
 
 
 class TemporalServer:

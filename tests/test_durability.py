@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +15,7 @@ from settings import Settings
 from tests.conftest import created_vms, reservations, result_of, vm_records
 from tests.factories import auth, body
 from tests.processes import WorkerProcess
-
-
-async def until(condition: Any, timeout: float = 30) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
+from tests.waiting import until
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ from reconcile import (
 from settings import Settings
 from tests.conftest import created_vms, reservations, vm_records
 from tests.factories import auth, body
+from tests.waiting import until
 
 CREATE = "/api/v1/vm/manage/createFromBoxTemplate"
 
@@ -71,14 +72,6 @@ def kinds(report: Report) -> list[tuple[Kind, str, int | None]]:
 
 async def create(api: httpx.AsyncClient, **overrides: Any) -> httpx.Response:
     return await api.post(CREATE + "?wait=30", json=body(**overrides), headers=auth())
-
-
-async def until(condition: Any, timeout: float = 20) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 # --------------------------------------------------------------------------------- orphan VMs

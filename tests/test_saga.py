@@ -3,7 +3,6 @@ quota back; a cancelled run is cleaned up; a request nobody admits in time answe
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +18,7 @@ from payloads import MSG_CLONE_FAILED, MSG_CONFIGURE_FAILED, MSG_CREATED, MSG_UN
 from settings import Settings
 from tests.conftest import created_vms, reservations, result_of, vm_records
 from tests.factories import auth, body
+from tests.waiting import until, until_async
 
 CREATE = "/api/v1/vm/manage/createFromBoxTemplate"
 GIB = 1024**3
@@ -213,24 +213,6 @@ async def test_pve_unreachable_at_admission_answers_503_and_leaves_nothing(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-async def until(condition: Callable[[], bool], timeout: float = 20) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
-async def until_async(probe: Callable[[], Any], expected: Any, timeout: float = 20) -> None:
-    seen = None
-    for _ in range(int(timeout / 0.1)):
-        seen = await probe()
-        if seen == expected:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"expected {expected}, last saw {seen}")
 
 
 async def described_status(handle: Any) -> Any:
