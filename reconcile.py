@@ -9,6 +9,9 @@ Four kinds of drift:
   marker). Repair: set its `deleted_at`, so that it stops counting against its owner's plan.
 - VM back on PVE: a `Vm` row already seen deleted whose VM is on PVE again (restored from a backup, say).
   Repair: clear `deleted_at`, so that it counts again. Such a VM is never destroyed.
+- stale clone slot: a clone slot held, or a place in the queue for one, by a task whose workflow is not
+  running (an operator terminated it, so its cleanup never ran). Repair: free it, hand it to the next
+  waiting run and tell that run.
 
 State is read in an order that keeps a creation running at the same time from looking like drift: the
 `Vm` rows and held reservations before PVE (a row is written only after its VM exists on PVE), PVE before
@@ -24,6 +27,7 @@ acts on a `Drift`, and `reconcile` does all three for boxctl.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -39,9 +43,9 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.pve_client import PveClient, PveError, PveUnavailable
-from db import quota
+from db import clone_slots, quota
 from db.engine import init_db, make_engine, session
-from db.models import HELD, Reservation, Vm, utcnow
+from db.models import HELD, CloneSlot, CloneWaiter, Reservation, Vm, utcnow
 from payloads import OWNER_MARK, SERVICE_TAG
 from settings import Settings
 
@@ -133,6 +137,7 @@ class Observed:
     workflows: dict[str, WorkflowState]  # by task id, for the tasks whose state matters
     records: dict[str, VmRecord]  # every Vm row by task id, read after the workflows
     vms_checked: int = 0  # qemu VMs on PVE whose config was read
+    clone_slots: list[str] = field(default_factory=list)  # tasks holding a clone slot or queued for one
 
 
 # ------------------------------------------------------------------------------------ the drift
@@ -143,6 +148,7 @@ class Kind(StrEnum):
     STALE_RESERVATION = "stale reservation"
     VANISHED_VM = "VM seen deleted"
     RETURNED_VM = "VM back on PVE"
+    STALE_CLONE_SLOT = "stale clone slot"
 
 
 @dataclass
@@ -168,6 +174,8 @@ class Finding:
                 f"stale reservation of task {self.task_id} ({self.username}, VMID {self.vmid}): "
                 "held, but its workflow is not running"
             )
+        elif self.kind is Kind.STALE_CLONE_SLOT:
+            text = f"stale clone slot of task {self.task_id}: held or queued, but its workflow is not running"
         elif self.kind is Kind.VANISHED_VM:
             text = (
                 f"VM {self.vmid} on {self.node} (task {self.task_id}, {self.username}) is gone from PVE "
@@ -244,6 +252,11 @@ def find_drift(observed: Observed) -> Drift:
             )
         )
 
+    for task_id in sorted(set(observed.clone_slots)):
+        state = observed.workflows.get(task_id)
+        if state is not None and state.known and not state.running:
+            drift.findings.append(Finding(Kind.STALE_CLONE_SLOT, task_id, reason=str(state)))
+
     on_pve = {(vm.vmid, vm.task_id) for vm in observed.pve_vms}
     for record in sorted(observed.records_before, key=lambda r: (r.vmid, r.task_id)):
         now = records.get(record.task_id, record)
@@ -317,6 +330,11 @@ def _read_records(engine: Engine) -> list[VmRecord]:
         return [_record(vm) for vm in db.exec(select(Vm)).all()]
 
 
+def _read_clone_slots(engine: Engine) -> list[str]:
+    with session(engine) as db:
+        return [*db.exec(select(CloneSlot.task_id)).all(), *db.exec(select(CloneWaiter.task_id)).all()]
+
+
 def _read_held(engine: Engine) -> list[HeldReservation]:
     with session(engine) as db:
         rows = db.exec(select(Reservation).where(Reservation.state == HELD)).all()
@@ -345,6 +363,7 @@ async def observe(pve: AsyncPve, temporal: Client, engine: Engine) -> Observed:
     """Read the state find_drift needs, in the order the module's docstring explains."""
     records_before = await asyncio.to_thread(_read_records, engine)
     held = await asyncio.to_thread(_read_held, engine)
+    slots = await asyncio.to_thread(_read_clone_slots, engine)
     known_vmids = {r.vmid for r in records_before} | {r.vmid for r in held if r.vmid is not None}
 
     # Which configs to read: the service's VMs are tagged, but a VM lost between clone and configure is
@@ -379,7 +398,9 @@ async def observe(pve: AsyncPve, temporal: Client, engine: Engine) -> Observed:
     pve_vms = [vm for vm in found if vm is not None]
 
     owned_before = {r.task_id for r in records_before}
-    asked = sorted({vm.task_id for vm in pve_vms if vm.task_id not in owned_before} | {r.task_id for r in held})
+    asked = sorted(
+        {vm.task_id for vm in pve_vms if vm.task_id not in owned_before} | {r.task_id for r in held} | set(slots)
+    )
     states = await _bounded([partial(workflow_state, temporal, t) for t in asked])
 
     records = {r.task_id: r for r in await asyncio.to_thread(_read_records, engine)}
@@ -391,6 +412,7 @@ async def observe(pve: AsyncPve, temporal: Client, engine: Engine) -> Observed:
         workflows=dict(zip(asked, states, strict=True)),
         records=records,
         vms_checked=len(candidates),
+        clone_slots=slots,
     )
 
 
@@ -504,11 +526,25 @@ async def count_again(finding: Finding, pve: AsyncPve, engine: Engine) -> str:
     return "counted again" if changed else "already counted"
 
 
-async def repair(drift: Drift, pve: AsyncPve, temporal: Client, engine: Engine) -> None:
+async def free_clone_slot(finding: Finding, temporal: Client, engine: Engine, settings: Settings) -> str:
+    await _not_running(temporal, finding.task_id)
+    granted = await asyncio.to_thread(
+        clone_slots.release, engine, finding.task_id, settings.clone_limit_per_node, settings.clone_limit_per_storage
+    )
+    for waiter in granted:
+        # The run handed the slot sleeps until told (or looks again within minutes).
+        with contextlib.suppress(RPCError):
+            await temporal.get_workflow_handle(waiter).signal("clone_slot_granted")
+    return "freed" + (f", handed to {', '.join(granted)}" if granted else "")
+
+
+async def repair(drift: Drift, pve: AsyncPve, temporal: Client, engine: Engine, settings: Settings) -> None:
     """Repair every finding of `drift`, one by one, recording on each what was done or why not."""
     for finding in drift.findings:
         try:
-            if finding.kind is Kind.ORPHAN_VM:
+            if finding.kind is Kind.STALE_CLONE_SLOT:
+                finding.repaired = await free_clone_slot(finding, temporal, engine, settings)
+            elif finding.kind is Kind.ORPHAN_VM:
                 finding.repaired = await destroy_orphan(finding, pve, temporal, engine)
             elif finding.kind is Kind.STALE_RESERVATION:
                 finding.repaired = await release_reservation(finding, temporal, engine)
@@ -593,7 +629,7 @@ async def reconcile(
             observed = await observe(api, temporal, engine)
             drift = find_drift(observed)
             if fix:
-                await repair(drift, api, temporal, engine)
+                await repair(drift, api, temporal, engine, settings)
         except SQLAlchemyError as exc:
             raise ReconcileError(f"database: {exc}") from exc
         return Report(

@@ -101,6 +101,13 @@ def settings(pve: Any, fakepve_cafile: str, database_url: str, temporal: Client)
 
 
 @pytest.fixture
+def one_clone_per_node(settings: Settings) -> Settings:
+    """Clone limit 1 per node; list it before `worker` in usefixtures, so that the worker gets it."""
+    settings.clone_limit_per_node = 1
+    return settings
+
+
+@pytest.fixture
 def engine(settings: Settings) -> Iterator[Engine]:
     engine = make_engine(settings.database_url)
     init_db(engine)

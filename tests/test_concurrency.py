@@ -123,12 +123,6 @@ async def test_idempotency_key_repeats_a_refusal(api: httpx.AsyncClient, pve: An
 # ------------------------------------------------------------------------------ clone storms
 
 
-@pytest.fixture
-def one_clone_per_node(settings: Settings) -> Settings:
-    settings.clone_limit_per_node = 1
-    return settings
-
-
 @pytest.mark.usefixtures("one_clone_per_node", "worker")
 @pytest.mark.fakepve(time_scale=1)
 async def test_clones_over_the_limit_wait_their_turn(

@@ -168,17 +168,42 @@ async def test_a_running_creation_is_left_alone_and_a_terminated_one_is_cleaned_
     # Terminated (no cleanup runs): the half-made VM and the held quota are left behind.
     await temporal.get_workflow_handle(task_id).terminate("operator")
     report = await reconcile(settings, fix=False)
-    assert sorted(kinds(report)) == [(Kind.ORPHAN_VM, task_id, 100), (Kind.STALE_RESERVATION, task_id, 100)]
+    assert sorted(kinds(report)) == [
+        (Kind.ORPHAN_VM, task_id, 100),
+        (Kind.STALE_CLONE_SLOT, task_id, None),
+        (Kind.STALE_RESERVATION, task_id, 100),
+    ]
     assert "(workflow terminated)" in report.lines()[0]
     assert report.exit_code == 1
 
     await until(lambda: all(vm.lock is None for vm in created_vms(pve)))
     report = await reconcile(settings, fix=True)
-    assert sorted(f.repaired or "" for f in report.drift.findings) == ["destroyed", "released"]
+    assert sorted(f.repaired or "" for f in report.drift.findings) == ["destroyed", "freed", "released"]
     assert report.exit_code == 0
     assert created_vms(pve) == []
     assert [r.state for r in reservations(engine)] == [RELEASED]
     assert (await reconcile(settings, fix=False)).exit_code == 0
+
+
+@pytest.mark.usefixtures("one_clone_per_node", "worker")
+@pytest.mark.fakepve(time_scale=1)
+async def test_a_clone_slot_left_by_a_terminated_run_goes_to_the_next_in_line(
+    settings: Settings, api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine
+) -> None:
+    pve.add_ceph_storage("ceph")
+    pve.ceph_slow(2)
+    first = (await api.post(CREATE, json=body(name="first", storage="ceph"), headers=auth())).json()["data"]
+    second = (await api.post(CREATE, json=body(name="second", storage="ceph"), headers=auth())).json()["data"]
+    await until(lambda: any(vm.lock == "clone" for vm in created_vms(pve)))
+    await temporal.get_workflow_handle(first["task_id"]).terminate("operator")  # its slot is never freed
+
+    report = await reconcile(settings, fix=True)
+    [freed] = [f for f in report.drift.findings if f.kind is Kind.STALE_CLONE_SLOT]
+    assert freed.repaired == f"freed, handed to {second['task_id']}"
+    result = await asyncio.wait_for(
+        temporal.get_workflow_handle(second["task_id"]).result(), 60
+    )  # told at once, not at its next look minutes later
+    assert result["vmid"] == 101
 
 
 # ------------------------------------------------------------------------------- reservations
