@@ -4,11 +4,23 @@ three: the POST waits for it, and every step between activities costs a turn of 
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.db import DbActivities
 from activities.pve import PveActivities
-from payloads import AdmitInput, Admitted, InspectInput, ReserveInput, ResolveBoxInput, TemplateRef
+from payloads import (
+    MSG_UNAVAILABLE,
+    AdmitInput,
+    Admitted,
+    Failure,
+    InspectInput,
+    ReserveInput,
+    ResolveBoxInput,
+    TemplateRef,
+)
 
 
 class AdmissionActivities:
@@ -26,6 +38,10 @@ class AdmissionActivities:
             InspectInput(template=registered, target=ask.target, storage=ask.storage, disk_gb=ask.disk_gb)
         )
         template = TemplateRef(node=facts.node or registered.node, vmid=registered.vmid)
+        if ask.admit_by is not None and datetime.now(UTC) > ask.admit_by:
+            # The caller has answered 503 and given the request up. Checked here, on the clock: the workflow's
+            # own clock stands still while its local activities run.
+            raise ApplicationError(MSG_UNAVAILABLE, type=Failure.UNAVAILABLE.value, non_retryable=True)
         vmid = self.db.reserve_quota(
             ReserveInput(
                 task_id=req.task_id,

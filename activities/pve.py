@@ -232,14 +232,18 @@ class PveActivities:
         return CloneStarted(upid=upid, finished=finished)
 
     def _adoptable(self, task_id: str, vmid: int) -> bool:
-        """True if VM vmid exists and this task made it; a VM of someone else's under our VMID is final."""
+        """True if VM vmid exists and this task made it; a guest of someone else's under our VMID is final."""
         found = self._find_vm(vmid)
         if found is None:
             return False
-        if self._owned_by(task_id, found["node"], vmid):
+        if found.get("type") == "qemu" and self._owned_by(task_id, found["node"], vmid):
             return True
+        if found.get("type") == "qemu" and found.get("lock") == "clone":
+            # While real PVE copies the first disk, the new VM's config holds nothing but the clone lock (no
+            # description yet): whose clone it is can be told once it ends.
+            raise PveUnavailable(f"VM {vmid} is being cloned; its owner can be told when the clone ends")
         raise ApplicationError(
-            f"VMID {vmid} is taken by a VM this task did not create", type=VMID_TAKEN, non_retryable=True
+            f"VMID {vmid} is taken by a guest this task did not create", type=VMID_TAKEN, non_retryable=True
         )
 
     @activity.defn
@@ -295,14 +299,15 @@ class PveActivities:
     def destroy_vm(self, ref: VmRef) -> None:
         """Remove the VM this task created, with its disks; nothing if it is gone or is not this task's."""
         found = self._find_vm(ref.vmid)
-        if found is None:
+        if found is None or found.get("type") != "qemu":
             return
         node = found["node"]
+        if found.get("lock") == "clone":
+            # Before its owner can even be told (real PVE writes the description when the copy is done).
+            raise still_running(f"VM {ref.vmid} is still being cloned; it can be removed once the clone ends")
         if not self._owned_by(ref.task_id, node, ref.vmid):
             activity.logger.warning("VM %s is not task %s's; leaving it alone", ref.vmid, ref.task_id)
             return
-        if found.get("lock") == "clone":
-            raise still_running(f"VM {ref.vmid} is still being cloned; it can be removed once the clone ends")
         if found.get("status") == "running":
             self._wait_or_retry(str(self.pve.post(f"nodes/{node}/qemu/{ref.vmid}/status/stop")))
         upid = self.pve.delete(f"nodes/{node}/qemu/{ref.vmid}", purge=1, **{"destroy-unreferenced-disks": 1})
@@ -331,8 +336,9 @@ class PveActivities:
         return None
 
     def _owned_by(self, task_id: str, node: str, vmid: int) -> bool:
+        """The VM's description carries this task's marker on a line of its own (task ids may prefix others)."""
         config = self.pve.get(f"nodes/{node}/qemu/{vmid}/config")
-        return vm_description(task_id) in str(config.get("description", ""))
+        return vm_description(task_id) in (line.strip() for line in str(config.get("description", "")).splitlines())
 
     def _wait(self, upid: str, limit: float, first_look: float) -> bool:
         """Poll the task until it ends (True) or `limit` seconds pass (False); raise if it failed. The looks

@@ -19,7 +19,7 @@ TRANSIENT_STATUSES = {408, 429, 502, 503, 504, 595, 596, 597, 598, 599}
 # PVE answers 500 for nearly everything; these messages mean "try again later", not "this is wrong".
 TRANSIENT_MESSAGES = re.compile(
     r"got timeout|no quorum|cluster not ready|temporarily|timeout|connection refused|connection reset"
-    r"|no route to host|is not online|try again",
+    r"|no route to host|is not online|try again|is locked",
     re.IGNORECASE,
 )
 
@@ -98,6 +98,13 @@ class PveClient:
                     api = self._current(stale=api)
                     continue
                 raise classify(exc) from exc
+            except AuthenticationError as exc:
+                # proxmoxer renews the ticket with the ticket itself after an hour; if PVE refuses that (the
+                # ticket outlived its two hours while the worker was idle), log in with the password again.
+                if attempt == 1:
+                    api = self._current(stale=api)
+                    continue
+                raise PveUnavailable(f"PVE login: {exc}") from exc
             except requests.RequestException as exc:
                 raise PveUnavailable(f"{method.upper()} {path}: {exc}") from exc
         raise AssertionError("unreachable")

@@ -5,7 +5,7 @@ Every function here is idempotent for its task id, because Temporal may run an a
 
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, func
+from sqlalchemy import Engine, func, text
 from sqlmodel import col, select
 
 from db.engine import session
@@ -65,6 +65,16 @@ def usage_of(db, username: str) -> Usage:  # type: ignore[no-untyped-def]
     return usage
 
 
+# Any constant: the advisory lock that serialises VMID choice across users on PostgreSQL (the user row lock
+# alone would let two users' creations pick the same lowest free VMID).
+VMID_LOCK_KEY = 0x0B0C5108
+
+
+def _lock_vmids(db) -> None:  # type: ignore[no-untyped-def]
+    if db.get_bind().dialect.name == "postgresql":
+        db.exec(text(f"SELECT pg_advisory_xact_lock({VMID_LOCK_KEY})"))
+
+
 def pick_vmid(db, free_vmids: list[int], free_ranges: list[list[int]]) -> int:  # type: ignore[no-untyped-def]
     """The lowest VMID that PVE showed free and that the service has not given out: neither held by a live
     creation (not on PVE yet) nor one of its VMs (PVE's answer may be a moment old)."""
@@ -85,11 +95,12 @@ def pick_vmid(db, free_vmids: list[int], free_ranges: list[list[int]]) -> int:  
 def reserve(engine: Engine, req: ReserveInput) -> int:
     """Check the plan and hold the quota and a VMID for req.task_id; returns the VMID."""
     with session(engine) as db, db.begin():
-        existing = db.get(Reservation, req.task_id)
-        if existing is not None and existing.vmid is not None:
-            return existing.vmid
+        _lock_vmids(db)
         # The user row serialises one user's reservations on PostgreSQL; on SQLite, BEGIN IMMEDIATE does.
         user = db.exec(select(User).where(User.username == req.username).with_for_update()).first()
+        existing = db.get(Reservation, req.task_id)
+        if existing is not None and existing.state != RELEASED and existing.vmid is not None:
+            return existing.vmid  # a retry of a reservation made (or committed) already
         plan = db.get(Plan, user.plan_id) if user is not None and user.plan_id else None
         if plan is None:
             raise Refused(Failure.PLAN_NOT_FOUND, MSG_PLAN_NOT_FOUND)
@@ -108,6 +119,10 @@ def reserve(engine: Engine, req: ReserveInput) -> int:
         ):
             raise Refused(Failure.TOTAL_LIMIT, MSG_TOTAL_LIMIT)
         vmid = pick_vmid(db, req.free_vmids, req.free_ranges)
+        if existing is not None:
+            # Released by a cleanup, and now the run goes on again (reset from the Web UI): hold it anew.
+            db.delete(existing)
+            db.flush()
         db.add(
             Reservation(
                 task_id=req.task_id,
@@ -124,6 +139,7 @@ def reserve(engine: Engine, req: ReserveInput) -> int:
 def reassign_vmid(engine: Engine, task_id: str, free_vmids: list[int], free_ranges: list[list[int]]) -> int:
     """Move the task's held reservation to another VMID (its own was taken outside the service)."""
     with session(engine) as db, db.begin():
+        _lock_vmids(db)
         reservation = db.get(Reservation, task_id)
         if reservation is None or reservation.state != HELD:
             raise Refused(Failure.CLONE_FAILED, "the task holds no reservation")

@@ -28,6 +28,7 @@ CONFIG = "/nodes/pve2/qemu/100/config"
 @pytest.fixture
 def short_pve_timeout(settings: Settings) -> Settings:
     settings.pve_timeout_seconds = 1  # a hung request is given up after 1 s, then retried
+    settings.admission_timeout_seconds = 60  # room for several hung requests in a row during admission
     return settings
 
 

@@ -70,3 +70,20 @@ def test_vmids_come_from_the_free_ranges_skipping_what_the_service_gave_out(engi
     ]
     # 102, then past the held ones; none of them collides with another creation in flight.
     assert picked == [102, 104, 105]
+
+
+def test_creations_of_different_users_never_pick_the_same_vmid(engine: Engine) -> None:
+    from activities.pve import free_vmid_ranges
+
+    ranges = free_vmid_ranges({9000})
+
+    def reserve_for(i: int) -> Any:
+        user = ("alice", "bob")[i % 2]
+        return quota.reserve(
+            engine,
+            ReserveInput(task_id=f"u{i}", username=user, cpu_cores=1, memory_mb=1, disk_gb=1, free_ranges=ranges),
+        )
+
+    with ThreadPoolExecutor(10) as pool:
+        vmids = list(pool.map(reserve_for, range(10)))
+    assert sorted(vmids) == list(range(100, 110))  # at the first try each, no collision to retry

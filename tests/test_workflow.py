@@ -2,7 +2,7 @@
 of recorded histories: a change to the workflow must keep the runs already in flight replayable.
 
 Histories are named <version>-<scenario>.json; keep the old ones. After a change to the workflow, record the
-new version's beside them with:  RECORD_HISTORIES=v3 make test
+new version's beside them with:  RECORD_HISTORIES=v5 make test
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from typing import TypeVar
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.admission import AdmissionActivities
@@ -99,6 +100,7 @@ VMID_CHANGES = 3  # how often a VMID taken outside the service is replaced befor
 CLONE_SLOTS_PATCH = "clone-slots"
 LOCAL_ADMISSION_PATCH = "admission-in-one-local-activity"
 SLOT_HANDOFF_PATCH = "clone-slot-hand-over"
+CANCEL_AFTER_SLOT_PATCH = "cancel-kept-across-slot-release"
 SLOT_RECHECK = timedelta(minutes=5)  # a waiting run looks at the queue this often even if nobody tells it
 CLONE_STARTS = 3  # a clone that failed on a lock another task held is started again, this often
 
@@ -152,6 +154,9 @@ class CreateFromBoxWorkflow:
         clone = CloneInput(task_id, template, vmid, input.name, input.target, facts.storage)
         try:
             await self._clone_in_turn(clone, input)
+            if self._cancelled and workflow.patched(CANCEL_AFTER_SLOT_PATCH):
+                # Cancelled while the clone slot was being freed: that step finished, the cancellation holds.
+                raise asyncio.CancelledError()
         except (Exception, asyncio.CancelledError) as err:
             await self._compensate(self._vm)
             self._end(Step.DONE, 500, MSG_CLONE_FAILED)
@@ -180,6 +185,8 @@ class CreateFromBoxWorkflow:
                 start_to_close_timeout=timedelta(seconds=30),
                 schedule_to_close_timeout=self._admission_budget(timedelta(minutes=5)),
                 retry_policy=PVE_RETRY,
+                # The reservation it may be writing is released by the cleanup only once it is written.
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             )
             template, facts, vmid = admitted.template, admitted.facts, admitted.vmid
         else:
@@ -248,6 +255,7 @@ class CreateFromBoxWorkflow:
             start_to_close_timeout=timedelta(minutes=3),
             heartbeat_timeout=timedelta(seconds=30),
             retry_policy=PVE_RETRY,
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
         await workflow.execute_local_activity_method(
             DbActivities.commit_creation,
@@ -361,9 +369,12 @@ class CreateFromBoxWorkflow:
         started = await workflow.execute_activity_method(
             PveActivities.start_clone,
             req,
-            start_to_close_timeout=timedelta(seconds=60),
-            heartbeat_timeout=timedelta(seconds=10),
+            start_to_close_timeout=timedelta(seconds=90),
+            # Longer than two PVE calls at their timeout: the clone POST itself cannot heartbeat.
+            heartbeat_timeout=timedelta(seconds=45),
             retry_policy=PVE_RETRY,
+            # A cancelled run waits for this attempt to end, so that its cleanup sees the clone it started.
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
         if started.finished:
             return
@@ -461,7 +472,8 @@ class CreateFromBoxWorkflow:
         if isinstance(cause, ApplicationError) and cause.type in {f.value for f in Failure}:
             return ApplicationError(cause.message, type=cause.type, non_retryable=True)
         if is_cancelled_exception(err):
-            return ApplicationError(MSG_CLONE_FAILED, "cancelled before the clone", type=Failure.CLONE_FAILED.value)
+            # Cancelled before anything was made: the REST API gave the request up (and answered 503).
+            return ApplicationError(MSG_UNAVAILABLE, "cancelled during admission", type=Failure.UNAVAILABLE.value)
         # PVE or the database did not answer in time, or its retries ran out.
         return ApplicationError(MSG_UNAVAILABLE, _reason(err), type=Failure.UNAVAILABLE.value)
 

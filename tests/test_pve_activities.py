@@ -1,0 +1,63 @@
+"""PVE activities alone (ActivityEnvironment), for PVE behaviour the end-to-end tests cannot produce with the
+fake: on real PVE a VM being cloned has no description yet, only the clone lock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.pve import PveActivities
+from activities.pve_client import PveClient, PveUnavailable
+from payloads import VMID_TAKEN, CloneInput, TemplateRef, VmRef, vm_description
+from settings import Settings
+
+TASK = "clone-box-1-abc"
+
+
+@pytest.fixture
+def activities(settings: Settings) -> PveActivities:
+    return PveActivities(PveClient(settings), "NFS")
+
+
+def clone_in_progress(pve: Any, vmid: int = 100) -> Any:
+    vm = pve.add_vm(vmid, f"Copy-of-VM-{vmid}", node="pve1", config={"lock": "clone"})
+    vm.lock = "clone"
+    vm.config.pop("name", None)
+    return vm
+
+
+def test_cleanup_waits_for_a_clone_in_progress_instead_of_leaving_it(pve: Any, activities: PveActivities) -> None:
+    clone_in_progress(pve)
+    with pytest.raises(ApplicationError) as still:
+        ActivityEnvironment().run(activities.destroy_vm, VmRef(task_id=TASK, node="pve2", vmid=100))
+    assert still.value.type == "StillRunning"
+    assert pve.vm(100) is not None
+
+
+def test_a_retried_clone_does_not_take_a_clone_in_progress_for_a_stranger(pve: Any, activities: PveActivities) -> None:
+    clone_in_progress(pve)
+    with pytest.raises(PveUnavailable):  # retried until the clone ends and its owner shows
+        activities._adoptable(TASK, 100)
+    # Once it has ended: ours is adopted, a stranger's is a VMID taken.
+    vm = pve.vm(100)
+    vm.lock = None
+    vm.config.pop("lock")
+    vm.config["description"] = vm_description(TASK)
+    assert activities._adoptable(TASK, 100) is True
+    with pytest.raises(ApplicationError) as taken:  # a task whose id merely extends ours is someone else
+        activities._adoptable(TASK + "2", 100)
+    assert taken.value.type == VMID_TAKEN
+
+
+def test_a_container_under_the_vmid_is_a_vmid_taken(pve: Any, activities: PveActivities) -> None:
+    pve.add_ct(100, "ct", node="pve1")
+    req = CloneInput(TASK, TemplateRef("pve1", 9000), 100, "vm", "pve2", "NFS")
+    with pytest.raises(ApplicationError) as taken:
+        ActivityEnvironment().run(activities.start_clone, req)
+    assert taken.value.type == VMID_TAKEN
+    # And a cleanup never touches it.
+    ActivityEnvironment().run(activities.destroy_vm, VmRef(task_id=TASK, node="pve1", vmid=100))
+    assert pve.guest(100) is not None
