@@ -72,7 +72,13 @@ class Cluster:
 
     async def start(self) -> None:
         await self.temporal.start()
-        self.client = await Client.connect(self.temporal.address)
+        for _ in range(100):  # the port opens before the frontend is healthy
+            try:
+                self.client = await Client.connect(self.temporal.address)
+                break
+            except RuntimeError:
+                await asyncio.sleep(0.3)
+        assert self.client, "the Temporal dev server did not become healthy"
         self.workers = [self.new_worker(), self.new_worker()]
         await self.start_api()
 
