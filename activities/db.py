@@ -26,7 +26,8 @@ from payloads import (
 
 
 def refuse(failure: Failure, message: str) -> ApplicationError:
-    return ApplicationError(message, type=failure.value, non_retryable=True)
+    # BENIGN: a refused request is an answer, not a fault; it is not logged as a worker warning.
+    return ApplicationError(message, type=failure.value, non_retryable=True, category=ApplicationErrorCategory.BENIGN)
 
 
 class DbActivities:

@@ -30,17 +30,20 @@ def describe_validation_error(error: dict[str, Any]) -> str:
     kind = error.get("type", "")
     if kind == "json_invalid":
         return "Invalid request body: not valid JSON"
-    location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")]
+    where = {"query": "Invalid query parameter", "header": "Invalid header"}.get(
+        str((error.get("loc") or ("body",))[0]), "Invalid request body"
+    )
+    location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
     field = location[-1] if location else None
     if field is None:
-        return "Invalid request body: expected a JSON object"
+        return f"{where}: expected a JSON object"
     if kind == "missing":
-        return f"Invalid request body: '{field}' is required"
+        return f"{where}: '{field}' is required"
     if kind.startswith("int") or kind in ("greater_than", "less_than_equal", "greater_than_equal"):
-        return f"Invalid request body: '{field}' must be a positive integer"
+        return f"{where}: '{field}' must be a positive integer"
     if kind.startswith("string"):
-        return f"Invalid request body: '{field}' must be a non-empty string"
-    return f"Invalid request body: '{field}': {error.get('msg', 'invalid value')}"
+        return f"{where}: '{field}' must be a non-empty string"
+    return f"{where}: '{field}': {error.get('msg', 'invalid value')}"
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -41,6 +41,8 @@ def port_taken(port: int) -> bool:
         if sock.connect_ex((HOST, port)) == 0:
             return True
     with socket.socket() as sock:
+        # As the servers themselves bind: a port left in TIME_WAIT by the last run is free to use.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError:
@@ -221,6 +223,7 @@ def main() -> int:
 The stack is up (logs in {LOGS}):
   REST API docs     {api}/docs
   Temporal Web UI   http://localhost:{UI_PORT}
+  Admin CLI         PVE_PASSWORD=secret PVE_CA_FILE=var/fakepve-ca.pem .venv/bin/boxctl reconcile
   Try it:
     curl -s -X POST {api}/api/v1/vm/manage/createFromBoxTemplate \\
       -H 'Authorization: Bearer {DEMO_TOKEN}' -H 'Content-Type: application/json' \\

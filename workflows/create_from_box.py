@@ -17,7 +17,6 @@ from typing import TypeVar
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
-from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.admission import AdmissionActivities
@@ -185,8 +184,6 @@ class CreateFromBoxWorkflow:
                 start_to_close_timeout=timedelta(seconds=30),
                 schedule_to_close_timeout=self._admission_budget(timedelta(minutes=5)),
                 retry_policy=PVE_RETRY,
-                # The reservation it may be writing is released by the cleanup only once it is written.
-                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             )
             template, facts, vmid = admitted.template, admitted.facts, admitted.vmid
         else:
@@ -255,7 +252,6 @@ class CreateFromBoxWorkflow:
             start_to_close_timeout=timedelta(minutes=3),
             heartbeat_timeout=timedelta(seconds=30),
             retry_policy=PVE_RETRY,
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
         await workflow.execute_local_activity_method(
             DbActivities.commit_creation,
@@ -373,8 +369,6 @@ class CreateFromBoxWorkflow:
             # Longer than two PVE calls at their timeout: the clone POST itself cannot heartbeat.
             heartbeat_timeout=timedelta(seconds=45),
             retry_policy=PVE_RETRY,
-            # A cancelled run waits for this attempt to end, so that its cleanup sees the clone it started.
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
         if started.finished:
             return
