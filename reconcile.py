@@ -201,6 +201,16 @@ class Drift:
     warnings: list[str] = field(default_factory=list)
 
 
+def _ended(observed: Observed, drift: Drift, task_id: str, left: str) -> WorkflowState | None:
+    """The task's workflow state if it is known to have ended; None otherwise (with a warning if unknown)."""
+    state = observed.workflows.get(task_id)
+    if state is None or not state.known:
+        why = state.error if state is not None else "not asked"
+        drift.warnings.append(f"cannot tell whether task {task_id} is running ({why}): {left}")
+        return None
+    return None if state.running else state
+
+
 def find_drift(observed: Observed) -> Drift:
     """The drift between PVE, the database and Temporal in `observed`. Pure."""
     drift = Drift()
@@ -215,14 +225,8 @@ def find_drift(observed: Observed) -> Drift:
                     Finding(Kind.RETURNED_VM, vm.task_id, vm.vmid, vm.node, record.username, f"VM '{vm.name}'")
                 )
             continue
-        state = observed.workflows.get(vm.task_id)
-        if state is None or not state.known:
-            why = state.error if state is not None else "not asked"
-            drift.warnings.append(
-                f"cannot tell whether task {vm.task_id} is running ({why}): VM {vm.vmid} on {vm.node} left alone"
-            )
-            continue
-        if state.running:
+        state = _ended(observed, drift, vm.task_id, f"VM {vm.vmid} on {vm.node} left alone")
+        if state is None:
             continue
         if vm.template:
             drift.warnings.append(
@@ -233,14 +237,8 @@ def find_drift(observed: Observed) -> Drift:
         drift.findings.append(Finding(Kind.ORPHAN_VM, vm.task_id, vm.vmid, vm.node, reason=str(state)))
 
     for reservation in sorted(observed.held, key=lambda r: r.task_id):
-        state = observed.workflows.get(reservation.task_id)
-        if state is None or not state.known:
-            why = state.error if state is not None else "not asked"
-            drift.warnings.append(
-                f"cannot tell whether task {reservation.task_id} is running ({why}): its reservation left held"
-            )
-            continue
-        if state.running:
+        state = _ended(observed, drift, reservation.task_id, "its reservation left held")
+        if state is None:
             continue
         drift.findings.append(
             Finding(
