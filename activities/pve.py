@@ -3,8 +3,10 @@ than once (a retry, a worker crash, a reset from the Web UI) and the world must 
 
 from __future__ import annotations
 
+import contextvars
 import math
 import re
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +49,9 @@ POLL_GROWTH = 1.5
 POLL_MAX_INLINE = 1.0
 # Short tasks (config, resize, destroy) are awaited inside their activity, for this long at most.
 SHORT_TASK_WAIT = 60.0
+# While an activity's thread is blocked in a PVE call, a helper thread heartbeats this often, so that a worker
+# that dies is noticed within the workflow's short heartbeat timeout rather than after the call's timeout.
+HEARTBEAT_EVERY = 2.0
 # A template's boot disk key, cached per worker: templates do not change their disk layout in passing.
 TEMPLATE_DISK_TTL = 300.0
 
@@ -68,6 +73,27 @@ def task_failures_final() -> Iterator[None]:
             type=PVE_TASK_FAILED_TRANSIENT if is_transient_task_error(str(exc)) else PVE_TASK_FAILED,
             non_retryable=True,
         ) from exc
+
+
+@contextmanager
+def heartbeating(every: float = HEARTBEAT_EVERY) -> Iterator[None]:
+    """Heartbeat the current activity from a helper thread until the block ends (Temporal's heartbeat is
+    thread-safe for threaded activities; the activity's context is carried over explicitly)."""
+    context = contextvars.copy_context()
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every):
+            try:
+                context.run(activity.heartbeat)
+            except Exception:  # the activity has ended under us: nothing left to keep alive
+                return
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def refuse(failure: Failure, message: str) -> ApplicationError:
@@ -205,32 +231,33 @@ class PveActivities:
     @activity.defn
     def start_clone(self, req: CloneInput) -> CloneStarted:
         """Start a full clone of the template as VMID req.vmid, or adopt the one an earlier attempt started."""
-        if activity.info().attempt > 1 and self._adoptable(req.task_id, req.vmid):
-            return CloneStarted(upid=None)
-        params: dict[str, Any] = {
-            "newid": req.vmid,
-            "name": req.name,
-            "full": 1,
-            "storage": req.storage,
-            "description": vm_description(req.task_id),
-        }
-        if req.target != req.template.node:
-            params["target"] = req.target
-        try:
-            upid = str(self.pve.post(f"nodes/{req.template.node}/qemu/{req.template.vmid}/clone", **params))
-        except PveError as exc:
-            # An earlier attempt's request may have reached PVE although its answer did not reach us.
-            if "already exists" in exc.message and self._adoptable(req.task_id, req.vmid):
+        with heartbeating():
+            if activity.info().attempt > 1 and self._adoptable(req.task_id, req.vmid):
                 return CloneStarted(upid=None)
-            raise ApplicationError(
-                MSG_CLONE_FAILED,
-                f"PVE {exc.status}: {exc.message}",
-                type=Failure.CLONE_FAILED.value,
-                non_retryable=True,
-            ) from exc
-        with task_failures_final():
-            finished = self._wait(upid, CLONE_INLINE_WAIT, first_look=POLL_FIRST)
-        return CloneStarted(upid=upid, finished=finished)
+            params: dict[str, Any] = {
+                "newid": req.vmid,
+                "name": req.name,
+                "full": 1,
+                "storage": req.storage,
+                "description": vm_description(req.task_id),
+            }
+            if req.target != req.template.node:
+                params["target"] = req.target
+            try:
+                upid = str(self.pve.post(f"nodes/{req.template.node}/qemu/{req.template.vmid}/clone", **params))
+            except PveError as exc:
+                # An earlier attempt's request may have reached PVE although its answer did not reach us.
+                if "already exists" in exc.message and self._adoptable(req.task_id, req.vmid):
+                    return CloneStarted(upid=None)
+                raise ApplicationError(
+                    MSG_CLONE_FAILED,
+                    f"PVE {exc.status}: {exc.message}",
+                    type=Failure.CLONE_FAILED.value,
+                    non_retryable=True,
+                ) from exc
+            with task_failures_final():
+                finished = self._wait(upid, CLONE_INLINE_WAIT, first_look=POLL_FIRST)
+            return CloneStarted(upid=upid, finished=finished)
 
     def _adoptable(self, task_id: str, vmid: int) -> bool:
         """True if VM vmid exists and this task made it; a guest of someone else's under our VMID is final."""
@@ -275,7 +302,7 @@ class PveActivities:
     @activity.defn
     def configure_vm(self, req: ConfigureInput) -> None:
         """Set cores and memory, tag the VM, and grow the boot disk; each write is absolute, so a retry is safe."""
-        with final_errors_as(Failure.CONFIGURE_FAILED):
+        with heartbeating(), final_errors_as(Failure.CONFIGURE_FAILED):
             # PUT is PVE's synchronous form: it answers once the change is written, with no task to watch
             # (POST .../config would answer a UPID to await). A stopped VM takes cores and memory at once.
             upid = self.pve.put(
@@ -299,21 +326,22 @@ class PveActivities:
     @activity.defn
     def destroy_vm(self, ref: VmRef) -> None:
         """Remove the VM this task created, with its disks; nothing if it is gone or is not this task's."""
-        found = self._find_vm(ref.vmid)
-        if found is None or found.get("type") != "qemu":
-            return
-        node = found["node"]
-        if found.get("lock") == "clone":
-            # Before its owner can even be told (real PVE writes the description when the copy is done).
-            raise still_running(f"VM {ref.vmid} is still being cloned; it can be removed once the clone ends")
-        if not self._owned_by(ref.task_id, node, ref.vmid):
-            activity.logger.warning("VM %s is not task %s's; leaving it alone", ref.vmid, ref.task_id)
-            return
-        if found.get("status") == "running":
-            self._wait_or_retry(str(self.pve.post(f"nodes/{node}/qemu/{ref.vmid}/status/stop")))
-        upid = self.pve.delete(f"nodes/{node}/qemu/{ref.vmid}", purge=1, **{"destroy-unreferenced-disks": 1})
-        if upid:
-            self._wait_or_retry(str(upid))
+        with heartbeating():
+            found = self._find_vm(ref.vmid)
+            if found is None or found.get("type") != "qemu":
+                return
+            node = found["node"]
+            if found.get("lock") == "clone":
+                # Before its owner can even be told (real PVE writes the description when the copy is done).
+                raise still_running(f"VM {ref.vmid} is still being cloned; it can be removed once the clone ends")
+            if not self._owned_by(ref.task_id, node, ref.vmid):
+                activity.logger.warning("VM %s is not task %s's; leaving it alone", ref.vmid, ref.task_id)
+                return
+            if found.get("status") == "running":
+                self._wait_or_retry(str(self.pve.post(f"nodes/{node}/qemu/{ref.vmid}/status/stop")))
+            upid = self.pve.delete(f"nodes/{node}/qemu/{ref.vmid}", purge=1, **{"destroy-unreferenced-disks": 1})
+            if upid:
+                self._wait_or_retry(str(upid))
 
     # ---------------------------------------------------------------------------- helpers
 

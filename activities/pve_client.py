@@ -88,26 +88,33 @@ class PveClient:
     def call(self, method: str, path: str, **params: Any) -> Any:
         """One API call; returns PVE's `data`. Raises PveError (final) or PveUnavailable (retry)."""
         api = self._current()
-        for attempt in (1, 2):
-            resource = api(path)
+        logged_in_again = asked_again = False
+        while True:
             try:
-                return getattr(resource, method)(**params)
+                return getattr(api(path), method)(**params)
             except ResourceException as exc:
-                if exc.status_code == 401 and attempt == 1:
+                if exc.status_code == 401 and not logged_in_again:
                     # The ticket expired or was revoked: log in again, once.
+                    logged_in_again = True
                     api = self._current(stale=api)
                     continue
                 raise classify(exc) from exc
             except AuthenticationError as exc:
                 # proxmoxer renews the ticket with the ticket itself after an hour; if PVE refuses that (the
                 # ticket outlived its two hours while the worker was idle), log in with the password again.
-                if attempt == 1:
+                if not logged_in_again:
+                    logged_in_again = True
                     api = self._current(stale=api)
                     continue
                 raise PveUnavailable(f"PVE login: {exc}") from exc
             except requests.RequestException as exc:
+                # A read lost on the way (connection dropped, no answer in time) is asked again at once, once:
+                # it changes nothing, and a flaky network seldom loses the same request twice. A lost write is
+                # left to the activity's retry, which first looks at what the lost request did.
+                if method == "get" and not asked_again:
+                    asked_again = True
+                    continue
                 raise PveUnavailable(f"{method.upper()} {path}: {exc}") from exc
-        raise AssertionError("unreachable")
 
     def get(self, path: str, **params: Any) -> Any:
         return self.call("get", path, **params)

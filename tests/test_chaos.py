@@ -10,6 +10,7 @@ import json
 import random
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,14 @@ class Ledger:
     refused: Counter[int] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    phase_started: float = field(default_factory=time.monotonic)
+
+    def phase_done(self, name: str) -> None:
+        now = time.monotonic()
+        self.phase_seconds[name] = round(now - self.phase_started, 1)
+        self.phase_started = now
+
     succeeded: dict[str, int] = field(default_factory=dict)  # task_id -> vmid
     ended: set[str] = field(default_factory=set)
 
@@ -225,7 +234,7 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
     assert pve.vm(TEMPLATE_VMID)
 
     # 1. A flaky network, and a worker SIGKILLed during the clones.
-    pve.flaky_network(drop_rate=0.08, seed=1)
+    pve.flaky_network(drop_rate=0.08)  # at random: fakepve seeds its dice only at start
     ledger.faults["flaky network (8% of requests dropped)"] += 1
     await create(cluster, ledger, 6)
     await asyncio.sleep(0.5)
@@ -234,6 +243,7 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
     await settle(cluster, ledger)
     pve.flaky_network()
     check_invariants(pve, engine, ledger)
+    ledger.phase_done("1 flaky network, worker kill")
 
     # 2. Lock timeouts and 5xx on clone and configuration, and the other worker killed.
     pve.fail("POST", "/clone", 500, "can't lock file '/var/lock/pve-manager/pve-storage-ceph' - got timeout", times=3)
@@ -247,6 +257,7 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
     await settle(cluster, ledger)
     pve.failures.clear()
     check_invariants(pve, engine, ledger)
+    ledger.phase_done("2 lock timeouts, 5xx, worker kill")
 
     # 3. The target node offline and the cluster without quorum, for a few seconds each.
     await create(cluster, ledger, 6)
@@ -261,6 +272,7 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
     ledger.faults["ticket expired"] += 1
     await settle(cluster, ledger)
     check_invariants(pve, engine, ledger)
+    ledger.phase_done("3 node offline, quorum lost, ticket expired")
 
     # 4. The Temporal server restarted (file-backed) and the API process restarted, with runs in flight.
     await create(cluster, ledger, 6)
@@ -276,6 +288,7 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
     await create(cluster, ledger, 3)
     await settle(cluster, ledger)
     check_invariants(pve, engine, ledger)
+    ledger.phase_done("4 Temporal and API restarts")
 
     # 5. Permanent faults: the clone refused, then the configuration refused; and cancellations mid-clone.
     pve.fail("POST", "/clone", error="permission_denied")
@@ -295,6 +308,7 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
         ledger.faults["operator cancel"] += 1
     await settle(cluster, ledger)
     check_invariants(pve, engine, ledger)
+    ledger.phase_done("5 permanent faults, cancels")
 
     # The safety net agrees: nothing to repair.
     report = await reconcile(settings, fix=False)
@@ -307,6 +321,7 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
         "outcomes": dict(ledger.outcomes),
         "faults": dict(ledger.faults),
         "vms_on_pve": len(created_vms(pve)),
+        "phase_seconds": ledger.phase_seconds,
     }
     path = Path(str(SUMMARY).format(engine.dialect.name))
     path.parent.mkdir(exist_ok=True)

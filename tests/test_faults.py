@@ -89,11 +89,12 @@ async def test_transient_fault_is_retried_and_the_run_succeeds(
 async def test_dropped_and_hung_requests_are_retried(
     api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine, kind: str
 ) -> None:
-    # Every fourth request or so fails; the seed keeps the run repeatable.
+    # Every fourth request or so fails, at random: fakepve seeds its dice only when it starts, so each run
+    # meets a different pattern, and the run must succeed whatever the pattern.
     if kind == "drop":
-        pve.flaky_network(drop_rate=0.25, seed=7)
+        pve.flaky_network(drop_rate=0.25)
     else:
-        pve.flaky_network(hang_rate=0.25, hang_secs=4, seed=7)
+        pve.flaky_network(hang_rate=0.25, hang_secs=4)
     result = await create_and_finish(api, temporal)
     pve.flaky_network()
     assert result.vmid == 100

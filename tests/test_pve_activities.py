@@ -3,6 +3,7 @@ fake: on real PVE a VM being cloned has no description yet, only the clone lock.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -61,3 +62,24 @@ def test_a_container_under_the_vmid_is_a_vmid_taken(pve: Any, activities: PveAct
     # And a cleanup never touches it.
     ActivityEnvironment().run(activities.destroy_vm, VmRef(task_id=TASK, node="pve1", vmid=100))
     assert pve.guest(100) is not None
+
+
+def test_a_lost_read_is_asked_again_once_and_a_lost_write_is_not(pve: Any, settings: Settings) -> None:
+    settings.pve_timeout_seconds = 1
+    client = PveClient(settings)
+    client.get("version")  # logged in before the network goes bad
+    pve.flaky_network(hang_rate=1.0, hang_secs=2)  # every request: no answer within the client's timeout
+    started = time.monotonic()
+    with pytest.raises(PveUnavailable):
+        client.get("cluster/resources")
+    read_took = time.monotonic() - started
+    started = time.monotonic()
+    with pytest.raises(PveUnavailable):
+        client.post("nodes/pve1/qemu/9000/clone", newid=100)
+    write_took = time.monotonic() - started
+    pve.flaky_network()
+    time.sleep(2.5)  # the hung requests reach the fake's handlers after their hang; a read has no body to lose
+    reads = [r for r in pve.requests if r[0] == "GET" and r[1].endswith("/cluster/resources")]
+    assert len(reads) == 2
+    assert read_took >= 2 * settings.pve_timeout_seconds
+    assert write_took < 2 * settings.pve_timeout_seconds

@@ -61,14 +61,19 @@ SEARCH_ATTRIBUTES = (OWNER, STEP)
 
 FINAL_FAILURES = [f.value for f in Failure] + [PVE_TASK_FAILED, PVE_TASK_FAILED_TRANSIENT, VMID_TAKEN]
 
-# PVE calls: a few quick retries for dropped connections, lock timeouts and 5xx, then give up.
+# PVE calls: dropped connections, lock timeouts and 5xx are retried with backoff for a while (PVE_BUDGET),
+# then the step fails. A budget of time, not of attempts: a step of several requests on a network that
+# drops one in four fails most attempts, yet succeeds within a minute.
 PVE_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=20),
-    maximum_attempts=6,
     non_retryable_error_types=FINAL_FAILURES,
 )
+PVE_BUDGET = timedelta(minutes=5)
+# Activities that change PVE heartbeat every 2 s even while blocked in a PVE call: a worker killed in the
+# middle of one is noticed this soon, and the step goes on elsewhere.
+PVE_HEARTBEAT = timedelta(seconds=10)
 # Waiting for a long PVE task: each attempt is one look, a retry the next. Nothing is held between looks,
 # and they grow apart with the task's age, to one every 20 s.
 POLL_RETRY = RetryPolicy(
@@ -182,7 +187,7 @@ class CreateFromBoxWorkflow:
                 AdmissionActivities.admit,
                 AdmitInput(task_id=task_id, request=input),
                 start_to_close_timeout=timedelta(seconds=30),
-                schedule_to_close_timeout=self._admission_budget(timedelta(minutes=5)),
+                schedule_to_close_timeout=self._admission_budget(PVE_BUDGET),
                 retry_policy=PVE_RETRY,
             )
             template, facts, vmid = admitted.template, admitted.facts, admitted.vmid
@@ -206,7 +211,7 @@ class CreateFromBoxWorkflow:
             PveActivities.inspect_template,
             InspectInput(template=template, target=input.target, storage=input.storage, disk_gb=input.disk_gb),
             start_to_close_timeout=timedelta(seconds=60),
-            schedule_to_close_timeout=self._admission_budget(timedelta(minutes=5)),
+            schedule_to_close_timeout=self._admission_budget(PVE_BUDGET),
             retry_policy=PVE_RETRY,
         )
         template = TemplateRef(node=facts.node or template.node, vmid=template.vmid)
@@ -250,7 +255,8 @@ class CreateFromBoxWorkflow:
                 template_disk_gb=facts.disk_gb,
             ),
             start_to_close_timeout=timedelta(minutes=3),
-            heartbeat_timeout=timedelta(seconds=30),
+            heartbeat_timeout=PVE_HEARTBEAT,
+            schedule_to_close_timeout=PVE_BUDGET,
             retry_policy=PVE_RETRY,
         )
         await workflow.execute_local_activity_method(
@@ -366,8 +372,8 @@ class CreateFromBoxWorkflow:
             PveActivities.start_clone,
             req,
             start_to_close_timeout=timedelta(seconds=90),
-            # Longer than two PVE calls at their timeout: the clone POST itself cannot heartbeat.
-            heartbeat_timeout=timedelta(seconds=45),
+            heartbeat_timeout=PVE_HEARTBEAT,
+            schedule_to_close_timeout=PVE_BUDGET,
             retry_policy=PVE_RETRY,
         )
         if started.finished:
@@ -394,6 +400,7 @@ class CreateFromBoxWorkflow:
             PveActivities.inspect_template,
             InspectInput(template=req.template, target=req.target, storage=req.storage, disk_gb=input.disk_gb),
             start_to_close_timeout=timedelta(seconds=60),
+            schedule_to_close_timeout=PVE_BUDGET,
             retry_policy=PVE_RETRY,
         )
         vmid = await workflow.execute_local_activity_method(
@@ -417,7 +424,7 @@ class CreateFromBoxWorkflow:
                 PveActivities.destroy_vm,
                 vm,
                 start_to_close_timeout=timedelta(minutes=3),
-                heartbeat_timeout=timedelta(seconds=30),
+                heartbeat_timeout=PVE_HEARTBEAT,
                 retry_policy=CLEANUP_RETRY,
             )
         )
