@@ -44,7 +44,8 @@ GIB_PER_UNIT = {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0, "": 1 / 
 # clones of small templates end by then); after that, each retry of await_task is one look, and the retry
 # policy spaces the looks out, so that a long clone holds no worker slot while it runs.
 CLONE_INLINE_WAIT = 3.0
-POLL_FIRST = 0.25  # the first look, 0.25 s after the task started, as a script polling every 0.25 s would
+EARLY_LOOK = 0.05  # a first look at once: most short tasks have ended by then
+POLL_FIRST = 0.25  # the next look, 0.25 s after the task started, as a script polling every 0.25 s would
 POLL_GROWTH = 1.5
 POLL_MAX_INLINE = 1.0
 # Short tasks (config, resize, destroy) are awaited inside their activity, for this long at most.
@@ -256,7 +257,7 @@ class PveActivities:
                     non_retryable=True,
                 ) from exc
             with task_failures_final():
-                finished = self._wait(upid, CLONE_INLINE_WAIT, first_look=POLL_FIRST)
+                finished = self._wait(upid, CLONE_INLINE_WAIT)
             return CloneStarted(upid=upid, finished=finished)
 
     def _adoptable(self, task_id: str, vmid: int) -> bool:
@@ -369,20 +370,23 @@ class PveActivities:
         config = self.pve.get(f"nodes/{node}/qemu/{vmid}/config")
         return vm_description(task_id) in (line.strip() for line in str(config.get("description", "")).splitlines())
 
-    def _wait(self, upid: str, limit: float, first_look: float) -> bool:
-        """Poll the task until it ends (True) or `limit` seconds pass (False); raise if it failed. The looks
-        grow apart as the task ages (a few for a task of seconds), like a person watching it would."""
-        deadline = time.monotonic() + limit
-        interval = first_look
-        while True:
-            if interval:
-                if time.monotonic() + interval > deadline:
-                    return False
-                time.sleep(interval)
+    def _wait(self, upid: str, limit: float) -> bool:
+        """Poll the task until it ends (True) or `limit` seconds pass (False); raise if it failed. One look
+        right after the start catches tasks that end at once (a resize, a clone of a small template); then
+        the looks grow apart as the task ages (a few for a task of seconds), like a person watching it would."""
+        started = time.monotonic()
+        look_at, interval = EARLY_LOOK, POLL_FIRST
+        while look_at <= limit:
+            time.sleep(max(0.0, started + look_at - time.monotonic()))
             if self._task_done(upid):
                 return True
             activity.heartbeat()
-            interval = min(max(interval, POLL_FIRST) * POLL_GROWTH, POLL_MAX_INLINE)
+            if look_at < POLL_FIRST:
+                look_at = POLL_FIRST
+            else:
+                interval = min(interval * POLL_GROWTH, POLL_MAX_INLINE)
+                look_at += interval
+        return False
 
     def _task_done(self, upid: str) -> bool:
         """One look at a PVE task: False while it runs, True if it ended well; PveTaskFailed if it did not."""
@@ -396,7 +400,7 @@ class PveActivities:
 
     def _wait_or_retry(self, upid: str) -> None:
         try:
-            finished = self._wait(upid, SHORT_TASK_WAIT, first_look=0.1)
+            finished = self._wait(upid, SHORT_TASK_WAIT)
         except PveTaskFailed as exc:
             if is_transient_task_error(str(exc)):
                 # Another task held the VM's lock: a retry of the whole (idempotent) step may well succeed.
