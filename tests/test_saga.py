@@ -3,6 +3,7 @@ quota back; a cancelled run is cleaned up; a request nobody admits in time answe
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -157,6 +158,30 @@ async def test_cancelled_during_the_clone_is_cleaned_up(
     seen = await state(api, task_id)
     # The clone never completed, so the run reports the clone as failed (and cleaned up).
     assert (seen["status"], seen["result_code"], seen["result_message"]) == ("cancelled", 500, MSG_CLONE_FAILED)
+
+
+@pytest.mark.usefixtures("worker")
+@pytest.mark.fakepve(time_scale=1)
+async def test_cancelled_while_the_clone_request_is_on_its_way_leaves_nothing(
+    api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine
+) -> None:
+    # PVE takes 2 s to answer anything about pve1, where the template is: the clone request is in flight
+    # when the operator cancels, and PVE makes the clone after the run has been told to stop.
+    task_id = (await api.post(CREATE, json=body(), headers=auth())).json()["data"]["task_id"]
+    pve.slow_network(2.0, node="pve1")
+
+    async def step() -> str:
+        return str((await state(api, task_id))["step"])
+
+    await until_async(step, "clone")
+    await asyncio.sleep(0.5)
+    await temporal.get_workflow_handle(task_id).cancel()
+
+    handle = temporal.get_workflow_handle(task_id)
+    await until_async(lambda: described_status(handle), WorkflowExecutionStatus.CANCELED, timeout=30)
+    await asyncio.sleep(3)  # long after the clone request has reached PVE
+    assert_cleaned_up(pve, engine)
+    assert [r for r in pve.requests if r[0] == "POST" and r[1].endswith("/clone")]  # the clone was asked for
 
 
 @pytest.mark.fakepve(time_scale=1)

@@ -2,11 +2,12 @@
 of recorded histories: a change to the workflow must keep the runs already in flight replayable.
 
 Histories are named <version>-<scenario>.json; keep the old ones. After a change to the workflow, record the
-new version's beside them with:  RECORD_HISTORIES=v5 make test
+new version's beside them with:  RECORD_HISTORIES=v6 make test
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from pathlib import Path
@@ -68,6 +69,10 @@ async def run_scenario(api: httpx.AsyncClient, temporal: Client, pve: Any, scena
         pve.fail("PUT", "/nodes/pve2/qemu/100/config", 500, "unable to apply the new configuration")
     response = await api.post("/api/v1/vm/manage/createFromBoxTemplate", json=body(), headers=auth())
     task_id = response.json()["data"]["task_id"]
+    if scenario == "cancel_during_clone_request":
+        pve.slow_network(2.0, node="pve1")  # the clone request (to the template's node) takes 2 s
+        await asyncio.sleep(0.8)
+        await temporal.get_workflow_handle(task_id).cancel()
     try:
         await result_of(temporal, task_id)
     except Exception as err:
@@ -76,7 +81,15 @@ async def run_scenario(api: httpx.AsyncClient, temporal: Client, pve: Any, scena
 
 
 @pytest.mark.usefixtures("worker")
-@pytest.mark.parametrize("scenario", ["success", "clone_failure", "compensation"])
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "success",
+        "clone_failure",
+        "compensation",
+        pytest.param("cancel_during_clone_request", marks=pytest.mark.fakepve(time_scale=1)),
+    ],
+)
 async def test_fresh_history_replays(api: httpx.AsyncClient, temporal: Client, pve: Any, scenario: str) -> None:
     history = await run_scenario(api, temporal, pve, scenario)
     await Replayer(workflows=[CreateFromBoxWorkflow]).replay_workflow(history)
@@ -97,6 +110,8 @@ async def test_recorded_history_replays(path: Path) -> None:
     last = events[-1]
     if scenario == "success":
         assert last.HasField("workflow_execution_completed_event_attributes")
+    elif scenario == "cancel_during_clone_request":
+        assert last.HasField("workflow_execution_canceled_event_attributes")
     else:
         message = last.workflow_execution_failed_event_attributes.failure.message
         assert message == {"clone_failure": MSG_CLONE_FAILED, "compensation": MSG_CONFIGURE_FAILED}[scenario]

@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         AdmitInput,
         CloneInput,
         CloneSlotRequest,
+        CloneStarted,
         ConfigureInput,
         CreateFromBoxInput,
         CreateFromBoxResult,
@@ -105,6 +106,7 @@ CLONE_SLOTS_PATCH = "clone-slots"
 LOCAL_ADMISSION_PATCH = "admission-in-one-local-activity"
 SLOT_HANDOFF_PATCH = "clone-slot-hand-over"
 CANCEL_AFTER_SLOT_PATCH = "cancel-kept-across-slot-release"
+CLONE_REQUEST_KEPT_PATCH = "clone-request-answered-before-cancel"
 SLOT_RECHECK = timedelta(minutes=5)  # a waiting run looks at the queue this often even if nobody tells it
 CLONE_STARTS = 3  # a clone that failed on a lock another task held is started again, this often
 
@@ -368,14 +370,7 @@ class CreateFromBoxWorkflow:
                 raise
 
     async def _clone_once(self, req: CloneInput) -> None:
-        started = await workflow.execute_activity_method(
-            PveActivities.start_clone,
-            req,
-            start_to_close_timeout=timedelta(seconds=90),
-            heartbeat_timeout=PVE_HEARTBEAT,
-            schedule_to_close_timeout=PVE_BUDGET,
-            retry_policy=PVE_RETRY,
-        )
+        started = await self._start_clone(req)
         if started.finished:
             return
         if started.upid is not None:
@@ -394,6 +389,30 @@ class CreateFromBoxWorkflow:
                 schedule_to_close_timeout=CLONE_TIMEOUT,
                 retry_policy=POLL_RETRY,
             )
+
+    async def _start_clone(self, req: CloneInput) -> CloneStarted:
+        """Ask PVE for the clone. A cancellation that arrives meanwhile waits until the request is answered:
+        PVE may make the VM even so, and a cleanup that looked before PVE had made it would leave it behind."""
+        request = asyncio.ensure_future(
+            workflow.execute_activity_method(
+                PveActivities.start_clone,
+                req,
+                start_to_close_timeout=timedelta(seconds=90),
+                heartbeat_timeout=PVE_HEARTBEAT,
+                schedule_to_close_timeout=PVE_BUDGET,
+                retry_policy=PVE_RETRY,
+            )
+        )
+        try:
+            return await asyncio.shield(request)
+        except asyncio.CancelledError:
+            if not workflow.patched(CLONE_REQUEST_KEPT_PATCH):
+                request.cancel()  # as runs started before this change did
+                raise
+        self._cancelled = True
+        with contextlib.suppress(Exception):  # whatever PVE answered, the run is cancelled and cleans up
+            await self._uncancellable(request)
+        raise asyncio.CancelledError()
 
     async def _reassign_vmid(self, req: CloneInput, input: CreateFromBoxInput) -> int:
         facts = await workflow.execute_activity_method(
