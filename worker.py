@@ -7,6 +7,7 @@ import logging
 import signal
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 from sqlalchemy import Engine
 from temporalio.api.enums.v1 import IndexedValueType
@@ -96,6 +97,9 @@ def build_worker(
         ),
         max_concurrent_activities=ACTIVITY_THREADS,
         max_concurrent_local_activities=ACTIVITY_THREADS,
+        # The SDK sends at most one heartbeat per 0.8 x the heartbeat timeout (8 s of the workflow's 10 s),
+        # which leaves a busy worker 2 s of slack. Each heartbeat of activities/pve.py (every 2 s) goes out.
+        max_heartbeat_throttle_interval=timedelta(seconds=2),
     )
 
 

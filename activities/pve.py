@@ -87,8 +87,8 @@ def heartbeating(every: float = HEARTBEAT_EVERY) -> Iterator[None]:
         while not done.wait(every):
             try:
                 context.run(activity.heartbeat)
-            except Exception:  # the activity has ended under us: nothing left to keep alive
-                return
+            except Exception as exc:  # the worker's event loop was slow to take it: the next one may pass
+                activity.logger.debug("heartbeat not sent: %r", exc)
 
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
     try:
@@ -382,10 +382,12 @@ class PveActivities:
                 return True
             activity.heartbeat()
             if look_at < POLL_FIRST:
-                look_at = POLL_FIRST
+                scheduled = POLL_FIRST
             else:
                 interval = min(interval * POLL_GROWTH, POLL_MAX_INLINE)
-                look_at += interval
+                scheduled = look_at + interval
+            # After a slow answer, the next look still waits its turn instead of following at once.
+            look_at = max(scheduled, time.monotonic() - started + EARLY_LOOK)
         return False
 
     def _task_done(self, upid: str) -> bool:

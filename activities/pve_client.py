@@ -108,10 +108,12 @@ class PveClient:
                     continue
                 raise PveUnavailable(f"PVE login: {exc}") from exc
             except requests.RequestException as exc:
-                # A read lost on the way (connection dropped, no answer in time) is asked again at once, once:
-                # it changes nothing, and a flaky network seldom loses the same request twice. A lost write is
-                # left to the activity's retry, which first looks at what the lost request did.
-                if method == "get" and not asked_again:
+                # A read whose connection dropped is asked again at once, once: it changes nothing, and a flaky
+                # network seldom drops the same request twice. One that got no answer in time is not (PVE is
+                # slow, not gone: asking again at once doubles the wait), nor is a lost write: the activity's
+                # retry first looks at what the lost request did.
+                timed_out = isinstance(exc, requests.Timeout) and not isinstance(exc, requests.ConnectTimeout)
+                if method == "get" and not asked_again and not timed_out:
                     asked_again = True
                     continue
                 raise PveUnavailable(f"{method.upper()} {path}: {exc}") from exc

@@ -64,11 +64,12 @@ FINAL_FAILURES = [f.value for f in Failure] + [PVE_TASK_FAILED, PVE_TASK_FAILED_
 
 # PVE calls: dropped connections, lock timeouts and 5xx are retried with backoff for a while (PVE_BUDGET),
 # then the step fails. A budget of time, not of attempts: a step of several requests on a network that
-# drops one in four fails most attempts, yet succeeds within a minute.
+# drops one in four fails most attempts, yet succeeds within a minute. At most 10 s between attempts: a
+# PVE lock or a node that comes back is used soon after.
 PVE_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
-    maximum_interval=timedelta(seconds=20),
+    maximum_interval=timedelta(seconds=10),
     non_retryable_error_types=FINAL_FAILURES,
 )
 PVE_BUDGET = timedelta(minutes=5)
@@ -391,8 +392,9 @@ class CreateFromBoxWorkflow:
             )
 
     async def _start_clone(self, req: CloneInput) -> CloneStarted:
-        """Ask PVE for the clone. A cancellation that arrives meanwhile waits until the request is answered:
-        PVE may make the VM even so, and a cleanup that looked before PVE had made it would leave it behind."""
+        """Ask PVE for the clone. A cancellation that arrives meanwhile waits until the activity has ended: a
+        request on its way may still make the VM, and a cleanup that looked before PVE had made it would leave
+        it behind. (If PVE keeps failing, that includes the activity's retries, up to PVE_BUDGET.)"""
         request = asyncio.ensure_future(
             workflow.execute_activity_method(
                 PveActivities.start_clone,
