@@ -371,7 +371,8 @@ class PveActivities:
         return vm_description(task_id) in (line.strip() for line in str(config.get("description", "")).splitlines())
 
     def _wait(self, upid: str, limit: float) -> bool:
-        """Poll the task until it ends (True) or `limit` seconds pass (False); raise if it failed. One look
+        """Poll the task until it ends (True) or `limit` seconds pass (False); raise if it failed. Callers
+        run inside heartbeating(), which keeps the activity alive meanwhile. One look
         right after the start catches tasks that end at once (a resize, a clone of a small template); then
         the looks grow apart as the task ages (a few for a task of seconds), like a person watching it would."""
         started = time.monotonic()
@@ -380,7 +381,6 @@ class PveActivities:
             time.sleep(max(0.0, started + look_at - time.monotonic()))
             if self._task_done(upid):
                 return True
-            activity.heartbeat()
             if look_at < POLL_FIRST:
                 scheduled = POLL_FIRST
             else:
