@@ -502,7 +502,11 @@ async def release_reservation(finding: Finding, temporal: Client, engine: Engine
 def _set_deleted(engine: Engine, task_id: str, deleted: bool) -> bool:
     with session(engine) as db, db.begin():
         vm = db.get(Vm, task_id)
-        if vm is None or (vm.deleted_at is not None) == deleted:
+        if vm is None:
+            return False
+        quota.lock_user(db, vm.username)
+        db.refresh(vm)
+        if (vm.deleted_at is not None) == deleted:
             return False
         vm.deleted_at = utcnow() if deleted else None
         return True

@@ -75,6 +75,14 @@ def _lock_vmids(db) -> None:  # type: ignore[no-untyped-def]
         db.exec(text(f"SELECT pg_advisory_xact_lock({VMID_LOCK_KEY})"))
 
 
+def lock_user(db, username: str) -> User | None:  # type: ignore[no-untyped-def]
+    """Every transaction that changes what counts against a user's plan takes this lock first, so the admission
+    check (which holds it) never reads a change half made: PostgreSQL's READ COMMITTED gives each statement its
+    own snapshot, and a commit landing between the reads of VMs and of held reservations would count that
+    creation in neither. On SQLite, BEGIN IMMEDIATE serialises these transactions already."""
+    return db.exec(select(User).where(User.username == username).with_for_update()).first()
+
+
 def pick_vmid(db, free_vmids: list[int], free_ranges: list[list[int]]) -> int:  # type: ignore[no-untyped-def]
     """The lowest VMID that PVE showed free and that the service has not given out: neither held by a live
     creation (not on PVE yet) nor one of its VMs (PVE's answer may be a moment old)."""
@@ -96,8 +104,7 @@ def reserve(engine: Engine, req: ReserveInput) -> int:
     """Check the plan and hold the quota and a VMID for req.task_id; returns the VMID."""
     with session(engine) as db, db.begin():
         _lock_vmids(db)
-        # The user row serialises one user's reservations on PostgreSQL; on SQLite, BEGIN IMMEDIATE does.
-        user = db.exec(select(User).where(User.username == req.username).with_for_update()).first()
+        user = lock_user(db, req.username)
         existing = db.get(Reservation, req.task_id)
         if existing is not None and existing.state != RELEASED and existing.vmid is not None:
             return existing.vmid  # a retry of a reservation made (or committed) already
@@ -152,6 +159,7 @@ def reassign_vmid(engine: Engine, task_id: str, free_vmids: list[int], free_rang
 def commit(engine: Engine, done: FinishInput) -> None:
     """Record the created VM and turn its reservation into usage, once."""
     with session(engine) as db, db.begin():
+        lock_user(db, done.username)
         if db.get(Vm, done.task_id) is None:
             db.add(
                 Vm(
@@ -176,6 +184,10 @@ def release(engine: Engine, task_id: str) -> bool:
     with session(engine) as db, db.begin():
         reservation = db.get(Reservation, task_id)
         if reservation is None or reservation.state != HELD:
+            return False
+        lock_user(db, reservation.username)
+        db.refresh(reservation)  # as it is now that nothing else can change it
+        if reservation.state != HELD:
             return False
         reservation.state = RELEASED
         reservation.updated_at = utcnow()

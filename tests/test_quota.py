@@ -3,15 +3,16 @@ serialise them, on SQLite and PostgreSQL. Exactly what fits is admitted; release
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 
 from db import quota
 from db.models import COMMITTED, HELD, RELEASED
-from payloads import FinishInput, ReserveInput
+from payloads import Failure, FinishInput, ReserveInput
 from tests.conftest import reservations
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
@@ -87,3 +88,29 @@ def test_creations_of_different_users_never_pick_the_same_vmid(engine: Engine) -
     with ThreadPoolExecutor(10) as pool:
         vmids = list(pool.map(reserve_for, range(10)))
     assert sorted(vmids) == list(range(100, 110))  # at the first try each, no collision to retry
+
+
+def test_a_commit_during_the_usage_check_is_counted(engine: Engine) -> None:
+    """A commit moves a creation from held to a VM record. The admission check reads both: it must see the move
+    entirely or not at all, or it counts that creation nowhere and admits one VM too many. The commit here
+    lands exactly between the admission's two reads, when nothing orders them."""
+    for i in range(5):  # plan "small": at most 5 VMs in total, all held now
+        assert attempt(engine, i) == 1000 + i
+    first = FinishInput(
+        task_id="t0", username="alice", vmid=1000, node="pve2", name="x", cpu_cores=1, memory_mb=1024, disk_gb=10
+    )
+    committing = threading.Thread(target=quota.commit, args=(engine, first))
+
+    def commit_now(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "sum(reservation.cores)" in statement and committing.ident is None:
+            committing.start()
+            committing.join(timeout=2)  # done at once unless the admission's locks keep it waiting
+
+    event.listen(engine, "before_cursor_execute", commit_now)
+    try:
+        assert attempt(engine, 5) == Failure.TOTAL_LIMIT
+    finally:
+        event.remove(engine, "before_cursor_execute", commit_now)
+        committing.join()
+    assert quota.usage_of_user(engine, "alice").vms == 5
+    assert sorted(r.state for r in reservations(engine)) == [COMMITTED] + [HELD] * 4
