@@ -5,7 +5,7 @@ Every function here is idempotent for its task id, because Temporal may run an a
 
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, func, text
+from sqlalchemy import CompoundSelect, Engine, func, text, union
 from sqlmodel import col, select
 
 from db.engine import session
@@ -86,8 +86,12 @@ def lock_user(db, username: str) -> User | None:  # type: ignore[no-untyped-def]
 def pick_vmid(db, free_vmids: list[int], free_ranges: list[list[int]]) -> int:  # type: ignore[no-untyped-def]
     """The lowest VMID that PVE showed free and that the service has not given out: neither held by a live
     creation (not on PVE yet) nor one of its VMs (PVE's answer may be a moment old)."""
-    ours = set(db.exec(select(Reservation.vmid).where(Reservation.state == HELD)).all())
-    ours |= set(db.exec(select(Vm.vmid).where(col(Vm.deleted_at).is_(None))).all())
+    # One statement, so one snapshot: a commit moving a creation from held to a VM record lands in one of them.
+    given_out: CompoundSelect = union(
+        select(Reservation.vmid).where(Reservation.state == HELD),
+        select(Vm.vmid).where(col(Vm.deleted_at).is_(None)),
+    )
+    ours = set(db.exec(given_out).scalars().all())
     for first, last in free_ranges:
         vmid = first
         while vmid in ours:
