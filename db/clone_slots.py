@@ -10,7 +10,7 @@ from sqlalchemy import Engine, func, text
 from sqlmodel import Session, col, select
 
 from db.engine import session
-from db.models import CloneSlot, CloneWaiter
+from db.models import CloneGrant, CloneSlot, CloneWaiter
 from payloads import CloneSlotRequest
 
 # Any constant: the advisory lock that serialises slot changes on PostgreSQL.
@@ -36,6 +36,7 @@ def acquire(engine: Engine, req: CloneSlotRequest, per_node: int, per_storage: i
     limits = Limits(per_node, per_storage)
     with _locked(engine) as db:
         if db.get(CloneSlot, req.task_id) is not None:
+            _forget_grant(db, req.task_id)  # the slot it was handed is taken up: no need to tell it again
             return True
         queued = db.get(CloneWaiter, req.task_id)
         if limits.fit(db, req.node, req.storage):
@@ -50,21 +51,37 @@ def acquire(engine: Engine, req: CloneSlotRequest, per_node: int, per_storage: i
 
 def release(engine: Engine, task_id: str, per_node: int, per_storage: int) -> list[str]:
     """Give up the task's slot (and its place in the queue); hand the freed capacity to the oldest waiters
-    that fit. Returns the task ids that now hold a slot, to be told so."""
+    that fit. Returns the task ids this task has handed a slot to and that have not taken it up yet, to be
+    told so: a repeat of the release (a local activity runs again when a worker died before its answer was
+    recorded) names them again."""
     limits = Limits(per_node, per_storage)
     with _locked(engine) as db:
         for row in (db.get(CloneSlot, task_id), db.get(CloneWaiter, task_id)):
             if row is not None:
                 db.delete(row)
+        _forget_grant(db, task_id)
         db.flush()
-        granted = []
+        granted = list(
+            db.exec(
+                select(CloneGrant.task_id)
+                .where(CloneGrant.granted_by == task_id)
+                .order_by(col(CloneGrant.granted_at), col(CloneGrant.task_id))
+            ).all()
+        )
         for waiter in db.exec(select(CloneWaiter).order_by(col(CloneWaiter.queued_at))).all():
             if limits.fit(db, waiter.node, waiter.storage):
                 db.delete(waiter)
                 db.add(CloneSlot(task_id=waiter.task_id, node=waiter.node, storage=waiter.storage))
+                db.add(CloneGrant(task_id=waiter.task_id, granted_by=task_id))
                 db.flush()
                 granted.append(waiter.task_id)
         return granted
+
+
+def _forget_grant(db: Session, task_id: str) -> None:
+    grant = db.get(CloneGrant, task_id)
+    if grant is not None:
+        db.delete(grant)
 
 
 @contextmanager

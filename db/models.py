@@ -120,4 +120,14 @@ class CloneWaiter(SQLModel, table=True):
     queued_at: datetime = Field(default_factory=utcnow, index=True)
 
 
+class CloneGrant(SQLModel, table=True):
+    """A clone slot handed to a waiting creation when another freed it, kept until the receiver has taken it.
+    The freeing run may carry out its release twice (a worker dies before the run records the answer); the
+    second time must name the same receivers, or one sleeps on a slot it holds without knowing it."""
+
+    task_id: str = Field(primary_key=True)  # the creation given the slot
+    granted_by: str = Field(index=True)  # the creation that freed it
+    granted_at: datetime = Field(default_factory=utcnow)
+
+
 HELD, COMMITTED, RELEASED = "held", "committed", "released"

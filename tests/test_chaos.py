@@ -26,7 +26,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from db import quota
 from db.engine import session
 from db.load import load_admin_data
-from db.models import COMMITTED, HELD, CloneSlot
+from db.models import COMMITTED, HELD, CloneGrant, CloneSlot
 from dev.fakepve_cluster import TEMPLATE_VMID
 from payloads import OWNER_MARK
 from reconcile import reconcile
@@ -211,6 +211,7 @@ def check_invariants(pve: Any, engine: Engine, ledger: Ledger) -> None:
     assert {v.task_id: v.vmid for v in vm_records(engine)} == ledger.succeeded
     with session(engine) as db:
         assert db.exec(select(CloneSlot)).all() == []
+        assert db.exec(select(CloneGrant)).all() == []
     # The quota arithmetic is exact: what counts is what succeeded.
     usage = quota.usage_of_user(engine, "alice")
     asked = [ledger.tasks[t] for t in ledger.succeeded]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import Engine
+from sqlmodel import select
 
 from db import clone_slots
+from db.engine import session
+from db.models import CloneGrant, CloneSlot
 from payloads import CloneSlotRequest
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
@@ -38,3 +41,22 @@ def test_a_waiter_that_gives_up_leaves_the_queue(engine: Engine) -> None:
     assert clone_slots.release(engine, "b", 1, 2) == []  # b was cancelled while it waited
     assert clone_slots.release(engine, "a", 1, 2) == []
     assert ask(engine, "c") is True
+
+
+def test_a_release_carried_out_twice_names_the_same_receivers(engine: Engine) -> None:
+    """A worker that dies after the release's transaction but before the run recorded its answer makes the run
+    release again. The repeat must name the waiter the slot went to, or that waiter, holding the slot without
+    knowing it, sleeps until its next look at the queue (minutes)."""
+    assert ask(engine, "a") is True
+    assert ask(engine, "b") is False
+    assert clone_slots.release(engine, "a", 1, 2) == ["b"]
+    assert clone_slots.release(engine, "a", 1, 2) == ["b"]  # the repeat, on another worker
+    assert ask(engine, "b") is True  # b was told and takes up its slot
+    assert clone_slots.release(engine, "a", 1, 2) == []  # nobody left to tell
+    assert ask(engine, "c") is False
+    assert clone_slots.release(engine, "b", 1, 2) == ["c"]
+    assert clone_slots.release(engine, "c", 1, 2) == []  # c ended before it was told: its grant goes too
+    assert clone_slots.release(engine, "b", 1, 2) == []
+    with session(engine) as db:
+        assert db.exec(select(CloneGrant)).all() == []
+        assert db.exec(select(CloneSlot)).all() == []

@@ -15,7 +15,7 @@ from sqlmodel import select
 from temporalio.client import Client
 
 from db.engine import session
-from db.models import COMMITTED, HELD, CloneSlot, CloneWaiter
+from db.models import COMMITTED, HELD, CloneGrant, CloneSlot, CloneWaiter
 from payloads import MSG_CREATED, MSG_TOTAL_LIMIT
 from settings import Settings
 from tests.conftest import created_vms, reservations, result_of, vm_records
@@ -150,6 +150,7 @@ async def test_clones_over_the_limit_wait_their_turn(
     with session(engine) as db:
         assert db.exec(select(CloneSlot)).all() == []
         assert db.exec(select(CloneWaiter)).all() == []
+        assert db.exec(select(CloneGrant)).all() == []
     # The runs that waited slept until the run before them handed its slot over: no polling.
     for answer in answers[1:]:
         history = await temporal.get_workflow_handle(answer.json()["data"]["task_id"]).fetch_history()
