@@ -4,6 +4,8 @@ than once (a retry, a worker crash, a reset from the Web UI) and the world must 
 from __future__ import annotations
 
 import contextvars
+import itertools
+import logging
 import math
 import re
 import threading
@@ -53,6 +55,7 @@ SHORT_TASK_WAIT = 60.0
 # While an activity's thread is blocked in a PVE call, a helper thread heartbeats this often, so that a worker
 # that dies is noticed within the workflow's short heartbeat timeout rather than after the call's timeout.
 HEARTBEAT_EVERY = 2.0
+log = logging.getLogger(__name__)
 # A template's boot disk key, cached per worker: templates do not change their disk layout in passing.
 TEMPLATE_DISK_TTL = 300.0
 
@@ -76,25 +79,38 @@ def task_failures_final() -> Iterator[None]:
         ) from exc
 
 
-@contextmanager
-def heartbeating(every: float = HEARTBEAT_EVERY) -> Iterator[None]:
-    """Heartbeat the current activity from a helper thread until the block ends (Temporal's heartbeat is
-    thread-safe for threaded activities; the activity's context is carried over explicitly)."""
-    context = contextvars.copy_context()
-    done = threading.Event()
+class Heartbeats:
+    """Heartbeats the activities that are blocked in a PVE call, from one helper thread per worker.
 
-    def beat() -> None:
-        while not done.wait(every):
-            try:
-                context.run(activity.heartbeat)
-            except Exception as exc:  # the worker's event loop was slow to take it: the next one may pass
-                activity.logger.debug("heartbeat not sent: %r", exc)
+    The thread is started once, with the activities, and never from an activity's own thread: cancelling a
+    threaded activity raises an exception in its thread (PyThreadState_SetAsyncExc), and on CPython 3.11 a
+    thread being started carries its parent's id until it runs, so it can be killed before it has started and
+    Thread.start() then waits forever. (Temporal's heartbeat is thread-safe for threaded activities; each
+    activity's context is carried over explicitly.)"""
 
-    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
-    try:
-        yield
-    finally:
-        done.set()
+    def __init__(self, every: float = HEARTBEAT_EVERY):
+        self._every = every
+        self._beating: dict[int, contextvars.Context] = {}  # dict operations are atomic: no lock to leak
+        self._next_key = itertools.count()
+        threading.Thread(target=self._run, name="heartbeats", daemon=True).start()
+
+    @contextmanager
+    def during(self) -> Iterator[None]:
+        key = next(self._next_key)
+        self._beating[key] = contextvars.copy_context()
+        try:
+            yield
+        finally:
+            self._beating.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._every)
+            for context in list(self._beating.values()):
+                try:
+                    context.run(activity.heartbeat)
+                except Exception as exc:  # the worker's loop was slow to take it, or the activity just ended
+                    log.debug("heartbeat not sent: %r", exc)
 
 
 def refuse(failure: Failure, message: str) -> ApplicationError:
@@ -168,6 +184,7 @@ class PveActivities:
         self.pve = pve
         self.default_storage = default_storage
         self._template_disks: dict[tuple[int | str, int], tuple[float, tuple[str, int]]] = {}
+        self._heartbeats = Heartbeats()
 
     # ------------------------------------------------------------------------- admission
 
@@ -232,7 +249,7 @@ class PveActivities:
     @activity.defn
     def start_clone(self, req: CloneInput) -> CloneStarted:
         """Start a full clone of the template as VMID req.vmid, or adopt the one an earlier attempt started."""
-        with heartbeating():
+        with self._heartbeats.during():
             if activity.info().attempt > 1 and self._adoptable(req.task_id, req.vmid):
                 return CloneStarted(upid=None)
             params: dict[str, Any] = {
@@ -303,7 +320,7 @@ class PveActivities:
     @activity.defn
     def configure_vm(self, req: ConfigureInput) -> None:
         """Set cores and memory, tag the VM, and grow the boot disk; each write is absolute, so a retry is safe."""
-        with heartbeating(), final_errors_as(Failure.CONFIGURE_FAILED):
+        with self._heartbeats.during(), final_errors_as(Failure.CONFIGURE_FAILED):
             # PUT is PVE's synchronous form: it answers once the change is written, with no task to watch
             # (POST .../config would answer a UPID to await). A stopped VM takes cores and memory at once.
             upid = self.pve.put(
@@ -327,7 +344,7 @@ class PveActivities:
     @activity.defn
     def destroy_vm(self, ref: VmRef) -> None:
         """Remove the VM this task created, with its disks; nothing if it is gone or is not this task's."""
-        with heartbeating():
+        with self._heartbeats.during():
             found = self._find_vm(ref.vmid)
             if found is None or found.get("type") != "qemu":
                 return
@@ -372,7 +389,7 @@ class PveActivities:
 
     def _wait(self, upid: str, limit: float) -> bool:
         """Poll the task until it ends (True) or `limit` seconds pass (False); raise if it failed. Callers
-        run inside heartbeating(), which keeps the activity alive meanwhile. One look
+        run inside self._heartbeats.during(), which keeps the activity alive meanwhile. One look
         right after the start catches tasks that end at once (a resize, a clone of a small template); then
         the looks grow apart as the task ages (a few for a task of seconds), like a person watching it would."""
         started = time.monotonic()

@@ -3,6 +3,8 @@ fake: on real PVE a VM being cloned has no description yet, only the clone lock.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -10,7 +12,7 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.pve import PveActivities
+from activities.pve import Heartbeats, PveActivities
 from activities.pve_client import PveClient, PveUnavailable
 from payloads import VMID_TAKEN, CloneInput, TemplateRef, VmRef, vm_description
 from settings import Settings
@@ -94,3 +96,33 @@ def test_a_dropped_read_is_asked_again_once_and_a_dropped_write_or_a_hung_read_i
         client.get("cluster/resources")
     assert sent == ["GET cluster/resources"]  # PVE is slow, not gone: no second wait at once
     pve.flaky_network()
+
+
+def test_a_blocked_pve_call_is_heartbeated_by_the_workers_helper_thread(
+    activities: PveActivities, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The activity is kept alive while PVE is slow, and starts no thread of its own: a thread started from an
+    activity's thread can be killed at birth by the activity's cancellation, and Thread.start() then hangs
+    (it did, at a worker's shutdown in the test suite)."""
+    activities._heartbeats = Heartbeats(every=0.05)
+    get = activities.pve.get
+
+    def slow_get(path: str, **params: Any) -> Any:
+        time.sleep(0.4)
+        return get(path, **params)
+
+    monkeypatch.setattr(activities.pve, "get", slow_get)
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def recording_start(thread: threading.Thread) -> None:
+        started.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", recording_start)
+    beats: list[Any] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: beats.append(details)
+    env.run(activities.destroy_vm, VmRef(task_id=TASK, node="pve2", vmid=100))  # no such VM: one slow look
+    assert len(beats) >= 3
+    assert started == []
