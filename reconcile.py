@@ -27,7 +27,6 @@ acts on a `Drift`, and `reconcile` does all three for boxctl.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -529,15 +528,26 @@ async def count_again(finding: Finding, pve: AsyncPve, engine: Engine) -> str:
 
 
 async def free_clone_slot(finding: Finding, temporal: Client, engine: Engine, settings: Settings) -> str:
+    """Free the slot and tell the runs it is handed to, as a run freeing its own slot does: a run handed the slot
+    sleeps until told (or looks again within minutes), and one that has ended meanwhile has its slot freed
+    in turn, so that the next in line gets it."""
     await _not_running(temporal, finding.task_id)
-    granted = await asyncio.to_thread(
-        clone_slots.release, engine, finding.task_id, settings.clone_limit_per_node, settings.clone_limit_per_storage
+    to_free, told, untold = [finding.task_id], list[str](), list[str]()
+    while to_free:
+        granted = await asyncio.to_thread(
+            clone_slots.release, engine, to_free.pop(), settings.clone_limit_per_node, settings.clone_limit_per_storage
+        )
+        for waiter in granted:
+            try:
+                await temporal.get_workflow_handle(waiter).signal("clone_slot_granted")
+                told.append(waiter)
+            except RPCError as exc:
+                (to_free if exc.status == RPCStatusCode.NOT_FOUND else untold).append(waiter)
+    return (
+        "freed"
+        + (f", handed to {', '.join(told)}" if told else "")
+        + (f", handed to {', '.join(untold)} (not told: it looks again within minutes)" if untold else "")
     )
-    for waiter in granted:
-        # The run handed the slot sleeps until told (or looks again within minutes).
-        with contextlib.suppress(RPCError):
-            await temporal.get_workflow_handle(waiter).signal("clone_slot_granted")
-    return "freed" + (f", handed to {', '.join(granted)}" if granted else "")
 
 
 async def repair(drift: Drift, pve: AsyncPve, temporal: Client, engine: Engine, settings: Settings) -> None:

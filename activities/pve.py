@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -55,6 +56,7 @@ SHORT_TASK_WAIT = 60.0
 # While an activity's thread is blocked in a PVE call, a helper thread heartbeats this often, so that a worker
 # that dies is noticed within the workflow's short heartbeat timeout rather than after the call's timeout.
 HEARTBEAT_EVERY = 2.0
+HEARTBEAT_SENDERS = 8  # heartbeats waiting for the worker's loop at once
 log = logging.getLogger(__name__)
 # A template's boot disk key, cached per worker: templates do not change their disk layout in passing.
 TEMPLATE_DISK_TTL = 300.0
@@ -80,13 +82,15 @@ def task_failures_final() -> Iterator[None]:
 
 
 class Heartbeats:
-    """Heartbeats the activities that are blocked in a PVE call, from one helper thread per worker.
+    """Heartbeats the activities that are blocked in a PVE call, every `every` seconds, from one helper thread
+    per PveActivities (one per worker).
 
-    The thread is started once, with the activities, and never from an activity's own thread: cancelling a
-    threaded activity raises an exception in its thread (PyThreadState_SetAsyncExc), and on CPython 3.11 a
-    thread being started carries its parent's id until it runs, so it can be killed before it has started and
-    Thread.start() then waits forever. (Temporal's heartbeat is thread-safe for threaded activities; each
-    activity's context is carried over explicitly.)"""
+    That thread is started with the activities, never from an activity's own thread: cancelling a threaded
+    activity raises an exception in its thread (PyThreadState_SetAsyncExc), and on CPython 3.11 a thread
+    being started carries its parent's id until it runs, so it can be killed before it has started, and
+    Thread.start() then waits forever. A threaded activity's heartbeat waits until the worker's event loop
+    takes it; the heartbeats go out side by side (a pool the helper starts), so a busy loop delays each by
+    one turn of the loop, not by one turn per activity in flight."""
 
     def __init__(self, every: float = HEARTBEAT_EVERY):
         self._every = every
@@ -104,13 +108,27 @@ class Heartbeats:
             self._beating.pop(key, None)
 
     def _run(self) -> None:
+        pool = ThreadPoolExecutor(max_workers=HEARTBEAT_SENDERS, thread_name_prefix="heartbeat")
+        sending: dict[int, Future[None]] = {}
+        next_round = time.monotonic()
         while True:
-            time.sleep(self._every)
-            for context in list(self._beating.values()):
-                try:
-                    context.run(activity.heartbeat)
-                except Exception as exc:  # the worker's loop was slow to take it, or the activity just ended
-                    log.debug("heartbeat not sent: %r", exc)
+            next_round += self._every
+            time.sleep(max(0.0, next_round - time.monotonic()))
+            try:
+                for key, context in list(self._beating.items()):
+                    if key not in sending or sending[key].done():  # one at a time per activity
+                        sending[key] = pool.submit(self._send, context)
+                for key in [k for k, sent in sending.items() if sent.done() and k not in self._beating]:
+                    del sending[key]
+            except BaseException:  # this thread is every activity's heartbeat: it must not end
+                log.exception("heartbeat round failed")
+
+    @staticmethod
+    def _send(context: contextvars.Context) -> None:
+        try:
+            context.run(activity.heartbeat)
+        except Exception as exc:  # the worker's loop was slow to take it, or the activity just ended
+            log.debug("heartbeat not sent: %r", exc)
 
 
 def refuse(failure: Failure, message: str) -> ApplicationError:

@@ -112,11 +112,11 @@ def test_a_blocked_pve_call_is_heartbeated_by_the_workers_helper_thread(
         return get(path, **params)
 
     monkeypatch.setattr(activities.pve, "get", slow_get)
-    started: list[str] = []
+    starters: list[threading.Thread] = []
     start = threading.Thread.start
 
     def recording_start(thread: threading.Thread) -> None:
-        started.append(thread.name)
+        starters.append(threading.current_thread())
         start(thread)
 
     monkeypatch.setattr(threading.Thread, "start", recording_start)
@@ -125,4 +125,37 @@ def test_a_blocked_pve_call_is_heartbeated_by_the_workers_helper_thread(
     env.on_heartbeat = lambda *details: beats.append(details)
     env.run(activities.destroy_vm, VmRef(task_id=TASK, node="pve2", vmid=100))  # no such VM: one slow look
     assert len(beats) >= 3
-    assert started == []
+    assert threading.current_thread() not in starters  # ActivityEnvironment runs the activity in this thread
+
+
+def test_one_slow_heartbeat_does_not_hold_up_the_others() -> None:
+    """A heartbeat waits for the worker's event loop to take it. One that waits long must not delay the
+    heartbeats of the other activities in flight past their heartbeat timeout."""
+    heartbeats = Heartbeats(every=0.1)
+    beats: dict[str, int] = {"slow": 0, "quick": 0}
+
+    def blocked_activity(name: str, heartbeat_takes: float) -> None:
+        env = ActivityEnvironment()
+
+        def on_heartbeat(*_details: Any) -> None:
+            beats[name] += 1
+            time.sleep(heartbeat_takes)
+
+        env.on_heartbeat = on_heartbeat
+
+        def blocked_in_pve() -> None:
+            with heartbeats.during():
+                time.sleep(1.0)
+
+        env.run(blocked_in_pve)
+
+    both = [
+        threading.Thread(target=blocked_activity, args=("slow", 0.8)),
+        threading.Thread(target=blocked_activity, args=("quick", 0.0)),
+    ]
+    for thread in both:
+        thread.start()
+    for thread in both:
+        thread.join()
+    assert beats["quick"] >= 5  # about 9; one after another, the slow one would have let through 2
+    assert 1 <= beats["slow"] <= 2  # and a heartbeat still under way is not sent again
