@@ -107,8 +107,8 @@ def pick_vmid(db, free_vmids: list[int], free_ranges: list[list[int]]) -> int:  
 def reserve(engine: Engine, req: ReserveInput) -> int:
     """Check the plan and hold the quota and a VMID for req.task_id; returns the VMID."""
     with session(engine) as db, db.begin():
+        user = lock_user(db, req.username)  # first: one user's slow transaction holds up only that user
         _lock_vmids(db)
-        user = lock_user(db, req.username)
         existing = db.get(Reservation, req.task_id)
         if existing is not None and existing.state != RELEASED and existing.vmid is not None:
             return existing.vmid  # a retry of a reservation made (or committed) already

@@ -10,16 +10,19 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import Engine
+from sqlmodel import select
 from temporalio.client import Client
 
 import boxctl
 import settings as settings_module
+from db import clone_slots
 from db.engine import session
-from db.models import COMMITTED, HELD, RELEASED, Reservation, Vm
-from payloads import MSG_CREATED, MSG_TOTAL_LIMIT, vm_description
+from db.models import COMMITTED, HELD, RELEASED, CloneGrant, CloneSlot, CloneWaiter, Reservation, Vm
+from payloads import MSG_CREATED, MSG_TOTAL_LIMIT, CloneSlotRequest, vm_description
 from reconcile import (
     NOT_FOUND,
     RUNNING,
+    Finding,
     HeldReservation,
     Kind,
     Observed,
@@ -28,6 +31,7 @@ from reconcile import (
     VmRecord,
     WorkflowState,
     find_drift,
+    free_clone_slot,
     reconcile,
 )
 from settings import Settings
@@ -204,6 +208,25 @@ async def test_a_clone_slot_left_by_a_terminated_run_goes_to_the_next_in_line(
         temporal.get_workflow_handle(second["task_id"]).result(), 60
     )  # told at once, not at its next look minutes later
     assert result["vmid"] == 101
+
+
+@pytest.mark.usefixtures("one_clone_per_node")
+async def test_a_freed_slot_passes_over_runs_that_ended_meanwhile(
+    settings: Settings, temporal: Client, engine: Engine
+) -> None:
+    """The runs in line behind a stale slot ended between reconcile's look and its repair (no workflow runs
+    under their ids now): the slot goes down the line past them, and none is left held."""
+    with session(engine) as db, db.begin():
+        db.add(CloneSlot(task_id="clone-gone-1", node="pve1", storage="NFS"))
+    for waiter in ("clone-gone-2", "clone-gone-3"):
+        assert not clone_slots.acquire(engine, CloneSlotRequest(waiter, "pve1", "NFS"), per_node=1, per_storage=0)
+
+    finding = Finding(Kind.STALE_CLONE_SLOT, "clone-gone-1")
+    assert await free_clone_slot(finding, temporal, engine, settings) == "freed"
+    with session(engine) as db:
+        assert db.exec(select(CloneSlot)).all() == []
+        assert db.exec(select(CloneWaiter)).all() == []
+        assert db.exec(select(CloneGrant)).all() == []
 
 
 # ------------------------------------------------------------------------------- reservations
