@@ -1,1 +1,2 @@
-"""Temporal activities: every PVE call in activities/pve.py, every database call in activities/db.py."""
+"""Temporal activities: the PVE steps in activities/pve.py (over pve/), the database steps in activities/db.py
+(over db/), admission in activities/admission.py."""

@@ -1,24 +1,20 @@
-"""Every PVE call the service makes. Activities are idempotent for their task id: Temporal may run one more
-than once (a retry, a worker crash, a reset from the Web UI) and the world must end up the same."""
+"""Every PVE call the workflow makes, as activities. Activities are idempotent for their task id: Temporal may
+run one more than once (a retry, a worker crash, a reset from the Web UI) and the world must end up the same.
+The PVE helpers they are made of (client, tasks, ownership, VM lookup and removal) are in `pve/`, which the
+repair tool (`reconcile/`) uses too."""
 
 from __future__ import annotations
 
-import contextvars
-import itertools
-import logging
 import math
-import re
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
-from activities.pve_client import TRANSIENT_MESSAGES, PveClient, PveError, PveUnavailable
+from activities.heartbeats import Heartbeats
 from payloads import (
     MSG_CLONE_FAILED,
     MSG_TEMPLATE_NOT_FOUND,
@@ -34,38 +30,22 @@ from payloads import (
     PveTaskRef,
     TemplateFacts,
     VmRef,
-    vm_description,
 )
+from pve.client import PveClient, PveError, PveUnavailable
+from pve.disks import boot_disk
+from pve.ownership import is_owned_by, vm_description
+from pve.tasks import PveTaskFailed, is_transient_task_error, task_done, wait_task, wait_until_done
+from pve.vmids import free_vmid_ranges
+from pve.vms import find_vm, stop_and_destroy
 
-FIRST_VMID = 100
-LAST_VMID = 999_999_999
-MAX_FREE_RANGES = 256  # a fragmented cluster still offers thousands of free VMIDs in these
-DISK_KEY = re.compile(r"^(scsi|virtio|sata|ide)\d+$")
-SIZE = re.compile(r"(?:^|,)size=(\d+(?:\.\d+)?)([KMGT]?)(?:,|$)")
-GIB_PER_UNIT = {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0, "": 1 / 1024**3}
 # Waiting for PVE tasks. A clone is watched inside the activity that starts it for its first seconds (most
 # clones of small templates end by then); after that, each retry of await_task is one look, and the retry
 # policy spaces the looks out, so that a long clone holds no worker slot while it runs.
 CLONE_INLINE_WAIT = 3.0
-EARLY_LOOK = 0.05  # a first look at once: most short tasks have ended by then
-POLL_FIRST = 0.25  # the next look, 0.25 s after the task started, as a script polling every 0.25 s would
-POLL_GROWTH = 1.5
-POLL_MAX_INLINE = 1.0
-# Short tasks (config, resize, destroy) are awaited inside their activity, for this long at most.
+# Short tasks (config, resize, stop, destroy) are awaited inside their activity, for this long at most.
 SHORT_TASK_WAIT = 60.0
-# While an activity's thread is blocked in a PVE call, a helper thread heartbeats this often, so that a worker
-# that dies is noticed within the workflow's short heartbeat timeout rather than after the call's timeout.
-HEARTBEAT_EVERY = 2.0
-HEARTBEAT_SENDERS = 8  # heartbeats waiting for the worker's loop at once
-log = logging.getLogger(__name__)
 # A template's boot disk key, cached per worker: templates do not change their disk layout in passing.
 TEMPLATE_DISK_TTL = 300.0
-
-
-def is_transient_task_error(exit_status: str) -> bool:
-    """A task that failed on a lock another task held (`can't lock file ... - got timeout`) or on a cluster
-    hiccup may succeed when started again."""
-    return bool(TRANSIENT_MESSAGES.search(exit_status))
 
 
 @contextmanager
@@ -79,56 +59,6 @@ def task_failures_final() -> Iterator[None]:
             type=PVE_TASK_FAILED_TRANSIENT if is_transient_task_error(str(exc)) else PVE_TASK_FAILED,
             non_retryable=True,
         ) from exc
-
-
-class Heartbeats:
-    """Heartbeats the activities that are blocked in a PVE call, every `every` seconds, from one helper thread
-    per PveActivities (one per worker).
-
-    That thread is started with the activities, never from an activity's own thread: cancelling a threaded
-    activity raises an exception in its thread (PyThreadState_SetAsyncExc), and on CPython 3.11 a thread
-    being started carries its parent's id until it runs, so it can be killed before it has started, and
-    Thread.start() then waits forever. A threaded activity's heartbeat waits until the worker's event loop
-    takes it; the heartbeats go out side by side (a pool the helper starts), so a busy loop delays each by
-    one turn of the loop, not by one turn per activity in flight."""
-
-    def __init__(self, every: float = HEARTBEAT_EVERY):
-        self._every = every
-        self._beating: dict[int, contextvars.Context] = {}  # dict operations are atomic: no lock to leak
-        self._next_key = itertools.count()
-        threading.Thread(target=self._run, name="heartbeats", daemon=True).start()
-
-    @contextmanager
-    def during(self) -> Iterator[None]:
-        key = next(self._next_key)
-        self._beating[key] = contextvars.copy_context()
-        try:
-            yield
-        finally:
-            self._beating.pop(key, None)
-
-    def _run(self) -> None:
-        pool = ThreadPoolExecutor(max_workers=HEARTBEAT_SENDERS, thread_name_prefix="heartbeat")
-        sending: dict[int, Future[None]] = {}
-        next_round = time.monotonic()
-        while True:
-            next_round += self._every
-            time.sleep(max(0.0, next_round - time.monotonic()))
-            try:
-                for key, context in list(self._beating.items()):
-                    if key not in sending or sending[key].done():  # one at a time per activity
-                        sending[key] = pool.submit(self._send, context)
-                for key in [k for k, sent in sending.items() if sent.done() and k not in self._beating]:
-                    del sending[key]
-            except BaseException:  # this thread is every activity's heartbeat: it must not end
-                log.exception("heartbeat round failed")
-
-    @staticmethod
-    def _send(context: contextvars.Context) -> None:
-        try:
-            context.run(activity.heartbeat)
-        except Exception as exc:  # the worker's loop was slow to take it, or the activity just ended
-            log.debug("heartbeat not sent: %r", exc)
 
 
 def refuse(failure: Failure, message: str) -> ApplicationError:
@@ -150,51 +80,6 @@ def final_errors_as(failure: Failure, message: str | None = None) -> Iterator[No
         raise ApplicationError(
             message or exc.message, f"PVE {exc.status}: {exc.message}", type=failure.value, non_retryable=True
         ) from exc
-
-
-def upid_node(upid: str) -> str:
-    # UPID:<node>:<pid>:<pstart>:<starttime>:<type>:<id>:<user>:
-    return upid.split(":")[1]
-
-
-def disk_gb(drive: str) -> int:
-    """Size of a drive property string (`NFS:vm-100-disk-0,size=32G`) in whole GiB, rounded up."""
-    match = SIZE.search(drive)
-    if not match:
-        return 0
-    return math.ceil(float(match.group(1)) * GIB_PER_UNIT[match.group(2)])
-
-
-def boot_disk(config: dict[str, Any]) -> tuple[str, int] | None:
-    """The disk the VM boots from, and its size: the first disk of `boot: order=...`, else the first disk."""
-    disks = {
-        key: str(value)
-        for key, value in config.items()
-        if DISK_KEY.match(key) and "media=cdrom" not in str(value) and str(value) != "none"
-    }
-    order = str(config.get("boot", ""))
-    candidates = order[len("order=") :].split(";") if order.startswith("order=") else []
-    if config.get("bootdisk"):
-        candidates.append(str(config["bootdisk"]))
-    candidates += sorted(disks)
-    for key in candidates:
-        if key in disks:
-            return key, disk_gb(disks[key])
-    return None
-
-
-def free_vmid_ranges(taken: set[int]) -> list[list[int]]:
-    """The gaps between the VMIDs in use, as inclusive [first, last] ranges from 100 up to PVE's maximum."""
-    ranges: list[list[int]] = []
-    start = FIRST_VMID
-    for vmid in sorted(v for v in taken if v >= FIRST_VMID):
-        if vmid > start:
-            ranges.append([start, vmid - 1])
-            if len(ranges) == MAX_FREE_RANGES:
-                return ranges
-        start = max(start, vmid + 1)
-    ranges.append([start, LAST_VMID])
-    return ranges
 
 
 class PveActivities:
@@ -267,6 +152,12 @@ class PveActivities:
     @activity.defn
     def start_clone(self, req: CloneInput) -> CloneStarted:
         """Start a full clone of the template as VMID req.vmid, or adopt the one an earlier attempt started."""
+        try:
+            description = vm_description(req.task_id)
+        except ValueError as exc:  # an id no marker can carry: the run could never clean up such a VM
+            raise ApplicationError(
+                MSG_CLONE_FAILED, str(exc), type=Failure.CLONE_FAILED.value, non_retryable=True
+            ) from exc
         with self._heartbeats.during():
             if activity.info().attempt > 1 and self._adoptable(req.task_id, req.vmid):
                 return CloneStarted(upid=None)
@@ -275,7 +166,7 @@ class PveActivities:
                 "name": req.name,
                 "full": 1,
                 "storage": req.storage,
-                "description": vm_description(req.task_id),
+                "description": description,
             }
             if req.target != req.template.node:
                 params["target"] = req.target
@@ -292,12 +183,12 @@ class PveActivities:
                     non_retryable=True,
                 ) from exc
             with task_failures_final():
-                finished = self._wait(upid, CLONE_INLINE_WAIT)
+                finished = wait_task(self.pve, upid, CLONE_INLINE_WAIT)
             return CloneStarted(upid=upid, finished=finished)
 
     def _adoptable(self, task_id: str, vmid: int) -> bool:
         """True if VM vmid exists and this task made it; a guest of someone else's under our VMID is final."""
-        found = self._find_vm(vmid)
+        found = find_vm(self.pve, vmid)
         if found is None:
             return False
         if found.get("type") == "qemu" and self._owned_by(task_id, found["node"], vmid):
@@ -315,14 +206,14 @@ class PveActivities:
         """One look at the PVE task: returns if it ended well, fails (benign, retried) while it runs. A failed
         task is final for this activity; its type says whether doing the step again may succeed."""
         with task_failures_final():
-            finished = self._task_done(ref.upid)
+            finished = task_done(self.pve, ref.upid)
         if not finished:
             raise still_running(f"PVE task {ref.upid} is still running")
 
     @activity.defn
     def await_clone_by_lock(self, ref: VmRef) -> None:
         """For a clone adopted without its UPID: done when the VM no longer carries the clone lock."""
-        found = self._find_vm(ref.vmid)
+        found = find_vm(self.pve, ref.vmid)
         if found is None:
             raise ApplicationError(
                 MSG_CLONE_FAILED,
@@ -348,14 +239,14 @@ class PveActivities:
                 tags=SERVICE_TAG,
             )
             if upid:
-                self._wait_or_retry(str(upid))
+                wait_until_done(self.pve, str(upid), SHORT_TASK_WAIT)
             if req.disk_gb > req.template_disk_gb:
                 # Current PVE answers a UPID, older PVE null (the resize is then already done).
                 upid = self.pve.put(
                     f"nodes/{req.node}/qemu/{req.vmid}/resize", disk=req.disk_key, size=f"{req.disk_gb}G"
                 )
                 if upid:
-                    self._wait_or_retry(str(upid))
+                    wait_until_done(self.pve, str(upid), SHORT_TASK_WAIT)
 
     # ---------------------------------------------------------------------------- cleanup
 
@@ -363,7 +254,7 @@ class PveActivities:
     def destroy_vm(self, ref: VmRef) -> None:
         """Remove the VM this task created, with its disks; nothing if it is gone or is not this task's."""
         with self._heartbeats.during():
-            found = self._find_vm(ref.vmid)
+            found = find_vm(self.pve, ref.vmid)
             if found is None or found.get("type") != "qemu":
                 return
             node = found["node"]
@@ -373,11 +264,7 @@ class PveActivities:
             if not self._owned_by(ref.task_id, node, ref.vmid):
                 activity.logger.warning("VM %s is not task %s's; leaving it alone", ref.vmid, ref.task_id)
                 return
-            if found.get("status") == "running":
-                self._wait_or_retry(str(self.pve.post(f"nodes/{node}/qemu/{ref.vmid}/status/stop")))
-            upid = self.pve.delete(f"nodes/{node}/qemu/{ref.vmid}", purge=1, **{"destroy-unreferenced-disks": 1})
-            if upid:
-                self._wait_or_retry(str(upid))
+            stop_and_destroy(self.pve, node, ref.vmid, running=found.get("status") == "running", limit=SHORT_TASK_WAIT)
 
     # ---------------------------------------------------------------------------- helpers
 
@@ -394,58 +281,7 @@ class PveActivities:
         self._template_disks[(node, vmid)] = (time.monotonic(), disk)
         return disk
 
-    def _find_vm(self, vmid: int) -> dict[str, Any] | None:
-        for vm in self.pve.get("cluster/resources", type="vm"):
-            if int(vm["vmid"]) == vmid:
-                return dict(vm)
-        return None
-
     def _owned_by(self, task_id: str, node: str, vmid: int) -> bool:
-        """The VM's description carries this task's marker on a line of its own (task ids may prefix others)."""
-        config = self.pve.get(f"nodes/{node}/qemu/{vmid}/config")
-        return vm_description(task_id) in (line.strip() for line in str(config.get("description", "")).splitlines())
-
-    def _wait(self, upid: str, limit: float) -> bool:
-        """Poll the task until it ends (True) or `limit` seconds pass (False); raise if it failed. Callers
-        run inside self._heartbeats.during(), which keeps the activity alive meanwhile. One look
-        right after the start catches tasks that end at once (a resize, a clone of a small template); then
-        the looks grow apart as the task ages (a few for a task of seconds), like a person watching it would."""
-        started = time.monotonic()
-        look_at, interval = EARLY_LOOK, POLL_FIRST
-        while look_at <= limit:
-            time.sleep(max(0.0, started + look_at - time.monotonic()))
-            if self._task_done(upid):
-                return True
-            if look_at < POLL_FIRST:
-                scheduled = POLL_FIRST
-            else:
-                interval = min(interval * POLL_GROWTH, POLL_MAX_INLINE)
-                scheduled = look_at + interval
-            # After a slow answer, the next look still waits its turn instead of following at once.
-            look_at = max(scheduled, time.monotonic() - started + EARLY_LOOK)
-        return False
-
-    def _task_done(self, upid: str) -> bool:
-        """One look at a PVE task: False while it runs, True if it ended well; PveTaskFailed if it did not."""
-        status = self.pve.get(f"nodes/{upid_node(upid)}/tasks/{upid}/status")
-        if status.get("status") != "stopped":
-            return False
-        exit_status = str(status.get("exitstatus", ""))
-        if exit_status == "OK" or exit_status.startswith("WARNINGS"):
-            return True
-        raise PveTaskFailed(exit_status)
-
-    def _wait_or_retry(self, upid: str) -> None:
-        try:
-            finished = self._wait(upid, SHORT_TASK_WAIT)
-        except PveTaskFailed as exc:
-            if is_transient_task_error(str(exc)):
-                # Another task held the VM's lock: a retry of the whole (idempotent) step may well succeed.
-                raise PveUnavailable(str(exc)) from exc
-            raise PveError(500, str(exc)) from exc
-        if not finished:
-            raise PveUnavailable(f"PVE task {upid} did not end within {SHORT_TASK_WAIT:.0f} s")
-
-
-class PveTaskFailed(Exception):
-    """A PVE task that ended with an error: its exit status."""
+        """The VM's description carries this task's marker (pve.ownership's rule). A VM that vanished since it
+        was listed is a PveError, retried: the next attempt sees it gone."""
+        return is_owned_by(self.pve.get(f"nodes/{node}/qemu/{vmid}/config").get("description"), task_id)

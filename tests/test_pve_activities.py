@@ -12,9 +12,11 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.pve import Heartbeats, PveActivities
-from activities.pve_client import PveClient, PveUnavailable
-from payloads import VMID_TAKEN, CloneInput, TemplateRef, VmRef, vm_description
+from activities.heartbeats import Heartbeats
+from activities.pve import PveActivities
+from payloads import VMID_TAKEN, CloneInput, TemplateRef, VmRef
+from pve.client import PveClient, PveUnavailable
+from pve.ownership import vm_description
 from settings import Settings
 
 TASK = "clone-box-1-abc"

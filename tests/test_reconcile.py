@@ -18,7 +18,8 @@ import settings as settings_module
 from db import clone_slots
 from db.engine import session
 from db.models import COMMITTED, HELD, RELEASED, CloneGrant, CloneSlot, CloneWaiter, Reservation, Vm
-from payloads import MSG_CREATED, MSG_TOTAL_LIMIT, CloneSlotRequest, vm_description
+from payloads import MSG_CREATED, MSG_TOTAL_LIMIT
+from pve.ownership import vm_description
 from reconcile import (
     NOT_FOUND,
     RUNNING,
@@ -55,6 +56,8 @@ def not_ours(pve: Any) -> list[Any]:
         pve.add_vm(151, "by-hand", node="pve2", config={"description": "made by hand", "tags": "pve-boxes"}),
         pve.add_vm(152, "plain", node="pve1", status="running"),
         pve.add_vm(153, "notes", node="pve1", config={"description": "pve-boxes task"}),
+        # The marker's words inside other text are no marker: only a whole line is (the contract's ownership).
+        pve.add_vm(154, "quoting", node="pve1", config={"description": "cloned by hand from pve-boxes task clone-x-9"}),
     ]
 
 
@@ -219,7 +222,7 @@ async def test_a_freed_slot_passes_over_runs_that_ended_meanwhile(
     with session(engine) as db, db.begin():
         db.add(CloneSlot(task_id="clone-gone-1", node="pve1", storage="NFS"))
     for waiter in ("clone-gone-2", "clone-gone-3"):
-        assert not clone_slots.acquire(engine, CloneSlotRequest(waiter, "pve1", "NFS"), per_node=1, per_storage=0)
+        assert not clone_slots.acquire(engine, waiter, "pve1", "NFS", clone_slots.Limits(per_node=1, per_storage=0))
 
     finding = Finding(Kind.STALE_CLONE_SLOT, "clone-gone-1")
     assert await free_clone_slot(finding, temporal, engine, settings) == "freed"

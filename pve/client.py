@@ -1,4 +1,4 @@
-"""One PVE API connection per worker: lazy login, a fresh ticket when PVE rejects the old one, and the line
+"""One PVE API connection per process: lazy login, a fresh ticket when PVE rejects the old one, and the line
 between PVE errors worth retrying and those that are final."""
 
 from __future__ import annotations

@@ -1,0 +1,146 @@
+"""Reading the state find_drift needs from the database, PVE and Temporal, in an order that keeps a creation
+running at the same time from looking like drift (see the package's docstring)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine
+from sqlmodel import select
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
+
+from db.engine import session
+from db.models import HELD, CloneSlot, CloneWaiter, Reservation, Vm
+from payloads import SERVICE_TAG
+from pve.client import PveClient, PveError, PveUnavailable
+from pve.ownership import task_of
+from pve.vms import guests, vm_config
+from reconcile.drift import NOT_FOUND, RUNNING, HeldReservation, Observed, PveVm, VmRecord, WorkflowState
+
+T = TypeVar("T")
+
+TAG_SEPARATORS = re.compile(r"[;, ]+")
+# Parallel Temporal describes and PVE config reads.
+CONCURRENCY = 8
+
+
+class ReconcileError(Exception):
+    """The check could not be made at all (PVE, Temporal or the database unreachable)."""
+
+
+async def _bounded(calls: Iterable[Callable[[], Awaitable[T]]], limit: int = CONCURRENCY) -> list[T]:
+    semaphore = asyncio.Semaphore(limit)
+
+    async def one(call: Callable[[], Awaitable[T]]) -> T:
+        async with semaphore:
+            return await call()
+
+    return list(await asyncio.gather(*(one(c) for c in calls)))
+
+
+async def workflow_state(temporal: Client, task_id: str) -> WorkflowState:
+    """The state of the workflow whose id is task_id. Any workflow running under that id counts as running."""
+    try:
+        description = await temporal.get_workflow_handle(task_id).describe()
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return NOT_FOUND
+        return WorkflowState("unknown", f"Temporal: {exc}")
+    status = description.status
+    if status is None or status == WorkflowExecutionStatus.RUNNING:
+        return RUNNING
+    return WorkflowState(status.name.lower().replace("_", " "))
+
+
+def _tags(resource: dict[str, Any]) -> set[str]:
+    return {t for t in TAG_SEPARATORS.split(str(resource.get("tags") or "").lower()) if t}
+
+
+def as_record(vm: Vm) -> VmRecord:
+    return VmRecord(vm.task_id, vm.username, vm.vmid, vm.node, vm.name, vm.deleted_at is not None)
+
+
+def _read_records(engine: Engine) -> list[VmRecord]:
+    with session(engine) as db:
+        return [as_record(vm) for vm in db.exec(select(Vm)).all()]
+
+
+def _read_clone_slots(engine: Engine) -> list[str]:
+    with session(engine) as db:
+        return [*db.exec(select(CloneSlot.task_id)).all(), *db.exec(select(CloneWaiter.task_id)).all()]
+
+
+def _read_held(engine: Engine) -> list[HeldReservation]:
+    with session(engine) as db:
+        rows = db.exec(select(Reservation).where(Reservation.state == HELD)).all()
+        return [HeldReservation(r.task_id, r.username, r.vmid) for r in rows]
+
+
+async def _list_vms(pve: PveClient) -> list[dict[str, Any]]:
+    try:
+        resources = await asyncio.to_thread(guests, pve)
+    except (PveError, PveUnavailable) as exc:
+        raise ReconcileError(f"cannot list the VMs on PVE: {exc}") from exc
+    return [r for r in resources if r.get("type") == "qemu"]
+
+
+async def observe(pve: PveClient, temporal: Client, engine: Engine) -> Observed:
+    """Read the state find_drift needs, in the order the package's docstring explains."""
+    records_before = await asyncio.to_thread(_read_records, engine)
+    held = await asyncio.to_thread(_read_held, engine)
+    slots = await asyncio.to_thread(_read_clone_slots, engine)
+    known_vmids = {r.vmid for r in records_before} | {r.vmid for r in held if r.vmid is not None}
+
+    # Which configs to read: the service's VMs are tagged, but a VM lost between clone and configure is
+    # not yet (or carries its template's tags), so untagged ones and the VMIDs the database knows too.
+    resources = await _list_vms(pve)
+    candidates = [r for r in resources if SERVICE_TAG in _tags(r) or not _tags(r) or int(r["vmid"]) in known_vmids]
+    unreadable: dict[int, str] = {}
+
+    async def read(resource: dict[str, Any]) -> PveVm | None:
+        vmid, node = int(resource["vmid"]), str(resource["node"])
+        try:
+            config = await asyncio.to_thread(vm_config, pve, node, vmid)
+        except (PveError, PveUnavailable) as exc:
+            unreadable[vmid] = f"config of VM {vmid} on {node} unreadable: {exc}"
+            return None
+        if config is None:
+            return None  # removed since the listing
+        task_id = task_of(config.get("description"))
+        if task_id is None:
+            return None
+        return PveVm(
+            vmid=vmid,
+            node=node,
+            name=str(resource.get("name") or ""),
+            status=str(resource.get("status") or ""),
+            task_id=task_id,
+            lock=str(resource["lock"]) if resource.get("lock") else None,
+            template=bool(int(resource.get("template") or 0)),
+        )
+
+    found = await _bounded([partial(read, r) for r in candidates])
+    pve_vms = [vm for vm in found if vm is not None]
+
+    owned_before = {r.task_id for r in records_before}
+    asked = sorted(
+        {vm.task_id for vm in pve_vms if vm.task_id not in owned_before} | {r.task_id for r in held} | set(slots)
+    )
+    states = await _bounded([partial(workflow_state, temporal, t) for t in asked])
+
+    records = {r.task_id: r for r in await asyncio.to_thread(_read_records, engine)}
+    return Observed(
+        records_before=records_before,
+        held=held,
+        pve_vms=pve_vms,
+        unreadable=unreadable,
+        workflows=dict(zip(asked, states, strict=True)),
+        records=records,
+        vms_checked=len(candidates),
+        clone_slots=slots,
+    )
