@@ -7,9 +7,11 @@ Plain dataclasses with defaults on every field added later, so that old historie
 No side effects and no heavy imports: workflow code imports this module.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+
+from pve.ownership import OWNER_MARK as OWNER_MARK  # re-exported for tests/test_chaos.py
 
 # --------------------------------------------------------------------- the seed's messages
 
@@ -72,20 +74,13 @@ def status_of(error_type: str | None) -> int:
 
 # start_clone found a VM it did not make under the task's VMID (made outside the service): pick another.
 VMID_TAKEN = "VmidTaken"
-# No clone slot free on the node or storage yet: the acquiring activity is retried until one is.
-NO_CLONE_SLOT = "NoCloneSlot"
 
 # ApplicationError types of a PVE task that ended in error: final, or worth starting the step again.
 PVE_TASK_FAILED = "PveTaskFailed"
 PVE_TASK_FAILED_TRANSIENT = "PveTaskFailedTransient"
 
-# Marker in the description of every VM the service clones, so that a VM is always traceable to its task.
-OWNER_MARK = "pve-boxes task "
+# The tag configure gives the service's VMs: a label for people. Ownership is the marker (pve.ownership).
 SERVICE_TAG = "pve-boxes"
-
-
-def vm_description(task_id: str) -> str:
-    return f"{OWNER_MARK}{task_id}"
 
 
 # ------------------------------------------------------------------------------ workflow
@@ -154,12 +149,6 @@ class AdmitInput:
 
 
 @dataclass
-class ResolveBoxInput:
-    username: str
-    box_id: str
-
-
-@dataclass
 class TemplateRef:
     node: str
     vmid: int
@@ -177,13 +166,11 @@ class InspectInput:
 class TemplateFacts:
     disk_key: str  # the boot disk, e.g. scsi0
     disk_gb: int  # its size on the template
-    # (Runs before free_ranges existed.) Lowest VMIDs PVE showed as free.
-    free_vmids: list[int] = field(default_factory=list)
-    node: str = ""  # where PVE has the template now
-    storage: str = ""  # the storage the clone goes to
+    node: str  # where PVE has the template now
+    storage: str  # the storage the clone goes to
     # VMIDs PVE shows as free, as inclusive [first, last] ranges, lowest first: the reservation claims the
     # lowest one that no other live creation holds.
-    free_ranges: list[list[int]] = field(default_factory=list)
+    free_ranges: list[list[int]]
 
 
 @dataclass
@@ -194,21 +181,9 @@ class Admitted:
 
 
 @dataclass
-class ReserveInput:
-    task_id: str
-    username: str
-    cpu_cores: int
-    memory_mb: int
-    disk_gb: int
-    free_vmids: list[int] = field(default_factory=list)
-    free_ranges: list[list[int]] = field(default_factory=list)
-
-
-@dataclass
 class ReassignInput:
     task_id: str
-    free_vmids: list[int] = field(default_factory=list)
-    free_ranges: list[list[int]] = field(default_factory=list)
+    free_ranges: list[list[int]]  # as TemplateFacts.free_ranges
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from collections.abc import Sequence
@@ -21,17 +22,20 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from activities.admission import AdmissionActivities
 from activities.db import DbActivities
 from activities.pve import PveActivities
-from activities.pve_client import PveClient
-from db.engine import init_db, make_engine
+from db.clone_slots import Limits
+from db.engine import make_engine
+from db.schema import SchemaError, require_current
+from pve.client import PveClient
 from settings import Settings, get_settings
 from workflows import SEARCH_ATTRIBUTES, CreateFromBoxWorkflow
+from workflows.clone_turns import tell_slot_granted
 
 log = logging.getLogger("worker")
 
 # Activities are synchronous (proxmoxer, SQLAlchemy); they run on this many threads. A thread is held only
 # while a PVE or database call is under way: waiting for long PVE tasks happens between activity attempts.
 ACTIVITY_THREADS = 64
-PROJECT_MODULES = ("workflows", "payloads", "activities", "db")
+PROJECT_MODULES = ("workflows", "payloads", "activities", "db", "pve")
 
 
 async def ensure_search_attributes(
@@ -64,7 +68,8 @@ def build_worker(
     settings: Settings,
     executor: ThreadPoolExecutor,
 ) -> Worker:
-    db_activities = DbActivities(engine, settings.clone_limit_per_node, settings.clone_limit_per_storage)
+    clone_limits = Limits(settings.clone_limit_per_node, settings.clone_limit_per_storage)
+    db_activities = DbActivities(engine, clone_limits, functools.partial(tell_slot_granted, client))
     pve_activities = PveActivities(pve, settings.default_storage)
     admission = AdmissionActivities(db_activities, pve_activities)
     return Worker(
@@ -73,11 +78,8 @@ def build_worker(
         workflows=[CreateFromBoxWorkflow],
         activities=[
             admission.admit,
-            db_activities.resolve_box,
-            db_activities.reserve_quota,
             db_activities.reassign_vmid,
             db_activities.try_clone_slot,
-            db_activities.acquire_clone_slot,
             db_activities.release_clone_slot,
             db_activities.commit_creation,
             db_activities.release_quota,
@@ -98,7 +100,7 @@ def build_worker(
         max_concurrent_activities=ACTIVITY_THREADS,
         max_concurrent_local_activities=ACTIVITY_THREADS,
         # The SDK sends at most one heartbeat per 0.8 x the heartbeat timeout (8 s of the workflow's 10 s),
-        # which leaves a busy worker 2 s of slack. Each heartbeat of activities/pve.py (every 2 s) goes out.
+        # which leaves a busy worker 2 s of slack. Each heartbeat of activities/heartbeats.py (every 2 s) goes out.
         max_heartbeat_throttle_interval=timedelta(seconds=2),
     )
 
@@ -106,10 +108,15 @@ def build_worker(
 async def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
+    engine = make_engine(settings.database_url)
+    # First: a worker on tables of another schema version would fail the runs it takes instead of refusing.
+    try:
+        require_current(engine)
+    except SchemaError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
     client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
     await ensure_search_attributes(client, settings.temporal_namespace)
-    engine = make_engine(settings.database_url)
-    init_db(engine)
     with ThreadPoolExecutor(max_workers=ACTIVITY_THREADS) as executor:
         worker = build_worker(
             client,

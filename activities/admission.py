@@ -11,16 +11,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.db import DbActivities
 from activities.pve import PveActivities
-from payloads import (
-    MSG_UNAVAILABLE,
-    AdmitInput,
-    Admitted,
-    Failure,
-    InspectInput,
-    ReserveInput,
-    ResolveBoxInput,
-    TemplateRef,
-)
+from payloads import MSG_UNAVAILABLE, AdmitInput, Admitted, Failure, InspectInput, TemplateRef
 
 
 class AdmissionActivities:
@@ -33,23 +24,14 @@ class AdmissionActivities:
         """Every check of the request, then the reservation; safe to repeat (the reservation is keyed by the
         task id)."""
         ask = req.request
-        registered = self.db.resolve_box(ResolveBoxInput(username=ask.username, box_id=ask.box_id))
+        registered = self.db.template_of(ask.username, ask.box_id)
         facts = self.pve.inspect_template(
             InspectInput(template=registered, target=ask.target, storage=ask.storage, disk_gb=ask.disk_gb)
         )
-        template = TemplateRef(node=facts.node or registered.node, vmid=registered.vmid)
+        template = TemplateRef(node=facts.node, vmid=registered.vmid)
         if ask.admit_by is not None and datetime.now(UTC) > ask.admit_by:
             # The caller has answered 503 and given the request up. Checked here, on the clock: the workflow's
             # own clock stands still while its local activities run.
             raise ApplicationError(MSG_UNAVAILABLE, type=Failure.UNAVAILABLE.value, non_retryable=True)
-        vmid = self.db.reserve_quota(
-            ReserveInput(
-                task_id=req.task_id,
-                username=ask.username,
-                cpu_cores=ask.cpu_cores,
-                memory_mb=ask.memory_mb,
-                disk_gb=ask.disk_gb,
-                free_ranges=facts.free_ranges,
-            )
-        )
+        vmid = self.db.reserve(req.task_id, ask, facts.free_ranges)
         return Admitted(template=template, facts=facts, vmid=vmid)

@@ -1,7 +1,11 @@
 """Database activities. Each takes milliseconds, so the workflow runs them as local activities: no extra
-round trip through the Temporal server. Each is idempotent for its task id."""
+round trip through the Temporal server. Each is idempotent for its task id. Here the Temporal payloads are
+turned into the plain arguments of db/, and db/'s refusals into ApplicationErrors."""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 
 from sqlalchemy import Engine
 from temporalio import activity
@@ -14,13 +18,11 @@ from payloads import (
     MSG_BOX_NOT_FOUND,
     MSG_FORBIDDEN,
     MSG_TEMPLATE_NOT_FOUND,
-    NO_CLONE_SLOT,
     CloneSlotRequest,
+    CreateFromBoxInput,
     Failure,
     FinishInput,
     ReassignInput,
-    ReserveInput,
-    ResolveBoxInput,
     TemplateRef,
 )
 
@@ -30,66 +32,71 @@ def refuse(failure: Failure, message: str) -> ApplicationError:
     return ApplicationError(message, type=failure.value, non_retryable=True, category=ApplicationErrorCategory.BENIGN)
 
 
-class DbActivities:
-    def __init__(self, engine: Engine, clone_limit_per_node: int = 0, clone_limit_per_storage: int = 0):
-        self.engine = engine
-        self.clone_limit_per_node = clone_limit_per_node
-        self.clone_limit_per_storage = clone_limit_per_storage
+@contextmanager
+def _refusals() -> Iterator[None]:
+    try:
+        yield
+    except quota.Refused as exc:
+        raise refuse(exc.failure, exc.message) from exc
 
-    @activity.defn
-    def resolve_box(self, req: ResolveBoxInput) -> TemplateRef:
+
+class DbActivities:
+    def __init__(
+        self, engine: Engine, clone_limits: clone_slots.Limits, tell_slot_granted: Callable[[str], Awaitable[bool]]
+    ):
+        """`tell_slot_granted(task_id)` tells a waiting run it holds a clone slot now, False if the run has
+        ended (worker.py gives `workflows.clone_turns.tell_slot_granted` bound to its client)."""
+        self.engine = engine
+        self.clone_limits = clone_limits
+        self.tell_slot_granted = tell_slot_granted
+
+    # ----------------------------------------------------- admission's steps (called by AdmissionActivities)
+
+    def template_of(self, username: str, box_id: str) -> TemplateRef:
         """The box's template, if the user may use it."""
         with session(self.engine) as db:
-            box = db.get(Box, req.box_id)
+            box = db.get(Box, box_id)
             if box is None:
                 raise refuse(Failure.BOX_NOT_FOUND, MSG_BOX_NOT_FOUND)
             template = db.get(Template, box.template_id)
             if template is None:
                 raise refuse(Failure.TEMPLATE_NOT_FOUND, MSG_TEMPLATE_NOT_FOUND)
-            if not template.public and db.get(TemplateUser, (template.id, req.username)) is None:
+            if not template.public and db.get(TemplateUser, (template.id, username)) is None:
                 raise refuse(Failure.FORBIDDEN, MSG_FORBIDDEN)
             return TemplateRef(node=template.node, vmid=template.vmid)
 
-    @activity.defn
-    def reserve_quota(self, req: ReserveInput) -> int:
+    def reserve(self, task_id: str, ask: CreateFromBoxInput, free_ranges: list[list[int]]) -> int:
         """Hold the quota and a VMID for the task; returns the VMID."""
-        try:
-            return quota.reserve(self.engine, req)
-        except quota.Refused as exc:
-            raise refuse(exc.failure, exc.message) from exc
+        with _refusals():
+            return quota.reserve(self.engine, task_id, ask.username, _size(ask), free_ranges)
+
+    # ------------------------------------------------------------------------------------ activities
 
     @activity.defn
     def reassign_vmid(self, req: ReassignInput) -> int:
-        try:
-            return quota.reassign_vmid(self.engine, req.task_id, req.free_vmids, req.free_ranges)
-        except quota.Refused as exc:
-            raise refuse(exc.failure, exc.message) from exc
-
-    @activity.defn
-    def acquire_clone_slot(self, req: CloneSlotRequest) -> None:
-        """Returns once the task holds a clone slot. While none is free it fails with a benign error, and its
-        retry policy is the queue: nothing is held while the run waits its turn."""
-        if not clone_slots.acquire(self.engine, req, self.clone_limit_per_node, self.clone_limit_per_storage):
-            raise ApplicationError(
-                f"no clone slot free on node {req.node} / storage {req.storage}",
-                type=NO_CLONE_SLOT,
-                category=ApplicationErrorCategory.BENIGN,
-            )
+        with _refusals():
+            return quota.reassign_vmid(self.engine, req.task_id, req.free_ranges)
 
     @activity.defn
     def try_clone_slot(self, req: CloneSlotRequest) -> bool:
-        """Take a clone slot if one is free now."""
-        return clone_slots.acquire(self.engine, req, self.clone_limit_per_node, self.clone_limit_per_storage)
+        """Take a clone slot if one is free now, else queue for one."""
+        return clone_slots.acquire(self.engine, req.task_id, req.node, req.storage, self.clone_limits)
 
     @activity.defn
-    def release_clone_slot(self, task_id: str) -> list[str]:
-        """Free the task's slot; returns the waiting tasks the freed capacity was handed to."""
-        return clone_slots.release(self.engine, task_id, self.clone_limit_per_node, self.clone_limit_per_storage)
+    async def release_clone_slot(self, task_id: str) -> list[str]:
+        """Free the task's slot and tell the runs it was handed to; returns those told. Safe to repeat: a repeat
+        tells the same runs (see clone_slots.release_and_hand_over)."""
+        return await clone_slots.release_and_hand_over(self.engine, task_id, self.clone_limits, self.tell_slot_granted)
 
     @activity.defn
     def commit_creation(self, done: FinishInput) -> None:
-        quota.commit(self.engine, done)
+        vm = quota.CreatedVm(done.task_id, done.username, done.vmid, done.node, done.name, _size(done))
+        quota.commit(self.engine, vm)
 
     @activity.defn
     def release_quota(self, task_id: str) -> None:
         quota.release(self.engine, task_id)
+
+
+def _size(wanted: CreateFromBoxInput | FinishInput) -> quota.Size:
+    return quota.Size(cores=wanted.cpu_cores, memory_mb=wanted.memory_mb, disk_gb=wanted.disk_gb)

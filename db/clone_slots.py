@@ -1,26 +1,35 @@
 """Clone slots: how many full clones run at once per node and per storage, with a first-come queue of the
 creations waiting for one. A freed slot is handed to the oldest waiter that fits, in the same transaction,
 so that a waiting run can sleep until it is told instead of asking again and again. Atomic across workers
-and API processes (BEGIN IMMEDIATE on SQLite, a transaction-scoped advisory lock on PostgreSQL)."""
+and API processes (BEGIN IMMEDIATE on SQLite, a transaction-scoped advisory lock on PostgreSQL).
 
-from collections.abc import Iterator
+`release_and_hand_over` is the one way to free a slot and tell its receivers: the workflow's
+`release_clone_slot` activity and the repair tool both use it."""
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from sqlalchemy import Engine, func, text
 from sqlmodel import Session, col, select
 
 from db.engine import session
 from db.models import CloneGrant, CloneSlot, CloneWaiter
-from payloads import CloneSlotRequest
+
+log = logging.getLogger(__name__)
 
 # Any constant: the advisory lock that serialises slot changes on PostgreSQL.
 ADVISORY_LOCK_KEY = 0x0B0C5107
 
 
+@dataclass(frozen=True)
 class Limits:
-    def __init__(self, per_node: int, per_storage: int):
-        self.per_node = per_node
-        self.per_storage = per_storage
+    """Full clones at once per node and per storage (CLONE_LIMIT_PER_NODE, CLONE_LIMIT_PER_STORAGE); 0: none."""
+
+    per_node: int
+    per_storage: int
 
     def fit(self, db: Session, node: str, storage: str) -> bool:
         """True if one more clone fits on the node and the storage (0: no limit)."""
@@ -29,32 +38,31 @@ class Limits:
         return not (self.per_storage and _count(db, CloneSlot.storage == storage) >= self.per_storage)
 
 
-def acquire(engine: Engine, req: CloneSlotRequest, per_node: int, per_storage: int) -> bool:
-    """Take a slot for req.task_id if one is free, else queue the task (once). True if the task holds a slot,
-    perhaps handed over earlier. A newcomer cannot overtake the queue: a release hands freed capacity to the
-    waiters at once, so there is none left over while someone who fits is waiting."""
-    limits = Limits(per_node, per_storage)
+def acquire(engine: Engine, task_id: str, node: str, storage: str, limits: Limits) -> bool:
+    """Take a slot for task_id's clone (from `node`, the template's, onto `storage`) if one is free, else queue
+    the task (once). True if the task holds a slot, perhaps handed over earlier. A newcomer cannot overtake
+    the queue: a release hands freed capacity to the waiters at once, so there is none left over while
+    someone who fits is waiting."""
     with _locked(engine) as db:
-        if db.get(CloneSlot, req.task_id) is not None:
-            _forget_grant(db, req.task_id)  # the slot it was handed is taken up: no need to tell it again
+        if db.get(CloneSlot, task_id) is not None:
+            _forget_grant(db, task_id)  # the slot it was handed is taken up: no need to tell it again
             return True
-        queued = db.get(CloneWaiter, req.task_id)
-        if limits.fit(db, req.node, req.storage):
+        queued = db.get(CloneWaiter, task_id)
+        if limits.fit(db, node, storage):
             if queued is not None:
                 db.delete(queued)
-            db.add(CloneSlot(task_id=req.task_id, node=req.node, storage=req.storage))
+            db.add(CloneSlot(task_id=task_id, node=node, storage=storage))
             return True
         if queued is None:
-            db.add(CloneWaiter(task_id=req.task_id, node=req.node, storage=req.storage))
+            db.add(CloneWaiter(task_id=task_id, node=node, storage=storage))
         return False
 
 
-def release(engine: Engine, task_id: str, per_node: int, per_storage: int) -> list[str]:
+def release(engine: Engine, task_id: str, limits: Limits) -> list[str]:
     """Give up the task's slot (and its place in the queue); hand the freed capacity to the oldest waiters
     that fit. Returns the task ids this task has handed a slot to and that have not taken it up yet, to be
     told so: a repeat of the release (a local activity runs again when a worker died before its answer was
-    recorded) names them again."""
-    limits = Limits(per_node, per_storage)
+    recorded) names them again. Callers that tell runs use `release_and_hand_over`."""
     with _locked(engine) as db:
         for row in (db.get(CloneSlot, task_id), db.get(CloneWaiter, task_id)):
             if row is not None:
@@ -76,6 +84,30 @@ def release(engine: Engine, task_id: str, per_node: int, per_storage: int) -> li
                 db.flush()
                 granted.append(waiter.task_id)
         return granted
+
+
+async def release_and_hand_over(
+    engine: Engine, task_id: str, limits: Limits, tell: Callable[[str], Awaitable[bool]]
+) -> list[str]:
+    """Free task_id's clone slot and tell each run the freed capacity went to; returns the runs told.
+
+    `tell(receiver)` tells one run that it holds a slot now (the workflow's tell signals
+    `CreateFromBoxWorkflow.clone_slot_granted`: `workflows.clone_turns.tell_slot_granted`) and returns False
+    if that run has ended: it cannot use the slot, so its slot is freed in turn and handed on down the line.
+    Safe to call again, for instance after `tell` raised: the release is idempotent and a repeat tells the
+    same receivers again (those that have not taken their slot up yet). A receiver told twice only looks at
+    its slot once more; one never told looks at the queue on its own within minutes (the workflow's
+    SLOT_RECHECK)."""
+    told: list[str] = []
+    to_free = [task_id]
+    while to_free:
+        for receiver in await asyncio.to_thread(release, engine, to_free.pop(), limits):
+            if await tell(receiver):
+                told.append(receiver)
+            else:
+                log.warning("run %s has ended; freeing the clone slot it was given", receiver)
+                to_free.append(receiver)
+    return told
 
 
 def _forget_grant(db: Session, task_id: str) -> None:

@@ -1,6 +1,7 @@
 """Table models. API request/response models live in api/schemas.py, Temporal payloads in payloads.py."""
 
 from datetime import UTC, datetime
+from enum import StrEnum
 
 from sqlalchemy import Index, text
 from sqlmodel import Field, SQLModel
@@ -62,6 +63,14 @@ class Box(SQLModel, table=True):
     template_id: str
 
 
+class ReservationState(StrEnum):
+    """Where a creation's quota stands; stored as its value in `reservation.state` (a plain string column)."""
+
+    HELD = "held"  # the creation is under way
+    COMMITTED = "committed"  # the VM was made: it counts through its Vm row now
+    RELEASED = "released"  # the creation failed or was cancelled: given back
+
+
 class Reservation(SQLModel, table=True):
     """Quota held for one creation, keyed by its task id: held while it runs, then committed or released."""
 
@@ -82,7 +91,7 @@ class Reservation(SQLModel, table=True):
     memory_mb: int
     disk_gb: int
     vmid: int | None = None
-    state: str = Field(default="held", index=True)  # held | committed | released
+    state: str = Field(default=ReservationState.HELD.value, index=True)  # a ReservationState
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 
@@ -130,4 +139,5 @@ class CloneGrant(SQLModel, table=True):
     granted_at: datetime = Field(default_factory=utcnow)
 
 
-HELD, COMMITTED, RELEASED = "held", "committed", "released"
+# Short names, as the rest of the code and the tests use them.
+HELD, COMMITTED, RELEASED = ReservationState.HELD, ReservationState.COMMITTED, ReservationState.RELEASED

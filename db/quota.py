@@ -10,14 +10,7 @@ from sqlmodel import col, select
 
 from db.engine import session
 from db.models import COMMITTED, HELD, RELEASED, Plan, Reservation, User, Vm, utcnow
-from payloads import (
-    MSG_PER_VM_LIMIT,
-    MSG_PLAN_NOT_FOUND,
-    MSG_TOTAL_LIMIT,
-    Failure,
-    FinishInput,
-    ReserveInput,
-)
+from payloads import MSG_PER_VM_LIMIT, MSG_PLAN_NOT_FOUND, MSG_TOTAL_LIMIT, Failure
 
 
 class Refused(Exception):
@@ -31,6 +24,27 @@ class Refused(Exception):
 
 class NoFreeVmid(Exception):
     """Every candidate VMID is held by another live creation; transient (look at PVE again)."""
+
+
+@dataclass(frozen=True)
+class Size:
+    """What one VM takes from its owner's plan."""
+
+    cores: int
+    memory_mb: int
+    disk_gb: int
+
+
+@dataclass(frozen=True)
+class CreatedVm:
+    """A VM the service has made, to be recorded against its owner's plan."""
+
+    task_id: str
+    username: str
+    vmid: int
+    node: str
+    name: str
+    size: Size
 
 
 @dataclass
@@ -83,7 +97,7 @@ def lock_user(db, username: str) -> User | None:  # type: ignore[no-untyped-def]
     return db.exec(select(User).where(User.username == username).with_for_update()).first()
 
 
-def pick_vmid(db, free_vmids: list[int], free_ranges: list[list[int]]) -> int:  # type: ignore[no-untyped-def]
+def pick_vmid(db, free_ranges: list[list[int]]) -> int:  # type: ignore[no-untyped-def]
     """The lowest VMID that PVE showed free and that the service has not given out: neither held by a live
     creation (not on PVE yet) nor one of its VMs (PVE's answer may be a moment old)."""
     # One statement, so one snapshot: a commit moving a creation from held to a VM record lands in one of them.
@@ -98,86 +112,84 @@ def pick_vmid(db, free_vmids: list[int], free_ranges: list[list[int]]) -> int:  
             vmid += 1
         if vmid <= last:
             return vmid
-    vmid_or_none = next((v for v in free_vmids if v not in ours), None)
-    if vmid_or_none is None:
-        raise NoFreeVmid("every VMID PVE showed free is held by another creation")
-    return vmid_or_none
+    raise NoFreeVmid("every VMID PVE showed free is held by another creation")
 
 
-def reserve(engine: Engine, req: ReserveInput) -> int:
-    """Check the plan and hold the quota and a VMID for req.task_id; returns the VMID."""
+def reserve(engine: Engine, task_id: str, username: str, size: Size, free_ranges: list[list[int]]) -> int:
+    """Check the plan and hold the quota and a VMID (the lowest free one in `free_ranges`, inclusive
+    [first, last] ranges from PVE) for task_id; returns the VMID."""
     with session(engine) as db, db.begin():
-        user = lock_user(db, req.username)  # first: one user's slow transaction holds up only that user
+        user = lock_user(db, username)  # first: one user's slow transaction holds up only that user
         _lock_vmids(db)
-        existing = db.get(Reservation, req.task_id)
+        existing = db.get(Reservation, task_id)
         if existing is not None and existing.state != RELEASED and existing.vmid is not None:
             return existing.vmid  # a retry of a reservation made (or committed) already
         plan = db.get(Plan, user.plan_id) if user is not None and user.plan_id else None
         if plan is None:
             raise Refused(Failure.PLAN_NOT_FOUND, MSG_PLAN_NOT_FOUND)
         if (
-            req.cpu_cores > plan.per_vm_cores
-            or req.memory_mb > plan.per_vm_memory_mb
-            or req.disk_gb > plan.per_vm_disk_gb
+            size.cores > plan.per_vm_cores
+            or size.memory_mb > plan.per_vm_memory_mb
+            or size.disk_gb > plan.per_vm_disk_gb
         ):
             raise Refused(Failure.PER_VM_LIMIT, MSG_PER_VM_LIMIT)
-        used = usage_of(db, req.username)
+        used = usage_of(db, username)
         if (
-            used.cores + req.cpu_cores > plan.total_cores
-            or used.memory_mb + req.memory_mb > plan.total_memory_mb
-            or used.disk_gb + req.disk_gb > plan.total_disk_gb
+            used.cores + size.cores > plan.total_cores
+            or used.memory_mb + size.memory_mb > plan.total_memory_mb
+            or used.disk_gb + size.disk_gb > plan.total_disk_gb
             or (plan.total_vms is not None and used.vms + 1 > plan.total_vms)
         ):
             raise Refused(Failure.TOTAL_LIMIT, MSG_TOTAL_LIMIT)
-        vmid = pick_vmid(db, req.free_vmids, req.free_ranges)
+        vmid = pick_vmid(db, free_ranges)
         if existing is not None:
             # Released by a cleanup, and now the run goes on again (reset from the Web UI): hold it anew.
             db.delete(existing)
             db.flush()
         db.add(
             Reservation(
-                task_id=req.task_id,
-                username=req.username,
-                cores=req.cpu_cores,
-                memory_mb=req.memory_mb,
-                disk_gb=req.disk_gb,
+                task_id=task_id,
+                username=username,
+                cores=size.cores,
+                memory_mb=size.memory_mb,
+                disk_gb=size.disk_gb,
                 vmid=vmid,
             )
         )
         return vmid
 
 
-def reassign_vmid(engine: Engine, task_id: str, free_vmids: list[int], free_ranges: list[list[int]]) -> int:
+def reassign_vmid(engine: Engine, task_id: str, free_ranges: list[list[int]]) -> int:
     """Move the task's held reservation to another VMID (its own was taken outside the service)."""
     with session(engine) as db, db.begin():
         _lock_vmids(db)
         reservation = db.get(Reservation, task_id)
         if reservation is None or reservation.state != HELD:
             raise Refused(Failure.CLONE_FAILED, "the task holds no reservation")
-        vmid = pick_vmid(db, free_vmids, free_ranges)
+        vmid = pick_vmid(db, free_ranges)
         reservation.vmid = vmid
         reservation.updated_at = utcnow()
         return vmid
 
 
-def commit(engine: Engine, done: FinishInput) -> None:
+def commit(engine: Engine, vm: CreatedVm) -> None:
     """Record the created VM and turn its reservation into usage, once."""
     with session(engine) as db, db.begin():
-        lock_user(db, done.username)
-        if db.get(Vm, done.task_id) is None:
+        lock_user(db, vm.username)
+        if db.get(Vm, vm.task_id) is None:
             db.add(
                 Vm(
-                    task_id=done.task_id,
-                    username=done.username,
-                    vmid=done.vmid,
-                    node=done.node,
-                    name=done.name,
-                    cores=done.cpu_cores,
-                    memory_mb=done.memory_mb,
-                    disk_gb=done.disk_gb,
+                    task_id=vm.task_id,
+                    username=vm.username,
+                    vmid=vm.vmid,
+                    node=vm.node,
+                    name=vm.name,
+                    cores=vm.size.cores,
+                    memory_mb=vm.size.memory_mb,
+                    disk_gb=vm.size.disk_gb,
                 )
             )
-        reservation = db.get(Reservation, done.task_id)
+        reservation = db.get(Reservation, vm.task_id)
         if reservation is not None and reservation.state != COMMITTED:
             reservation.state = COMMITTED
             reservation.updated_at = utcnow()

@@ -12,20 +12,23 @@ from sqlalchemy import Engine, event
 
 from db import quota
 from db.models import COMMITTED, HELD, RELEASED
-from payloads import Failure, FinishInput, ReserveInput
+from payloads import Failure
 from tests.conftest import reservations
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 
+SMALL = quota.Size(cores=1, memory_mb=1024, disk_gb=10)
+TINY = quota.Size(cores=1, memory_mb=1, disk_gb=1)
+
+
+def created(task_id: str, vmid: int) -> quota.CreatedVm:
+    return quota.CreatedVm(task_id, "alice", vmid, "pve2", "x", SMALL)
+
 
 def attempt(engine: Engine, i: int) -> Any:
     try:
-        return quota.reserve(
-            engine,
-            ReserveInput(
-                task_id=f"t{i}", username="alice", cpu_cores=1, memory_mb=1024, disk_gb=10, free_vmids=[1000 + i]
-            ),  # a VMID of its own: only the quota lock orders them
-        )
+        # A VMID of its own: only the quota lock orders them.
+        return quota.reserve(engine, f"t{i}", "alice", SMALL, free_ranges=[[1000 + i, 1000 + i]])
     except quota.Refused as refused:
         return refused.failure
 
@@ -47,9 +50,7 @@ def test_release_and_commit_happen_once(engine: Engine) -> None:
     assert [r.state for r in reservations(engine)] == [RELEASED]
 
     assert attempt(engine, 2) == 1002
-    done = FinishInput(
-        task_id="t2", username="alice", vmid=1002, node="pve2", name="x", cpu_cores=1, memory_mb=1024, disk_gb=10
-    )
+    done = created("t2", 1002)
     quota.commit(engine, done)
     quota.commit(engine, done)
     assert quota.release(engine, "t2") is False  # committed quota is not given back by a late cleanup
@@ -62,13 +63,7 @@ def test_vmids_come_from_the_free_ranges_skipping_what_the_service_gave_out(engi
 
     ranges = free_vmid_ranges({100, 101, 103, 9000})
     assert ranges == [[102, 102], [104, 8999], [9001, 999_999_999]]
-    picked = [
-        quota.reserve(
-            engine,
-            ReserveInput(task_id=f"r{i}", username="alice", cpu_cores=1, memory_mb=1, disk_gb=1, free_ranges=ranges),
-        )
-        for i in range(3)
-    ]
+    picked = [quota.reserve(engine, f"r{i}", "alice", TINY, ranges) for i in range(3)]
     # 102, then past the held ones; none of them collides with another creation in flight.
     assert picked == [102, 104, 105]
 
@@ -80,10 +75,7 @@ def test_creations_of_different_users_never_pick_the_same_vmid(engine: Engine) -
 
     def reserve_for(i: int) -> Any:
         user = ("alice", "bob")[i % 2]
-        return quota.reserve(
-            engine,
-            ReserveInput(task_id=f"u{i}", username=user, cpu_cores=1, memory_mb=1, disk_gb=1, free_ranges=ranges),
-        )
+        return quota.reserve(engine, f"u{i}", user, TINY, ranges)
 
     with ThreadPoolExecutor(10) as pool:
         vmids = list(pool.map(reserve_for, range(10)))
@@ -96,10 +88,7 @@ def test_a_commit_during_the_usage_check_is_counted(engine: Engine) -> None:
     lands exactly between the admission's two reads, when nothing orders them."""
     for i in range(5):  # plan "small": at most 5 VMs in total, all held now
         assert attempt(engine, i) == 1000 + i
-    first = FinishInput(
-        task_id="t0", username="alice", vmid=1000, node="pve2", name="x", cpu_cores=1, memory_mb=1024, disk_gb=10
-    )
-    committing = threading.Thread(target=quota.commit, args=(engine, first))
+    committing = threading.Thread(target=quota.commit, args=(engine, created("t0", 1000)))
 
     def commit_now(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         if "sum(reservation.cores)" in statement and committing.ident is None:

@@ -1,0 +1,97 @@
+"""How CreateFromBoxWorkflow calls its activities: retry policies, timeouts and budgets, each with its reason,
+and the call shapes used more than once."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, TypeVar, overload
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from activities.db import DbActivities
+    from activities.pve import PveActivities
+    from payloads import PVE_TASK_FAILED, PVE_TASK_FAILED_TRANSIENT, VMID_TAKEN, Failure
+
+T = TypeVar("T")
+A = TypeVar("A")
+
+FINAL_FAILURES = [f.value for f in Failure] + [PVE_TASK_FAILED, PVE_TASK_FAILED_TRANSIENT, VMID_TAKEN]
+
+# PVE calls: dropped connections, lock timeouts and 5xx are retried with backoff for a while (PVE_BUDGET),
+# then the step fails. A budget of time, not of attempts: a step of several requests on a network that
+# drops one in four fails most attempts, yet succeeds within a minute. At most 10 s between attempts: a
+# PVE lock or a node that comes back is used soon after.
+PVE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+    non_retryable_error_types=FINAL_FAILURES,
+)
+PVE_BUDGET = timedelta(minutes=5)
+# Activities that change PVE heartbeat every 2 s even while blocked in a PVE call: a worker killed in the
+# middle of one is noticed this soon, and the step goes on elsewhere.
+PVE_HEARTBEAT = timedelta(seconds=10)
+# Waiting for a long PVE task: each attempt is one look, a retry the next. Nothing is held between looks,
+# and they grow apart with the task's age, to one every 20 s.
+POLL_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=1.5,
+    maximum_interval=timedelta(seconds=20),
+    non_retryable_error_types=FINAL_FAILURES,
+)
+# Cleanup must happen in the end, however long PVE (or the database) is in trouble.
+CLEANUP_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=1),
+)
+# A database step takes milliseconds; a few quick retries ride over a lock held for a moment.
+DB_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    maximum_attempts=10,
+    non_retryable_error_types=FINAL_FAILURES,
+)
+DB_TIMEOUT = timedelta(seconds=30)
+CLONE_TIMEOUT = timedelta(hours=2)
+VMID_CHANGES = 3  # how often a VMID taken outside the service is replaced before the clone fails
+CLONE_STARTS = 3  # a clone that failed on a lock another task held is started again, this often
+SLOT_RECHECK = timedelta(minutes=5)  # a waiting run looks at the queue this often even if nobody tells it
+
+
+# Database steps take milliseconds: local activities (no round trip through the server), with these options.
+@overload
+def db_step(
+    activity: Callable[[DbActivities, A], Awaitable[T]], arg: A, retry_policy: RetryPolicy = DB_RETRY
+) -> Awaitable[T]: ...
+@overload
+def db_step(activity: Callable[[DbActivities, A], T], arg: A, retry_policy: RetryPolicy = DB_RETRY) -> Awaitable[T]: ...
+def db_step(activity: Callable[[DbActivities, A], Any], arg: A, retry_policy: RetryPolicy = DB_RETRY) -> Awaitable[Any]:
+    return workflow.execute_local_activity_method(
+        activity, arg, start_to_close_timeout=DB_TIMEOUT, retry_policy=retry_policy
+    )
+
+
+def watch_clone(activity: Callable[[PveActivities, A], None], arg: A) -> Awaitable[None]:
+    """Wait for the clone to end: each attempt is one look at PVE, the retry policy spaces them."""
+    return workflow.execute_activity_method(
+        activity,
+        arg,
+        start_to_close_timeout=timedelta(seconds=30),
+        schedule_to_close_timeout=CLONE_TIMEOUT,
+        retry_policy=POLL_RETRY,
+    )
+
+
+def pve_change(activity: Callable[[PveActivities, A], T], arg: A, start_to_close_timeout: timedelta) -> Awaitable[T]:
+    """A step that changes PVE: it heartbeats while PVE works, and transient errors are retried for PVE_BUDGET."""
+    return workflow.execute_activity_method(
+        activity,
+        arg,
+        start_to_close_timeout=start_to_close_timeout,
+        heartbeat_timeout=PVE_HEARTBEAT,
+        schedule_to_close_timeout=PVE_BUDGET,
+        retry_policy=PVE_RETRY,
+    )
