@@ -9,9 +9,10 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlmodel import col, select
 
-from db.engine import init_db, make_engine, session
+from db.engine import make_engine, session
 from db.load import LoadError, load_admin_data
 from db.models import Box, Plan, Reservation, SessionToken, Template, TemplateUser, User, Vm
+from db.schema import SchemaError, head, require_current, state, upgrade
 from db.tokens import new_token, token_hash
 from settings import get_settings
 
@@ -21,9 +22,36 @@ class CliError(Exception):
 
 
 def _engine() -> Engine:
+    """The database, refused unless it is at the schema this version needs (`boxctl db upgrade` brings it there)."""
     engine = make_engine(get_settings().database_url)
-    init_db(engine)
+    try:
+        require_current(engine)
+    except SchemaError as exc:
+        engine.dispose()
+        raise CliError(str(exc)) from None
     return engine
+
+
+def cmd_db_upgrade(_args: argparse.Namespace) -> None:
+    engine = make_engine(get_settings().database_url)
+    try:
+        before = upgrade(engine)
+        current, meaning = state(engine)
+    except SchemaError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        engine.dispose()
+    print(meaning if before == current else f"{meaning}, upgraded from {before or 'no revision'}")
+
+
+def cmd_db_current(_args: argparse.Namespace) -> int:
+    engine = make_engine(get_settings().database_url)
+    try:
+        current, meaning = state(engine)
+    finally:
+        engine.dispose()
+    print(meaning)
+    return 0 if current == head() else 1
 
 
 def _cell(value: Any) -> str:
@@ -179,7 +207,8 @@ def cmd_reservations(args: argparse.Namespace) -> None:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    """Report (and with --fix repair) drift between PVE, the database and Temporal; 1 if any remains."""
+    """Report (and with --fix repair) drift between PVE, the database and Temporal; 1 while any remains or
+    something could not be checked."""
     import asyncio
 
     from reconcile import ReconcileError, reconcile
@@ -206,6 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
+    database = commands.add_parser("db", help="the database's schema")
+    database_commands = database.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    for name, handler, text in (
+        (
+            "upgrade",
+            cmd_db_upgrade,
+            "bring the database to the schema of this version, its data kept (also an empty one, or one made "
+            "before schema migrations); the other commands, the API and the worker need it",
+        ),
+        ("current", cmd_db_current, "print the database's schema revision; exit status 1 unless it is current"),
+    ):
+        database_commands.add_parser(name, help=text, description=text).set_defaults(handler=handler)
+
     add("load", cmd_load, "upsert plans, users, templates and boxes from a JSON file").add_argument("file")
 
     token = commands.add_parser("token", help="manage session tokens")
@@ -225,9 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "reconcile",
         cmd_reconcile,
-        "compare PVE with the database and Temporal: orphan VMs, stale reservations, VMs deleted on PVE; "
-        "exit status 1 while any remain",
-    ).add_argument("--fix", action="store_true", help="repair what is found (destroy orphan VMs, ...)")
+        "compare PVE with the database and Temporal: VMs carrying the marker of a task that owns nothing and "
+        "is not running (orphans), reservations and clone slots of tasks not running, VMs gone from PVE or "
+        "back on it; exit status 1 while any remain or something could not be checked",
+    ).add_argument(
+        "--fix",
+        action="store_true",
+        help="repair what is found: destroy orphan VMs, release the reservations, free the clone slots (handing "
+        "them to the next waiting runs), mark VMs gone from PVE deleted and count VMs back on PVE again; "
+        "a VM without the marker is never touched",
+    )
     return parser
 
 

@@ -11,7 +11,8 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.routes import vm_manage
 from api.temporal import TemporalConnection
-from db.engine import init_db, make_engine
+from db.engine import make_engine
+from db.schema import require_current
 from settings import Settings, get_settings
 
 log = logging.getLogger("api")
@@ -22,7 +23,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings or get_settings()
         app.state.engine = make_engine(app.state.settings.database_url)
-        init_db(app.state.engine)
+        # Once, at start: an API on tables of another schema version would fail requests instead (SchemaError,
+        # naming what to run, ends the startup).
+        require_current(app.state.engine)
         app.state.temporal = TemporalConnection(app.state.settings)
         # Connect early so the first request is fast; a server that is down now is retried per request.
         with suppress(Exception):

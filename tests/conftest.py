@@ -21,12 +21,13 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.pve_client import PveClient
 from api.app import create_app
-from db.engine import init_db, make_engine, session
+from db.engine import make_engine, session
 from db.load import load_admin_data
 from db.models import Reservation, Vm
+from db.schema import upgrade
 from dev.fakepve_cluster import TEMPLATE_VMID, seed
+from pve.client import PveClient
 from settings import Settings
 from tests.factories import ADMIN_DATA
 from worker import ACTIVITY_THREADS, build_worker, ensure_search_attributes
@@ -110,7 +111,7 @@ def one_clone_per_node(settings: Settings) -> Settings:
 @pytest.fixture
 def engine(settings: Settings) -> Iterator[Engine]:
     engine = make_engine(settings.database_url)
-    init_db(engine)
+    upgrade(engine)
     load_admin_data(engine, ADMIN_DATA)
     yield engine
     engine.dispose()

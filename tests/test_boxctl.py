@@ -14,9 +14,10 @@ from sqlmodel import SQLModel, select
 
 import boxctl
 import settings
-from db.engine import init_db, make_engine, session
+from db.engine import make_engine, session
 from db.load import LoadError, load_admin_data
 from db.models import Box, Plan, Reservation, SessionToken, Template, TemplateUser, User, Vm
+from db.schema import upgrade
 from db.tokens import token_hash, username_for
 
 TOKEN = "a-session-token-of-at-least-32-chars"
@@ -72,14 +73,14 @@ def db_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def engine(db_path: Path) -> Iterator[Engine]:
     engine = make_engine(f"sqlite:///{db_path}")
-    init_db(engine)
+    upgrade(engine)
     yield engine
     engine.dispose()
 
 
 @pytest.fixture
-def cli_env(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Point boxctl at the test database; settings are cached, so clear them on both sides."""
+def cli_env(engine: Engine, db_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Point boxctl at the test database (upgraded by `engine`); settings are cached, so clear them on both sides."""
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{db_path}")
     settings.get_settings.cache_clear()
     yield
@@ -483,7 +484,7 @@ def pg_engine() -> Iterator[Engine]:
         admin.execute(f'CREATE DATABASE "{name}"')
         engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
         try:
-            init_db(engine)
+            upgrade(engine)
             yield engine
         finally:
             engine.dispose()
