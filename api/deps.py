@@ -1,4 +1,5 @@
-"""Dependencies shared by the routes: settings, database engine, Temporal client and the current user."""
+"""Dependencies shared by the routes: settings, database engine, Temporal client, the current user and the
+task of the path that is theirs."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from fastapi import Depends, Header, Request
 from sqlalchemy import Engine
 from temporalio.client import Client
 
-from api.errors import ApiError
+from api.errors import TEMPORAL_UNAVAILABLE, ApiError
+from api.task_state import Task, owned_task
 from db.tokens import username_for
 from settings import Settings
 
 UNAUTHORIZED = "Missing or invalid Bearer token"
-TEMPORAL_UNAVAILABLE = "Service unavailable: the workflow service cannot be reached, try again later"
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -49,3 +50,11 @@ def current_user(engine: EngineDep, authorization: Annotated[str | None, Header(
 
 
 CurrentUser = Annotated[str, Depends(current_user)]
+
+
+async def get_owned_task(task_id: str, username: CurrentUser, client: TemporalDep) -> Task:
+    """The task named in the path, if the caller started it; 404 otherwise."""
+    return await owned_task(client, task_id, username)
+
+
+OwnedTask = Annotated[Task, Depends(get_owned_task)]

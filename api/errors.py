@@ -10,19 +10,34 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.schemas import ErrorAnswer
+
 log = logging.getLogger("api")
+
+TEMPORAL_UNAVAILABLE = "Service unavailable: the workflow service cannot be reached, try again later"
 
 
 class ApiError(Exception):
-    def __init__(self, code: int, message: str, data: Any = None):
+    def __init__(self, code: int, message: str):
         super().__init__(message)
         self.code = code
         self.message = message
-        self.data = data
 
 
-def envelope(code: int, message: str, data: Any = None) -> JSONResponse:
-    return JSONResponse(status_code=code, content={"code": code, "message": message, "data": data})
+def envelope(code: int, message: str) -> JSONResponse:
+    """An error answer: the ErrorAnswer that /openapi.json documents, `data` null."""
+    return JSONResponse(status_code=code, content=ErrorAnswer(code=code, message=message, data=None).model_dump())
+
+
+def error_responses(answers: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the error answers of an endpoint (status: when it comes). Any other status is
+    the same envelope; declaring that as the default also keeps FastAPI from documenting its validation 422,
+    which this API answers as a 400 (see `_invalid` below)."""
+    responses: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorAnswer, "description": when} for code, when in answers.items()
+    }
+    responses["default"] = {"model": ErrorAnswer, "description": "Any other error, in the same envelope"}
+    return responses
 
 
 def describe_validation_error(error: dict[str, Any]) -> str:
@@ -49,7 +64,7 @@ def describe_validation_error(error: dict[str, Any]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return envelope(exc.code, exc.message, exc.data)
+        return envelope(exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

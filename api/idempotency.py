@@ -1,0 +1,79 @@
+"""Idempotency-Key: a retried POST answers what the first one answered and creates nothing new, whichever API
+process it reaches. The user and key name the run (a keyed task id), and every run keeps the digest of the
+request that started it in its memo, so that the same key with another request is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import TYPE_CHECKING
+
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
+
+from api.errors import ApiError
+from api.task_state import Task, find_task
+from payloads import MSG_CLONE_FAILED, MSG_UNAVAILABLE, Admission, CreateFromBoxInput
+
+if TYPE_CHECKING:  # api.admission records request_memo() on every run it starts
+    from api.admission import Admitter
+
+MSG_KEY_REUSED = "This Idempotency-Key was already used with a different request"
+# The memo key under which a run keeps the digest of the request that started it.
+REQUEST_MEMO = "request"
+# Looks at the key's run, each after a concurrent repeat started it between our look and our own start.
+ATTEMPTS = 3
+
+
+def keyed_task_id(username: str, key: str) -> str:
+    """The same user and Idempotency-Key always name the same run, whichever API process is asked."""
+    return "clone-k" + hashlib.sha256(f"{username}\0{key}".encode()).hexdigest()[:32]
+
+
+def request_digest(input: CreateFromBoxInput) -> str:
+    fields = dataclasses.asdict(input)
+    fields.pop("admit_by")  # set anew by each attempt
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def request_memo(input: CreateFromBoxInput) -> dict[str, str]:
+    return {REQUEST_MEMO: request_digest(input)}
+
+
+async def admit_once(admitter: Admitter, task_id: str, input: CreateFromBoxInput) -> Admission:
+    """Admit under an Idempotency-Key (`task_id` from keyed_task_id): the first request starts the run; a
+    repeat of it gets the first answer; the same key with another request is refused."""
+    digest = request_digest(input)
+    for _ in range(ATTEMPTS):
+        try:
+            task = await find_task(admitter.client, task_id)
+        except RPCError as exc:
+            raise ApiError(503, MSG_UNAVAILABLE) from exc
+        if task is None or given_up(task):
+            # Nothing was created under this key (or the earlier attempt answered 503): start afresh.
+            try:
+                return await admitter.admit(task_id, input)
+            except WorkflowAlreadyStartedError:
+                continue  # a concurrent repeat started it first: answer what it answers
+        if task.memo.get(REQUEST_MEMO) != digest:
+            raise ApiError(422, MSG_KEY_REUSED)
+        if not task.ended:
+            return await admitter.join(task_id)
+        return first_answer(task)
+    raise ApiError(503, MSG_UNAVAILABLE)
+
+
+def given_up(task: Task) -> bool:
+    """The run ended unadmitted because its request answered 503, or before it published any state."""
+    state = task.state
+    return task.ended and (state is None or (state.vmid is None and state.result_code == 503))
+
+
+def first_answer(task: Task) -> Admission:
+    """What the first request answered, read from its ended run: the admission (the 200), or the refusal."""
+    state = task.state
+    assert state is not None, "an ended run without a state is given up"
+    if state.vmid is not None:
+        return Admission(task_id=task.id, vmid=state.vmid, vm_name=state.vm_name, node=state.node)
+    raise ApiError(state.result_code or 500, state.result_message or MSG_CLONE_FAILED)
