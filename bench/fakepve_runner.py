@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import re
 from collections import Counter
 from typing import Any
 
 from aiohttp import web
 
-from dev.fakepve_server import make_fake, start
+from dev.fakepve_server import arguments, make_fake, run, start
 
 CEPH = "ceph"
 PREFIX = re.compile(r"^/api2/(json|extjs)/")
@@ -96,18 +95,10 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser = arguments(__doc__.splitlines()[0], time_scale=1.0)
     parser.add_argument("--control-port", type=int, required=True)
-    parser.add_argument("--user", default="root@pam")
-    parser.add_argument("--password", default="secret")
-    parser.add_argument("--time-scale", type=float, default=1.0, help="real seconds per PVE second")
     parser.add_argument("--ceph-slow", type=float, default=2.0, help="PVE seconds a clone onto `ceph` takes")
-    parser.add_argument("--ca-out", required=True, help="where to write the CA certificate clients verify with")
-    args = parser.parse_args()
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args))
+    run(serve, parser.parse_args())
 
 
 if __name__ == "__main__":

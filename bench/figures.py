@@ -18,7 +18,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 
 from bench import script
 from bench.baseline import BareAdmissionWorkflow, SixNoOpsWorkflow
-from bench.stack import BASELINE_QUEUE, BOX_ID, HOST, Stack, cpu_seconds, log, rss_mb
+from bench.stack import BASELINE_QUEUE, BOX_ID, HOST, BenchStack, cpu_seconds, log, rss_mb
 from bench.timeline import RunSummary, summary, timeline
 
 CREATE = "/api/v1/vm/manage/createFromBoxTemplate"
@@ -49,7 +49,7 @@ class Outcome:
 
 @dataclass
 class Bench:
-    stack: Stack
+    stack: BenchStack
     client: Client
     http: httpx.AsyncClient
     # Filled by the end-to-end figure, read by the in-flight one: the script's status looks per minute.
@@ -386,9 +386,9 @@ async def throughput(bench: Bench, total: int, clients: int = 8) -> Outcome:
     return Outcome([row], notes)
 
 
-def cpu_snapshot(stack: Stack) -> dict[str, float]:
+def cpu_snapshot(stack: BenchStack) -> dict[str, float]:
     """CPU seconds used so far by each process of the stack, and by this harness process."""
-    snapshot = {proc.name: cpu_seconds(proc.pid) for proc in stack.procs if proc.popen.poll() is None}
+    snapshot = {proc.name: cpu_seconds(proc.pid) for proc in stack.procs if proc.alive()}
     times = os.times()
     snapshot["harness"] = times.user + times.system
     return snapshot

@@ -29,7 +29,7 @@ from temporalio.client import Client
 from bench import figures
 from bench.figures import Bench, Outcome, Row
 from bench.report import BENCHMARKS, table, write_benchmarks
-from bench.stack import TOKEN, Stack, StackError, log
+from bench.stack import TOKEN, BenchStack, StackError, log
 
 FIGURE_KEYS = {
     "end_to_end": [("1", "End-to-end time of one creation"), ("2", "PVE API requests per creation")],
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def measure(stack: Stack, args: argparse.Namespace) -> tuple[list[Row], list[str]]:
+async def measure(stack: BenchStack, args: argparse.Namespace) -> tuple[list[Row], list[str]]:
     rows: list[Row] = []
     notes: list[str] = []
     client = await Client.connect(stack.temporal_address)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     workdir = Path(tempfile.mkdtemp(prefix="pve-boxes-bench-"))
-    stack = Stack(workdir, extra_env=dict(item.split("=", 1) for item in args.env))
+    stack = BenchStack(workdir, extra_env=dict(item.split("=", 1) for item in args.env))
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     if load_before >= 0.5:

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from fakepve import FakePve
 from fakepve.certs import make_cert
@@ -44,17 +46,26 @@ async def serve(args: argparse.Namespace) -> None:
     await asyncio.Event().wait()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(description: str, time_scale: float) -> argparse.ArgumentParser:
+    """The options every fakepve runner takes (this one's and bench/fakepve_runner.py's)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8006)
     parser.add_argument("--user", default="root@pam")
     parser.add_argument("--password", default="secret")
-    parser.add_argument("--time-scale", type=float, default=0.05, help="real seconds per PVE second")
+    parser.add_argument("--time-scale", type=float, default=time_scale, help="real seconds per PVE second")
     parser.add_argument("--ca-out", required=True, help="where to write the CA certificate clients verify with")
-    args = parser.parse_args()
+    return parser
+
+
+def run(serve: Callable[[argparse.Namespace], Coroutine[Any, Any, None]], args: argparse.Namespace) -> None:
+    """Serve until the process is stopped; Ctrl-C ends it without a traceback."""
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(args))
+
+
+def main() -> None:
+    run(serve, arguments(__doc__.splitlines()[0], time_scale=0.05).parse_args())
 
 
 if __name__ == "__main__":

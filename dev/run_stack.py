@@ -11,28 +11,21 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+from dev.stack import HOST, ROOT, Stack, StackError, fakepve_settings, settings_env
+
 VAR = ROOT / "var"
 LOGS = VAR / "log"
-BIN = Path(sys.executable).parent
-HOST = "127.0.0.1"
 TEMPORAL_PORT = int(os.environ.get("RUN_TEMPORAL_PORT", 7233))
 UI_PORT = int(os.environ.get("RUN_UI_PORT", 8233))
 PVE_PORT = int(os.environ.get("RUN_PVE_PORT", 8006))
 API_PORT = int(os.environ.get("RUN_API_PORT", 8000))
 DEMO_TOKEN = "demo-token-0123456789abcdefghijklmnop"
 BOX_ID = "60d5ec49f1b2c8a1e4d3b2a1"
-
-
-class StackError(Exception):
-    pass
 
 
 def port_taken(port: int) -> bool:
@@ -50,71 +43,11 @@ def port_taken(port: int) -> bool:
     return False
 
 
-def wait_for_port(name: str, port: int, process: subprocess.Popen[bytes], seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise StackError(f"{name} exited with code {process.returncode}; see {LOGS / (name + '.log')}")
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex((HOST, port)) == 0:
-                return
-        time.sleep(0.2)
-    raise StackError(f"{name} did not listen on {HOST}:{port} within {seconds:.0f} s; see {LOGS / (name + '.log')}")
-
-
-class Stack:
-    def __init__(self) -> None:
-        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = (LOGS / f"{name}.log").open("ab")
-        # A process group of its own: Ctrl-C reaches us once, and we stop the children in order.
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self.processes.append((name, process))
-        return process
-
-    def stop(self) -> None:
-        for _name, process in reversed(self.processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for _name, process in reversed(self.processes):
-            try:
-                process.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-    def first_dead(self) -> str | None:
-        for name, process in self.processes:
-            if process.poll() is not None:
-                return f"{name} exited with code {process.returncode}; see {LOGS / (name + '.log')}"
-        return None
-
-
 def app_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("DATABASE_URL", f"sqlite:///{VAR / 'app.db'}")
-    env.update(
-        TEMPORAL_ADDRESS=f"{HOST}:{TEMPORAL_PORT}",
-        PVE_HOST=HOST,
-        PVE_PORT=str(PVE_PORT),
-        PVE_USER="root@pam",
-        PVE_PASSWORD="secret",
-        PVE_VERIFY_SSL="true",
-        PVE_CA_FILE=str(VAR / "fakepve-ca.pem"),
-    )
-    env.pop("PVE_TOKEN_NAME", None)
-    env.pop("PVE_TOKEN_VALUE", None)
-    return env
+    """The worker's and the API's environment: this stack's Temporal and fakepve; DATABASE_URL and the other
+    settings as the caller's environment (or .env) gives them."""
+    database_url = os.environ.get("DATABASE_URL", f"sqlite:///{VAR / 'app.db'}")
+    return settings_env(fakepve_settings(database_url, TEMPORAL_PORT, PVE_PORT, VAR / "fakepve-ca.pem"))
 
 
 def demo_request(api: str) -> None:
@@ -156,7 +89,7 @@ def main() -> int:
         )
         return 1
 
-    stack = Stack()
+    stack = Stack(LOGS)
     env = app_env()
     stop_requested = False
 
@@ -168,53 +101,19 @@ def main() -> int:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         print(f"Starting Temporal (file-backed: {VAR / 'temporal.db'}) ...")
-        temporal = stack.start(
-            "temporal",
-            [
-                str(BIN / "temporal"),
-                "server",
-                "start-dev",
-                "--db-filename",
-                str(VAR / "temporal.db"),
-                "--ip",
-                HOST,
-                "--port",
-                str(TEMPORAL_PORT),
-                "--ui-port",
-                str(UI_PORT),
-                "--log-level",
-                "warn",
-            ],
-            env,
-        )
+        temporal = stack.temporal(VAR / "temporal.db", TEMPORAL_PORT, UI_PORT)
         print("Starting fakepve (nodes pve1 and pve2, shared storage NFS, template VM 9000) ...")
-        pve = stack.start(
-            "fakepve",
-            [
-                sys.executable,
-                "-m",
-                "dev.fakepve_server",
-                "--host",
-                HOST,
-                "--port",
-                str(PVE_PORT),
-                "--ca-out",
-                str(VAR / "fakepve-ca.pem"),
-            ],
-            env,
-        )
-        wait_for_port("temporal", TEMPORAL_PORT, temporal)
-        wait_for_port("fakepve", PVE_PORT, pve)
+        pve = stack.fakepve("dev.fakepve_server", PVE_PORT, VAR / "fakepve-ca.pem")
+        temporal.wait_ready()
+        pve.wait_ready()
 
         print("Loading the demo data (dev/demo.json) ...")
-        subprocess.run([str(BIN / "boxctl"), "load", str(ROOT / "dev" / "demo.json")], cwd=ROOT, env=env, check=True)
+        stack.prepare_database(env, ROOT / "dev" / "demo.json")
 
         print("Starting the worker and the API ...")
-        stack.start("worker", [sys.executable, "worker.py"], env)
-        api_process = stack.start(
-            "api", [str(BIN / "uvicorn"), "api.app:app", "--host", HOST, "--port", str(API_PORT)], env
-        )
-        wait_for_port("api", API_PORT, api_process)
+        worker, api_process = stack.worker(env), stack.api(env, API_PORT)
+        worker.wait_ready()
+        api_process.wait_ready()
         api = f"http://{HOST}:{API_PORT}"
         demo_request(api)
 
@@ -233,13 +132,11 @@ Press Ctrl-C to stop everything.""",
             flush=True,
         )
         while not stop_requested:
-            dead = stack.first_dead()
-            if dead:
-                raise StackError(dead)
+            stack.check_alive()
             time.sleep(0.5)
         print("\nStopping ...")
         return 0
-    except (StackError, subprocess.CalledProcessError, httpx.HTTPError) as exc:
+    except (StackError, httpx.HTTPError) as exc:
         print(f"make run: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -28,12 +28,12 @@ from db.engine import session
 from db.load import load_admin_data
 from db.models import COMMITTED, HELD, CloneGrant, CloneSlot
 from dev.fakepve_cluster import TEMPLATE_VMID
+from dev.stack import HOST, Proc, Stack, free_port, settings_env
 from payloads import OWNER_MARK
 from reconcile import reconcile
 from settings import Settings
-from tests.conftest import TEMPORAL_BIN, created_vms, reservations, vm_records
+from tests.conftest import created_vms, reservations, vm_records
 from tests.factories import auth, body
-from tests.processes import ApiProcess, TemporalServer, WorkerProcess
 
 pytestmark = [
     pytest.mark.slow,
@@ -71,19 +71,21 @@ class Cluster:
     def __init__(self, settings: Settings, tmp: Path):
         self.settings = settings
         self.tmp = tmp
-        assert TEMPORAL_BIN
-        self.temporal = TemporalServer(TEMPORAL_BIN, tmp / "temporal.db", tmp / "temporal.log")
-        settings.temporal_address = self.temporal.address
-        self.workers: list[WorkerProcess] = []
-        self.api: ApiProcess | None = None
+        self.processes = Stack(tmp)
+        self.temporal_port = free_port()
+        settings.temporal_address = f"{HOST}:{self.temporal_port}"
+        self.temporal: Proc | None = None
+        self.workers: list[Proc] = []
+        self.api: Proc | None = None
         self.client: Client | None = None
         self.restarts = 0
 
     async def start(self) -> None:
-        await self.temporal.start()
+        self.temporal = self.processes.temporal(self.tmp / "temporal.db", self.temporal_port, log_level="error")
+        await self.temporal.ready()
         for _ in range(100):  # the port opens before the frontend is healthy
             try:
-                self.client = await Client.connect(self.temporal.address)
+                self.client = await Client.connect(self.settings.temporal_address)
                 break
             except RuntimeError:
                 await asyncio.sleep(0.3)
@@ -91,25 +93,26 @@ class Cluster:
         self.workers = [self.new_worker(), self.new_worker()]
         await self.start_api()
 
-    def new_worker(self) -> WorkerProcess:
+    def new_worker(self) -> Proc:
         self.restarts += 1
-        return WorkerProcess(self.settings, self.tmp / f"worker{self.restarts}.log")
+        return self.processes.worker(settings_env(self.settings), f"worker{self.restarts}")
 
     async def start_api(self) -> None:
-        self.api = ApiProcess(self.settings, self.tmp / f"api{self.restarts}.log")
+        self.api = self.processes.api(settings_env(self.settings), free_port(), f"api{self.restarts}")
         await self.api.ready()
+
+    async def restart_temporal(self) -> None:
+        """Start the stopped Temporal server again, on its port and its database file."""
+        assert self.temporal
+        self.temporal.start()
+        await self.temporal.ready()
 
     def kill_worker(self, index: int) -> None:
         self.workers[index].kill()
-        self.workers[index].stop()
         self.workers[index] = self.new_worker()
 
     def stop(self) -> None:
-        if self.api:
-            self.api.stop()
-        for worker in self.workers:
-            worker.stop()
-        self.temporal.stop()
+        self.processes.stop()
 
 
 @pytest.fixture
@@ -278,13 +281,14 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
     # 4. The Temporal server restarted (file-backed) and the API process restarted, with runs in flight.
     await create(cluster, ledger, 6)
     await asyncio.sleep(0.5)
+    assert cluster.temporal
     cluster.temporal.stop()
     ledger.faults["Temporal server restart"] += 1
     assert cluster.api
     cluster.api.stop()
     ledger.faults["API process restart"] += 1
     await asyncio.sleep(1)
-    await cluster.temporal.start()
+    await cluster.restart_temporal()
     await cluster.start_api()
     await create(cluster, ledger, 3)
     await settle(cluster, ledger)

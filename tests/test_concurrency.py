@@ -16,11 +16,11 @@ from temporalio.client import Client
 
 from db.engine import session
 from db.models import COMMITTED, HELD, CloneGrant, CloneSlot, CloneWaiter
+from dev.stack import Stack, free_port, settings_env
 from payloads import MSG_CREATED, MSG_TOTAL_LIMIT
 from settings import Settings
 from tests.conftest import created_vms, reservations, result_of, vm_records
 from tests.factories import ALICE, BOB, auth, body
-from tests.processes import ApiProcess, WorkerProcess
 
 CREATE = "/api/v1/vm/manage/createFromBoxTemplate"
 
@@ -28,17 +28,17 @@ CREATE = "/api/v1/vm/manage/createFromBoxTemplate"
 @pytest.fixture
 async def two_of_each(settings: Settings, engine: Engine, tmp_path: Path) -> AsyncIterator[list[str]]:
     """Two worker processes and two API processes on the same database, Temporal and PVE."""
-    workers = [WorkerProcess(settings, tmp_path / f"worker{i}.log") for i in (1, 2)]
-    apis = [ApiProcess(settings, tmp_path / f"api{i}.log") for i in (1, 2)]
+    processes = Stack(tmp_path)
+    env = settings_env(settings)
     try:
+        for i in (1, 2):
+            processes.worker(env, f"worker{i}")
+        apis = [processes.api(env, free_port(), f"api{i}") for i in (1, 2)]
         for api in apis:
             await api.ready()
         yield [api.url for api in apis]
     finally:
-        for api in apis:
-            api.stop()
-        for worker in workers:
-            worker.stop()
+        processes.stop()
 
 
 async def settle(temporal: Client, answers: list[httpx.Response]) -> None:

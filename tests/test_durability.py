@@ -11,10 +11,10 @@ from sqlalchemy import Engine
 from temporalio.client import Client
 
 from db.models import COMMITTED
+from dev.stack import Stack, settings_env
 from settings import Settings
 from tests.conftest import created_vms, reservations, result_of, vm_records
 from tests.factories import auth, body
-from tests.processes import WorkerProcess
 from tests.waiting import until
 
 
@@ -25,21 +25,20 @@ async def test_worker_killed_during_the_clone_and_another_finishes_the_run(
 ) -> None:
     pve.add_ceph_storage("ceph")
     pve.ceph_slow(4)  # the clone takes 4 s: long enough to kill the worker in the middle of it
-    first = WorkerProcess(settings, tmp_path / "worker1.log")
-    second = None
+    processes = Stack(tmp_path)
+    env = settings_env(settings)
     try:
+        first = processes.worker(env, "worker1")
         response = await api.post(CREATE, json=body(storage="ceph"), headers=auth())
         assert response.status_code == 200, response.text
         task_id = response.json()["data"]["task_id"]
         await until(lambda: any(vm.lock == "clone" for vm in created_vms(pve)))
         first.kill()
 
-        second = WorkerProcess(settings, tmp_path / "worker2.log")
+        processes.worker(env, "worker2")
         result = await result_of(temporal, task_id, timeout=120)
     finally:
-        first.stop()
-        if second:
-            second.stop()
+        processes.stop()
 
     assert result.vmid == 100
     [vm] = created_vms(pve)
