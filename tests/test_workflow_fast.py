@@ -1,0 +1,508 @@
+"""CreateFromBoxWorkflow alone, against fake activities on the time-skipping test server: the branches that
+need a PVE or a database in a state that is hard to make for real (a VMID taken under the service's feet, a
+lock held by another PVE task, a lost hand-over signal, a deadline passed, a cancellation at a given moment).
+Timers and retry back-offs are skipped, so minutes of workflow time take a fraction of a second.
+
+Each test checks the end (result or failure), the activities called in order, and the compensation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.testing import WorkflowEnvironment
+
+from payloads import (
+    MSG_BOX_NOT_FOUND,
+    MSG_CLONE_FAILED,
+    MSG_CONFIGURE_FAILED,
+    MSG_CREATED,
+    MSG_FORBIDDEN,
+    MSG_TOTAL_LIMIT,
+    MSG_UNAVAILABLE,
+    CloneStarted,
+    CreateFromBoxResult,
+    Failure,
+    Step,
+)
+from tests.fast_env import (
+    ADMITTED_VMID,
+    CLONE_UPID,
+    FakeActivities,
+    Hold,
+    TimeSkippingServer,
+    lock_timeout,
+    request,
+    task_failed,
+    vmid_taken,
+)
+from tests.waiting import until, until_async
+from workflows import CreateFromBoxWorkflow
+from workflows.policies import CLONE_STARTS, PVE_BUDGET, SLOT_RECHECK, VMID_CHANGES
+
+CLONED = ["admit", "try_clone_slot", "start_clone", "await_task", "release_clone_slot"]
+CREATED = [*CLONED, "configure_vm", "commit_creation"]
+UNDONE = ["destroy_vm", "release_quota"]
+
+
+@pytest.fixture(scope="module")
+async def server() -> AsyncIterator[TimeSkippingServer]:
+    server = await TimeSkippingServer.start()
+    yield server
+    await server.env.shutdown()
+
+
+@dataclass
+class Runs:
+    env: WorkflowEnvironment
+    task_queue: str
+
+    async def start(
+        self, task_timeout: timedelta | None = None, **changes: Any
+    ) -> WorkflowHandle[Any, CreateFromBoxResult]:
+        """A run started directly (as a parent workflow would): its own code admits the request."""
+        return await self.env.client.start_workflow(
+            CreateFromBoxWorkflow.run,
+            request(**changes),
+            id=f"fast-{uuid.uuid4().hex[:12]}",
+            task_queue=self.task_queue,
+            task_timeout=task_timeout,
+        )
+
+    async def now(self) -> datetime:
+        """The test server's clock, which workflow.now() reads."""
+        return await self.env.get_current_time()
+
+
+@pytest.fixture
+def fakes() -> FakeActivities:
+    return FakeActivities()
+
+
+@pytest.fixture
+async def runs(server: TimeSkippingServer, fakes: FakeActivities) -> AsyncIterator[Runs]:
+    task_queue = f"fast-{uuid.uuid4().hex[:12]}"
+    async with server.worker(task_queue, fakes):
+        try:
+            yield Runs(server.env, task_queue)
+        finally:
+            fakes.release_holds()
+    if not await server.skips_time():
+        await server.restart()
+        pytest.fail("a run was left open or an activity outlived its run: the test server stopped skipping time")
+
+
+# ------------------------------------------------------------------------------- what tests look at
+
+
+async def failure_of(handle: WorkflowHandle[Any, Any]) -> ApplicationError:
+    with pytest.raises(WorkflowFailureError) as caught:
+        await handle.result()
+    assert isinstance(caught.value.cause, ApplicationError)
+    return caught.value.cause
+
+
+async def assert_cancelled(handle: WorkflowHandle[Any, Any]) -> None:
+    with pytest.raises(WorkflowFailureError) as caught:
+        await handle.result()
+    assert isinstance(caught.value.cause, CancelledError)
+    assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+
+
+async def end_state(handle: WorkflowHandle[Any, Any]) -> dict[str, Any]:
+    """The task state the REST API shows, from the run's memo."""
+    state: dict[str, Any] = (await (await handle.describe()).memo())["state"]
+    return state
+
+
+def assert_undone(fakes: FakeActivities, task_id: str, vmid: int) -> None:
+    """The saga's undo ran last, once each, in reverse order of the doing: the VM, then the quota."""
+    assert fakes.names()[-2:] == UNDONE
+    assert [(ref["task_id"], ref["vmid"]) for ref in fakes.args("destroy_vm")] == [(task_id, vmid)]
+    assert fakes.args("release_quota") == [task_id]
+
+
+async def run_time(handle: WorkflowHandle[Any, Any]) -> timedelta:
+    """How much time the run took by its own clock (the test server's clock also moves between runs)."""
+    events = (await handle.fetch_history()).events
+    return events[-1].event_time.ToDatetime() - events[0].event_time.ToDatetime()
+
+
+async def cancel_seen(handle: WorkflowHandle[Any, Any]) -> bool:
+    """The run's code has seen its cancellation: a workflow task completed after the request."""
+    types = [event.event_type async for event in handle.fetch_history_events()]
+    asked = types.index(EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED)
+    return EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED in types[asked:]
+
+
+ACTIVITY_ENDS = {
+    EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "activity_task_completed_event_attributes",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED: "activity_task_failed_event_attributes",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED: "activity_task_canceled_event_attributes",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT: "activity_task_timed_out_event_attributes",
+}
+
+
+async def last_call_ended(handle: WorkflowHandle[Any, Any], activity: str) -> bool:
+    """The server has the end of the run's last call of `activity`."""
+    events = [event async for event in handle.fetch_history_events()]
+    scheduled = [
+        event.event_id
+        for event in events
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and event.activity_task_scheduled_event_attributes.activity_type.name == activity
+    ]
+    ended = {
+        getattr(e, ACTIVITY_ENDS[e.event_type]).scheduled_event_id for e in events if e.event_type in ACTIVITY_ENDS
+    }
+    return scheduled[-1] in ended
+
+
+async def cancel_while_held(handle: WorkflowHandle[Any, Any], fakes: FakeActivities, held: Hold) -> None:
+    """Cancel the run while the activity `held` holds is under way, and let that activity end before the run
+    does. The test server skips no time while an activity runs, and forgets to start again for one that ends
+    after its run has closed: every later test of the module would then wait in real time."""
+    cleanup = Hold()
+    fakes.script("destroy_vm", cleanup)
+    await handle.cancel()
+    await asyncio.wait_for(cleanup.reached.wait(), 10)  # the run has given the activity up and cleans up
+    held.release()
+    await until_async(lambda: last_call_ended(handle, held.activity), True, timeout=10)
+    cleanup.release()
+
+
+# ------------------------------------------------------------------------------------- the way through
+
+
+async def test_a_request_is_admitted_cloned_configured_and_recorded(runs: Runs, fakes: FakeActivities) -> None:
+    handle = await runs.start()
+
+    result = await handle.result()
+
+    assert result == CreateFromBoxResult(vmid=ADMITTED_VMID, vm_name="web-01", node="pve2", task_id=handle.id)
+    assert fakes.names() == CREATED
+    [slot] = fakes.args("try_clone_slot")
+    assert (slot["task_id"], slot["node"], slot["storage"]) == (handle.id, "pve1", "NFS")  # the template's node
+    [clone] = fakes.args("start_clone")
+    assert (clone["task_id"], clone["vmid"], clone["target"], clone["storage"]) == (
+        handle.id,
+        ADMITTED_VMID,
+        "pve2",
+        "NFS",
+    )
+    assert fakes.args("await_task") == [{"upid": CLONE_UPID}]
+    [config] = fakes.args("configure_vm")
+    assert config | {"task_id": handle.id} == {
+        "task_id": handle.id,
+        "node": "pve2",
+        "vmid": ADMITTED_VMID,
+        "cpu_cores": 2,
+        "memory_mb": 2048,
+        "disk_key": "scsi0",
+        "disk_gb": 20,
+        "template_disk_gb": 10,
+    }
+    [record] = fakes.args("commit_creation")
+    assert (record["username"], record["vmid"], record["node"], record["name"]) == (
+        "alice",
+        ADMITTED_VMID,
+        "pve2",
+        "web-01",
+    )
+    state = await end_state(handle)
+    assert (state["step"], state["vmid"], state["result_code"], state["result_message"]) == (
+        Step.DONE,
+        ADMITTED_VMID,
+        200,
+        MSG_CREATED,
+    )
+    assert dataclasses.asdict(await handle.query(CreateFromBoxWorkflow.state)) == state
+
+
+async def test_a_clone_already_finished_when_started_is_not_watched(runs: Runs, fakes: FakeActivities) -> None:
+    fakes.script("start_clone", CloneStarted(upid=CLONE_UPID, finished=True))
+    handle = await runs.start()
+
+    assert (await handle.result()).vmid == ADMITTED_VMID
+    assert "await_task" not in fakes.names()
+
+
+async def test_a_clone_adopted_without_its_task_is_watched_by_its_lock(runs: Runs, fakes: FakeActivities) -> None:
+    fakes.script("start_clone", CloneStarted(upid=None))
+    handle = await runs.start()
+
+    assert (await handle.result()).vmid == ADMITTED_VMID
+    assert fakes.names() == [
+        *["admit", "try_clone_slot", "start_clone", "await_clone_by_lock", "release_clone_slot"],
+        *["configure_vm", "commit_creation"],
+    ]
+    [ref] = fakes.args("await_clone_by_lock")
+    assert (ref["task_id"], ref["node"], ref["vmid"]) == (handle.id, "pve2", ADMITTED_VMID)
+
+
+# ---------------------------------------------------------------------------------------- admission
+
+
+@pytest.mark.parametrize(
+    ("failure", "message", "status"),
+    [
+        (Failure.BOX_NOT_FOUND, MSG_BOX_NOT_FOUND, 404),
+        (Failure.FORBIDDEN, MSG_FORBIDDEN, 403),
+        (Failure.TOTAL_LIMIT, MSG_TOTAL_LIMIT, 400),
+    ],
+)
+async def test_a_refused_admission_fails_with_its_message_and_gives_back_what_it_held(
+    runs: Runs, fakes: FakeActivities, failure: Failure, message: str, status: int
+) -> None:
+    fakes.script("admit", ApplicationError(message, type=failure.value, non_retryable=True))
+    handle = await runs.start()
+
+    error = await failure_of(handle)
+
+    assert (error.type, error.message) == (failure.value, message)
+    assert fakes.names() == ["admit", "release_quota"]
+    assert fakes.args("release_quota") == [handle.id]
+    state = await end_state(handle)
+    assert (state["step"], state["result_code"], state["result_message"]) == (Step.DONE, status, message)
+
+
+async def test_a_run_past_its_admission_deadline_answers_unavailable_and_creates_nothing(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    handle = await runs.start(admit_by=await runs.now() - timedelta(seconds=1))
+
+    error = await failure_of(handle)
+
+    assert (error.type, error.message) == (Failure.UNAVAILABLE.value, MSG_UNAVAILABLE)
+    assert "start_clone" not in fakes.names()
+    assert fakes.names() == ["release_quota"]  # nothing was admitted: only what admission may hold is freed
+    state = await end_state(handle)
+    assert (state["result_code"], state["result_message"]) == (503, MSG_UNAVAILABLE)
+
+
+# -------------------------------------------------------------------------- a VMID taken outside the service
+
+
+async def test_a_vmid_taken_outside_the_service_is_replaced_and_the_vm_gets_the_new_one(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    fakes.script("start_clone", vmid_taken(), vmid_taken())
+    handle = await runs.start()
+
+    result = await handle.result()
+
+    assert result.vmid == ADMITTED_VMID + 2
+    reassign = ["start_clone", "inspect_template", "reassign_vmid"]
+    assert fakes.names() == ["admit", "try_clone_slot", *reassign, *reassign, *CREATED[2:]]
+    assert [clone["vmid"] for clone in fakes.args("start_clone")] == [101, 102, 103]
+    assert [asked["task_id"] for asked in fakes.args("reassign_vmid")] == [handle.id, handle.id]
+    assert [config["vmid"] for config in fakes.args("configure_vm")] == [103]
+    assert [record["vmid"] for record in fakes.args("commit_creation")] == [103]
+    assert (await end_state(handle))["vmid"] == 103
+
+
+async def test_a_vmid_taken_more_often_than_allowed_fails_the_clone_and_cleans_up(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    fakes.always("start_clone", vmid_taken())
+    handle = await runs.start()
+
+    error = await failure_of(handle)
+
+    assert (error.type, error.message) == (Failure.CLONE_FAILED.value, MSG_CLONE_FAILED)
+    assert fakes.names().count("start_clone") == VMID_CHANGES + 1
+    assert fakes.names().count("reassign_vmid") == VMID_CHANGES
+    assert fakes.names()[-4:] == ["start_clone", "release_clone_slot", *UNDONE]
+    assert_undone(fakes, handle.id, ADMITTED_VMID + VMID_CHANGES)  # the VMID the task holds last
+    state = await end_state(handle)
+    assert (state["step"], state["result_code"], state["result_message"]) == (Step.DONE, 500, MSG_CLONE_FAILED)
+
+
+# --------------------------------------------------------------------------------- a lock held on PVE
+
+
+@pytest.mark.parametrize("failing", ["start_clone", "await_task"])
+async def test_a_clone_that_failed_on_a_lock_is_started_again(runs: Runs, fakes: FakeActivities, failing: str) -> None:
+    fakes.script(failing, lock_timeout())
+    handle = await runs.start()
+
+    assert (await handle.result()).vmid == ADMITTED_VMID
+
+    first_start = ["start_clone"] if failing == "start_clone" else ["start_clone", "await_task"]
+    assert fakes.names() == ["admit", "try_clone_slot", *first_start, *CREATED[2:]]
+    assert [clone["vmid"] for clone in fakes.args("start_clone")] == [ADMITTED_VMID, ADMITTED_VMID]
+    assert "destroy_vm" not in fakes.names()
+
+
+@pytest.mark.parametrize("failing", ["start_clone", "await_task"])
+async def test_a_clone_that_keeps_failing_on_a_lock_fails_after_a_few_starts_and_cleans_up(
+    runs: Runs, fakes: FakeActivities, failing: str
+) -> None:
+    fakes.always(failing, lock_timeout())
+    handle = await runs.start()
+
+    error = await failure_of(handle)
+
+    assert (error.type, error.message) == (Failure.CLONE_FAILED.value, MSG_CLONE_FAILED)
+    assert fakes.names().count("start_clone") == CLONE_STARTS
+    assert fakes.names()[-3:] == ["release_clone_slot", *UNDONE]
+    assert_undone(fakes, handle.id, ADMITTED_VMID)
+
+
+# ---------------------------------------------------------------------------------------- clone slots
+
+
+async def test_a_waiting_run_whose_hand_over_was_lost_looks_again_after_the_recheck_interval(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    fakes.script("try_clone_slot", False)  # no slot free; nobody will say when one is
+    began = time.monotonic()
+    handle = await runs.start()
+
+    assert (await handle.result()).vmid == ADMITTED_VMID
+
+    assert await run_time(handle) >= SLOT_RECHECK
+    assert time.monotonic() - began < SLOT_RECHECK.total_seconds() / 10  # skipped, not waited for
+    assert fakes.names() == ["admit", "try_clone_slot", *CREATED[1:]]
+
+
+async def test_a_hand_over_signal_wakes_a_waiting_run_at_once(runs: Runs, fakes: FakeActivities) -> None:
+    fakes.script("try_clone_slot", False)
+    handle = await runs.start()
+    await until(lambda: "try_clone_slot" in fakes.names())
+
+    await handle.signal(CreateFromBoxWorkflow.clone_slot_granted)
+
+    assert (await handle.result()).vmid == ADMITTED_VMID
+    assert await run_time(handle) < SLOT_RECHECK
+    assert fakes.names() == ["admit", "try_clone_slot", *CREATED[1:]]
+
+
+# -------------------------------------------------------------------------------------- cancellation
+
+
+async def test_a_run_cancelled_during_admission_answers_unavailable_and_gives_back_what_it_held(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    admitting = Hold()
+    fakes.script("admit", admitting)
+    # A run sees its cancellation only when the workflow task running the local activity ends, which the
+    # worker does at 80 % of the task timeout: a short one spares seconds of real time.
+    handle = await runs.start(task_timeout=timedelta(seconds=1))
+    await asyncio.wait_for(admitting.reached.wait(), 10)
+
+    await handle.cancel()
+
+    await assert_cancelled(handle)
+    assert fakes.names() == ["admit", "release_quota"]
+    assert fakes.args("release_quota") == [handle.id]
+    state = await end_state(handle)
+    assert (state["result_code"], state["result_message"]) == (503, MSG_UNAVAILABLE)
+
+
+async def test_a_run_cancelled_while_waiting_for_a_clone_slot_leaves_the_queue_and_gives_back_its_quota(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    fakes.always("try_clone_slot", False)
+    handle = await runs.start()
+    await until(lambda: "try_clone_slot" in fakes.names())
+
+    await handle.cancel()
+
+    await assert_cancelled(handle)
+    assert fakes.names() == ["admit", "try_clone_slot", "release_clone_slot", *UNDONE]
+    assert fakes.args("release_clone_slot") == [handle.id]
+    assert_undone(fakes, handle.id, ADMITTED_VMID)
+
+
+async def test_a_run_cancelled_while_its_clone_request_is_on_its_way_waits_for_the_answer_then_cleans_up(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    request_on_its_way = Hold(then=CloneStarted(upid=CLONE_UPID))
+    fakes.script("start_clone", request_on_its_way)
+    handle = await runs.start()
+    await asyncio.wait_for(request_on_its_way.reached.wait(), 10)
+
+    await handle.cancel()
+    await until_async(lambda: cancel_seen(handle), True, timeout=10)
+    # A cleanup now could look for the VM before PVE has made it, and leave it behind.
+    assert fakes.names() == ["admit", "try_clone_slot", "start_clone"]
+    request_on_its_way.release()
+
+    await assert_cancelled(handle)
+    assert fakes.names() == ["admit", "try_clone_slot", "start_clone", "release_clone_slot", *UNDONE]
+    assert_undone(fakes, handle.id, ADMITTED_VMID)
+
+
+async def test_a_run_cancelled_while_the_clone_runs_destroys_it_and_gives_back_its_quota(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    clone_running = Hold()
+    fakes.script("await_task", clone_running)
+    handle = await runs.start()
+    await asyncio.wait_for(clone_running.reached.wait(), 10)
+
+    await cancel_while_held(handle, fakes, clone_running)
+
+    await assert_cancelled(handle)
+    assert fakes.names() == [*CLONED, *UNDONE]
+    assert fakes.args("release_clone_slot") == [handle.id]
+    assert_undone(fakes, handle.id, ADMITTED_VMID)
+
+
+async def test_a_run_cancelled_during_configuration_destroys_the_vm_and_gives_back_its_quota(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    configuring = Hold()
+    fakes.script("configure_vm", configuring)
+    handle = await runs.start()
+    await asyncio.wait_for(configuring.reached.wait(), 10)
+
+    await cancel_while_held(handle, fakes, configuring)
+
+    await assert_cancelled(handle)
+    assert fakes.names() == [*CLONED, "configure_vm", *UNDONE]
+    assert_undone(fakes, handle.id, ADMITTED_VMID)
+
+
+# ------------------------------------------------------------------------------------- configuration
+
+
+async def test_a_configuration_that_fails_destroys_the_vm_and_gives_back_its_quota(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    fakes.script("configure_vm", task_failed("resize: storage 'NFS' is full"))
+    handle = await runs.start()
+
+    error = await failure_of(handle)
+
+    assert (error.type, error.message) == (Failure.CONFIGURE_FAILED.value, MSG_CONFIGURE_FAILED)
+    assert fakes.names() == [*CLONED, "configure_vm", *UNDONE]
+    assert_undone(fakes, handle.id, ADMITTED_VMID)
+    state = await end_state(handle)
+    assert (state["step"], state["result_code"], state["result_message"]) == (Step.DONE, 500, MSG_CONFIGURE_FAILED)
+
+
+async def test_a_configuration_error_that_outlasts_the_retry_budget_fails_the_run_and_cleans_up(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    fakes.always("configure_vm", ConnectionResetError("Connection reset by peer"))  # transient: retried
+    handle = await runs.start()
+
+    error = await failure_of(handle)
+
+    assert error.message == MSG_CONFIGURE_FAILED
+    assert fakes.names().count("configure_vm") > 5
+    assert await run_time(handle) >= PVE_BUDGET / 2  # retried with back-off for most of the budget
+    assert_undone(fakes, handle.id, ADMITTED_VMID)
