@@ -1,5 +1,6 @@
 """Table models. API request/response models live in api/schemas.py, Temporal payloads in payloads.py."""
 
+import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -34,11 +35,15 @@ class User(SQLModel, table=True):
 
 
 class SessionToken(SQLModel, table=True):
-    """A session Bearer token; only its SHA-256 is kept."""
+    """A session Bearer token; only its SHA-256 is kept. `id` names it to operators (list, revoke, audit lines)
+    without revealing it. A token is valid until it expires or is revoked; a revoked token stays revoked."""
 
     token_hash: str = Field(primary_key=True)
+    id: str = Field(default_factory=lambda: f"tok_{secrets.token_hex(8)}", unique=True, index=True)
     username: str = Field(foreign_key="app_user.username", index=True)
     created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = None  # None: never expires
+    revoked_at: datetime | None = None
 
 
 class Template(SQLModel, table=True):
@@ -141,3 +146,29 @@ class CloneGrant(SQLModel, table=True):
 
 # Short names, as the rest of the code and the tests use them.
 HELD, COMMITTED, RELEASED = ReservationState.HELD, ReservationState.COMMITTED, ReservationState.RELEASED
+
+
+class RepairAction(SQLModel, table=True):
+    """What `boxctl reconcile --fix` did, one row per action, kept for operators to audit."""
+
+    __tablename__ = "repair_action"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, index=True)
+    kind: str  # the finding repaired: orphan VM, stale reservation, ...
+    action: str  # what was done: destroyed, released, marked deleted, ...
+    task_id: str = Field(index=True)
+    vmid: int | None = None
+    node: str = ""
+    username: str = ""
+    detail: str = ""
+
+
+class RateLimitWindow(SQLModel, table=True):
+    """Authenticated requests of one token in one minute (RATE_LIMIT_PER_MINUTE), shared by every API process."""
+
+    __tablename__ = "rate_limit_window"
+
+    token_hash: str = Field(primary_key=True)
+    minute: int = Field(primary_key=True)  # Unix time // 60
+    count: int = 0
