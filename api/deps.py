@@ -1,5 +1,5 @@
-"""Dependencies shared by the routes: settings, database engine, Temporal client, the current user and the
-task of the path that is theirs."""
+"""Dependencies shared by the routes: settings, database engine, Temporal client, the caller (authenticated,
+then counted against the rate limit), the current user and the task of the path that is theirs."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from fastapi import Depends, Header, Request
 from sqlalchemy import Engine
 from temporalio.client import Client
 
+from api.admission import Waiters
 from api.errors import TEMPORAL_UNAVAILABLE, ApiError
 from api.task_state import Task, owned_task
-from db.tokens import username_for
+from db.rate_limits import count_request
+from db.tokens import Caller, lookup
 from settings import Settings
 
 UNAUTHORIZED = "Missing or invalid Bearer token"
+RATE_LIMITED = "Too many requests: at most {limit} requests a minute per token"
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -33,20 +36,44 @@ async def get_temporal(request: Request) -> Client:
         raise ApiError(503, TEMPORAL_UNAVAILABLE) from exc
 
 
+def get_waiters(request: Request) -> Waiters:
+    return request.app.state.waiters  # type: ignore[no-any-return]
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+WaitersDep = Annotated[Waiters, Depends(get_waiters)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]
 
 
-def current_user(engine: EngineDep, authorization: Annotated[str | None, Header()] = None) -> str:
-    """The user whose session Bearer token came with the request; 401 otherwise."""
+def current_caller(
+    request: Request, engine: EngineDep, settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
+) -> Caller:
+    """The user and token of the request's session Bearer token (401 for none, or one unknown, expired or
+    revoked), after counting the request against the token's rate limit (429 past it).
+
+    A plain `def`: FastAPI runs it on its thread pool, so the database round trips never block the event loop.
+    The caller is also left on `request.state.caller`, for what reports on a refused request (audit lines)."""
     scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    caller = lookup(engine, token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+    if caller is None:
         raise ApiError(401, UNAUTHORIZED)
-    username = username_for(engine, token.strip())
-    if username is None:
-        raise ApiError(401, UNAUTHORIZED)
-    return username
+    request.state.caller = caller
+    limit = settings.rate_limit_per_minute
+    if limit:
+        retry_after = count_request(engine, caller.token_hash, limit)
+        if retry_after is not None:
+            raise ApiError(429, RATE_LIMITED.format(limit=limit), headers={"Retry-After": str(retry_after)})
+    return caller
+
+
+CurrentCaller = Annotated[Caller, Depends(current_caller)]
+
+
+async def current_user(caller: CurrentCaller) -> str:
+    """The caller's username, what the routes act for. FastAPI resolves `current_caller` once per request, so a
+    route that takes both counts one request. Async: no thread is needed to read an attribute."""
+    return caller.username
 
 
 CurrentUser = Annotated[str, Depends(current_user)]

@@ -6,16 +6,28 @@ running the same file twice changes nothing the second time.
 """
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    ValidationError,
+)
 from pydantic_core import ErrorDetails
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from db.engine import session
 from db.models import Box, Plan, SessionToken, Template, TemplateUser, User
-from db.tokens import MIN_TOKEN_LENGTH, token_hash
+from db.tokens import MIN_TOKEN_LENGTH, as_utc, token_hash
 
 
 class LoadError(Exception):
@@ -41,14 +53,45 @@ def _token_chars(value: str) -> str:
     return value
 
 
+def _date_time_string(value: Any) -> Any:
+    # Without this, a number would pass as Unix time: nobody writes an expiry that way in this file.
+    if not isinstance(value, str):
+        raise ValueError("must be a date-time string such as 2027-01-01T00:00:00Z")
+    return value
+
+
+def _in_utc(value: datetime) -> datetime:
+    # SQLite keeps a datetime's wall-clock time and drops its offset: every one is stored in UTC.
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range") from None
+
+
 # Strict mode (on every model below) refuses bools and numeric strings where an int is expected.
 PositiveInt = Annotated[int, Field(gt=0)]
 Name = Annotated[str, StringConstraints(min_length=1), AfterValidator(_no_surrounding_space)]
 Token = Annotated[str, StringConstraints(min_length=MIN_TOKEN_LENGTH), AfterValidator(_token_chars)]
+# An RFC 3339 instant with its offset; strict mode would take only datetime objects, never JSON's strings.
+Expiry = Annotated[AwareDatetime, BeforeValidator(_date_time_string), Field(strict=False), AfterValidator(_in_utc)]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TokenIn(_Strict):
+    token: Token
+    expires_at: Expiry | None = None  # absent or null: never expires
+
+
+# A token is a string, or an object with its expiry. Tagged by the JSON type, so that pydantic reports the
+# errors of the form given only, not of both; `_describe` leaves the tags out of the location it prints.
+_TOKEN_STRING, _TOKEN_OBJECT = _TOKEN_FORMS = ("token string", "token object")
+TokenEntry = Annotated[
+    Annotated[Token, Tag(_TOKEN_STRING)] | Annotated[TokenIn, Tag(_TOKEN_OBJECT)],
+    Discriminator(lambda value: _TOKEN_OBJECT if isinstance(value, dict) else _TOKEN_STRING),
+]
 
 
 class PerVmIn(_Strict):
@@ -74,7 +117,11 @@ class PlanIn(_Strict):
 class UserIn(_Strict):
     username: Name
     plan: Name | None = None  # absent or null: the user has no plan
-    tokens: list[Token] = []
+    tokens: list[TokenEntry] = []
+
+    def token_entries(self) -> list[tuple[str, datetime | None]]:
+        """(token, expiry) of each entry, in the order of the file; None: it never expires."""
+        return [(t, None) if isinstance(t, str) else (t.token, t.expires_at) for t in self.tokens]
 
 
 class TemplateIn(_Strict):
@@ -118,14 +165,16 @@ class Counts:
 
 @dataclass
 class LoadReport:
-    """What one load did, per kind. A user counts as updated when it gains a token, a template when it
-    gains an allowed user."""
+    """What one load did, per kind. A user counts as updated when it gains a token or a token's expiry
+    changes, a template when it gains an allowed user. A revoked token listed in the file stays revoked."""
 
     plans: Counts = field(default_factory=Counts)
     users: Counts = field(default_factory=Counts)
     templates: Counts = field(default_factory=Counts)
     boxes: Counts = field(default_factory=Counts)
     tokens_added: int = 0
+    tokens_updated: int = 0
+    tokens_kept_revoked: int = 0
     allowed_users_added: int = 0
 
     @property
@@ -138,7 +187,8 @@ class LoadReport:
             f"users: {self.users}",
             f"templates: {self.templates}",
             f"boxes: {self.boxes}",
-            f"tokens: {self.tokens_added} added",
+            f"tokens: {self.tokens_added} added, {self.tokens_updated} updated, "
+            f"{self.tokens_kept_revoked} revoked (not revived)",
             f"allowed users: {self.allowed_users_added} added",
         ]
 
@@ -155,7 +205,7 @@ def _entry_label(data: Any, section: str, index: int) -> str:
 
 def _describe(data: Any, error: ErrorDetails) -> str:
     """One pydantic error as `users[1] (bob): tokens[0]: ...`. Never echoes the input: it may be a token."""
-    loc = list(error["loc"])
+    loc = [part for part in error["loc"] if part not in _TOKEN_FORMS]
     prefix: list[str] = []
     if len(loc) >= 2 and loc[0] in _ENTRY_KEY and isinstance(loc[1], int):
         prefix.append(_entry_label(data, str(loc[0]), loc[1]))
@@ -192,14 +242,19 @@ def validate_file(data: Any) -> AdminFile:
                     f"is already defined by {section}[{seen[name]}]"
                 )
             seen.setdefault(name, index)
-    # One token belongs to one user; a token listed twice for the same user is harmless.
+    # One token belongs to one user; a token listed twice for the same user is harmless, unless the two
+    # entries disagree on when it expires.
     owners: dict[str, str] = {}
     for index, user in enumerate(parsed.users):
-        for t_index, token in enumerate(user.tokens):
+        label = _entry_label(data, "users", index)
+        first: dict[str, tuple[int, datetime | None]] = {}
+        for t_index, (token, expires_at) in enumerate(user.token_entries()):
             owner = owners.setdefault(token, user.username)
             if owner != user.username:
-                label = _entry_label(data, "users", index)
                 problems.append(f"{label}: tokens[{t_index}] is also a token of user '{owner}'")
+            f_index, f_expires_at = first.setdefault(token, (t_index, expires_at))
+            if f_expires_at != expires_at:
+                problems.append(f"{label}: tokens[{t_index}] is tokens[{f_index}] again, with another expires_at")
     if problems:
         raise LoadError("\n".join(problems))
     return parsed
@@ -216,7 +271,7 @@ def _check_references(db: Session, data: Any, parsed: AdminFile) -> None:
                 f"{_entry_label(data, 'users', index)}: plan '{user.plan}' "
                 "is defined neither in the file nor in the database"
             )
-        for t_index, token in enumerate(user.tokens):
+        for t_index, (token, _) in enumerate(user.token_entries()):
             stored = db.get(SessionToken, token_hash(token))
             if stored is not None and stored.username != user.username:
                 # Moving a token silently would log its current owner out and hand the session over.
@@ -245,6 +300,27 @@ def _upsert(db: Session, model: type[Any], key: str, values: dict[str, Any]) -> 
     for k, v in changed.items():
         setattr(row, k, v)
     return "updated" if changed else "unchanged"
+
+
+def _upsert_tokens(db: Session, user: UserIn, report: LoadReport) -> bool:
+    """Add the user's new tokens and bring the expiry of the others to the file's (a string: never expires);
+    whether anything changed. A revoked token is left as it is: a file that still lists a leaked token must
+    not bring it back."""
+    changed = False
+    for token, expires_at in dict(user.token_entries()).items():  # a token listed twice is added once
+        digest = token_hash(token)
+        stored = db.get(SessionToken, digest)
+        if stored is None:
+            db.add(SessionToken(token_hash=digest, username=user.username, expires_at=expires_at))
+            report.tokens_added += 1
+            changed = True
+        elif stored.revoked_at is not None:
+            report.tokens_kept_revoked += 1
+        elif (as_utc(stored.expires_at) if stored.expires_at else None) != expires_at:
+            stored.expires_at = expires_at
+            report.tokens_updated += 1
+            changed = True
+    return changed
 
 
 def load_admin_data(engine: Engine, data: Any) -> LoadReport:
@@ -277,12 +353,8 @@ def load_admin_data(engine: Engine, data: Any) -> LoadReport:
             outcome = _upsert(db, User, "username", {"username": u.username, "plan_id": u.plan})
             # Tokens reference the user row: it must be in the database before they are.
             db.flush()
-            for token in dict.fromkeys(u.tokens):  # a token listed twice is added once
-                digest = token_hash(token)
-                if db.get(SessionToken, digest) is None:
-                    db.add(SessionToken(token_hash=digest, username=u.username))
-                    report.tokens_added += 1
-                    outcome = "updated" if outcome == "unchanged" else outcome
+            if _upsert_tokens(db, u, report) and outcome == "unchanged":
+                outcome = "updated"
             report.users.add(outcome)
         # Allowed users below reference these user rows.
         db.flush()

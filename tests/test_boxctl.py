@@ -18,7 +18,7 @@ from db.engine import make_engine, session
 from db.load import LoadError, load_admin_data
 from db.models import Box, Plan, Reservation, SessionToken, Template, TemplateUser, User, Vm
 from db.schema import upgrade
-from db.tokens import token_hash, username_for
+from db.tokens import lookup, token_hash, username_for
 
 TOKEN = "a-session-token-of-at-least-32-chars"
 
@@ -103,7 +103,7 @@ def test_example_loads(engine: Engine) -> None:
         "users: 1 created, 0 updated, 0 unchanged",
         "templates: 1 created, 0 updated, 0 unchanged",
         "boxes: 1 created, 0 updated, 0 unchanged",
-        "tokens: 1 added",
+        "tokens: 1 added, 0 updated, 0 revoked (not revived)",
         "allowed users: 1 added",
     ]
     with session(engine) as db:
@@ -147,7 +147,7 @@ def test_second_load_changes_nothing(engine: Engine) -> None:
         "users: 0 created, 0 updated, 1 unchanged",
         "templates: 0 created, 0 updated, 1 unchanged",
         "boxes: 0 created, 0 updated, 1 unchanged",
-        "tokens: 0 added",
+        "tokens: 0 added, 0 updated, 0 revoked (not revived)",
         "allowed users: 0 added",
     ]
     assert snapshot(engine) == before
@@ -397,10 +397,13 @@ def test_cli_token_issue(tmp_path: Path, db_path: Path, capsys: pytest.CaptureFi
     assert boxctl.main(["load", write_json(tmp_path, EXAMPLE)]) == 0
     capsys.readouterr()
     assert boxctl.main(["token", "issue", "alice"]) == 0
-    token = capsys.readouterr().out.strip()
+    token_line, id_line = capsys.readouterr().out.splitlines()
+    assert token_line.startswith("token: ") and id_line.startswith("id: tok_")
+    token = token_line.removeprefix("token: ")
     assert len(token) >= 32
     engine = make_engine(f"sqlite:///{db_path}")
-    assert username_for(engine, token) == "alice"
+    caller = lookup(engine, token)
+    assert caller is not None and (caller.username, caller.token_id) == ("alice", id_line.removeprefix("id: "))
     engine.dispose()
 
     assert boxctl.main(["token", "issue", "nobody"]) == 1
