@@ -1,10 +1,13 @@
 """The drift between PVE, the database and Temporal, found from an observed state alone: `find_drift` is pure
-(no I/O), so every rule of what counts as drift is tested without servers."""
+(no I/O), so every rule of what counts as drift, of what is evidence that a run is over (`evidence_of_end`)
+and of when the repair refuses to act (`Drift.refusals`) is tested without servers."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+from db.models import COMMITTED, HELD, RELEASED
 
 # ------------------------------------------------------------------------------ the observed state
 
@@ -25,12 +28,27 @@ class WorkflowState:
     def known(self) -> bool:
         return self.status != "unknown"
 
+    @property
+    def ended_without_success(self) -> bool:
+        """Temporal knows the run and it ended without making its VM: nothing of it acts any more."""
+        return self.status in ENDED_WITHOUT_SUCCESS
+
+    @property
+    def closed(self) -> bool:
+        """Temporal knows the run and it has ended, successfully or not."""
+        return self.status in CLOSED
+
     def __str__(self) -> str:
         return f"workflow {self.status}"
 
 
+# Temporal's closed statuses (WorkflowExecutionStatus names, lower case, spaces for `_`). A creation ends
+# `completed` only when it made and recorded its VM; every failure, refusal included, ends `failed`.
+ENDED_WITHOUT_SUCCESS = frozenset({"failed", "canceled", "terminated", "timed out"})
+CLOSED = ENDED_WITHOUT_SUCCESS | {"completed", "continued as new"}
 RUNNING = WorkflowState("running")
 NOT_FOUND = WorkflowState("not found")
+COMPLETED = WorkflowState("completed")
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,10 @@ class Observed:
     records: dict[str, VmRecord]  # every Vm row by task id, read after the workflows
     vms_checked: int = 0  # qemu VMs on PVE whose config was read
     clone_slots: list[str] = field(default_factory=list)  # tasks holding a clone slot or queued for one
+    # The state of the reservation (held, committed, released) of each task asked about, read after the
+    # workflows; a task without one is missing.
+    reservations: dict[str, str] = field(default_factory=dict)
+    present: dict[int, str] = field(default_factory=dict)  # every guest's VMID on PVE, marked or not: its node
 
 
 # ------------------------------------------------------------------------------------ the drift
@@ -136,22 +158,76 @@ class Finding:
 class Drift:
     findings: list[Finding] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)  # why --fix would do nothing at all; empty: it may act
+
+    @property
+    def destroys(self) -> int:
+        return sum(1 for f in self.findings if f.kind is Kind.ORPHAN_VM)
 
 
-def _ended(observed: Observed, drift: Drift, task_id: str, left: str) -> WorkflowState | None:
-    """The task's workflow state if it is known to have ended; None otherwise (with a warning if unknown)."""
-    state = observed.workflows.get(task_id)
-    if state is None or not state.known:
-        why = state.error if state is not None else "not asked"
-        drift.warnings.append(f"cannot tell whether task {task_id} is running ({why}): {left}")
+# ------------------------------------------------------------------------------- the evidence
+
+
+def evidence_of_end(state: WorkflowState | None, reservation: str | None, *, success_too: bool = False) -> str | None:
+    """Why the task's run is known to be over without success, so that what it left may be repaired; None if
+    that is not known. `success_too`: a run that succeeded counts too (for a clone slot, which a successful
+    run frees before it ends).
+
+    Only positive knowledge counts: Temporal knows the run and it ended (failed, cancelled, terminated, timed
+    out), or Temporal does not know it and the database shows its reservation released (the run gave up and
+    cleaned up; its history is past retention). "Not found" alone is no evidence: Temporal also answers it
+    for a run that goes on in another namespace (a wrong TEMPORAL_NAMESPACE)."""
+    if state is None:
         return None
-    return None if state.running else state
+    if state.ended_without_success or (success_too and state.closed):
+        return str(state)
+    if state == NOT_FOUND and reservation == RELEASED:
+        return f"{state}, its reservation released"
+    return None
 
 
-def find_drift(observed: Observed) -> Drift:
-    """The drift between PVE, the database and Temporal in `observed`. Pure."""
+def why_left(state: WorkflowState | None, reservation: str | None) -> str | None:
+    """Why the task's leftovers are left alone although no evidence says its run is over; None when that
+    needs no word (its run is going on)."""
+    if state is None or not state.known:
+        return f"cannot tell whether its run is going on ({state.error if state is not None else 'not asked'})"
+    if state.running:
+        return None
+    if state.status == "completed":
+        return "its run succeeded; an operator decides (is DATABASE_URL the service's database?)"
+    if state != NOT_FOUND:
+        return f"{state}"
+    if reservation == HELD:
+        return (
+            "Temporal does not know its run and its reservation is held: it may be running in another namespace "
+            "(is TEMPORAL_NAMESPACE right?) or be past retention; an operator decides"
+        )
+    if reservation == COMMITTED:
+        return "Temporal does not know its run and its reservation is committed (its VM was made); an operator decides"
+    return (
+        "neither Temporal nor the database knows the task: another installation's, or a wrong database or "
+        "namespace; an operator decides"
+    )
+
+
+# ------------------------------------------------------------------------------------- the rules
+
+
+def find_drift(observed: Observed, max_destroy: int = 5) -> Drift:
+    """The drift between PVE, the database and Temporal in `observed`, and why --fix would refuse to act on
+    it (at all: it never repairs part of a drift it refuses). Pure."""
     drift = Drift()
     records = observed.records
+
+    def evidence(task_id: str, success_too: bool = False) -> str | None:
+        return evidence_of_end(
+            observed.workflows.get(task_id), observed.reservations.get(task_id), success_too=success_too
+        )
+
+    def left(task_id: str, what: str) -> None:
+        why = why_left(observed.workflows.get(task_id), observed.reservations.get(task_id))
+        if why is not None:
+            drift.warnings.append(f"{what} left alone: {why}")
 
     for vm in sorted(observed.pve_vms, key=lambda v: v.vmid):
         record = records.get(vm.task_id)
@@ -162,8 +238,9 @@ def find_drift(observed: Observed) -> Drift:
                     Finding(Kind.RETURNED_VM, vm.task_id, vm.vmid, vm.node, record.username, f"VM '{vm.name}'")
                 )
             continue
-        state = _ended(observed, drift, vm.task_id, f"VM {vm.vmid} on {vm.node} left alone")
-        if state is None:
+        ended = evidence(vm.task_id)
+        if ended is None:
+            left(vm.task_id, f"VM {vm.vmid} on {vm.node}, made by task {vm.task_id}, has no record and is")
             continue
         if vm.template:
             drift.warnings.append(
@@ -171,11 +248,12 @@ def find_drift(observed: Observed) -> Drift:
                 "but is a template: left alone"
             )
             continue
-        drift.findings.append(Finding(Kind.ORPHAN_VM, vm.task_id, vm.vmid, vm.node, reason=str(state)))
+        drift.findings.append(Finding(Kind.ORPHAN_VM, vm.task_id, vm.vmid, vm.node, reason=ended))
 
     for reservation in sorted(observed.held, key=lambda r: r.task_id):
-        state = _ended(observed, drift, reservation.task_id, "its reservation left held")
-        if state is None:
+        ended = evidence(reservation.task_id)
+        if ended is None:
+            left(reservation.task_id, f"the held reservation of task {reservation.task_id} ({reservation.username}) is")
             continue
         drift.findings.append(
             Finding(
@@ -183,14 +261,16 @@ def find_drift(observed: Observed) -> Drift:
                 reservation.task_id,
                 reservation.vmid,
                 username=reservation.username,
-                reason=str(state),
+                reason=ended,
             )
         )
 
     for task_id in sorted(set(observed.clone_slots)):
-        state = observed.workflows.get(task_id)
-        if state is not None and state.known and not state.running:
-            drift.findings.append(Finding(Kind.STALE_CLONE_SLOT, task_id, reason=str(state)))
+        ended = evidence(task_id, success_too=True)
+        if ended is None:
+            left(task_id, f"the clone slot of task {task_id} (held or queued for) is")
+            continue
+        drift.findings.append(Finding(Kind.STALE_CLONE_SLOT, task_id, reason=ended))
 
     on_pve = {(vm.vmid, vm.task_id) for vm in observed.pve_vms}
     for record in sorted(observed.records_before, key=lambda r: (r.vmid, r.task_id)):
@@ -203,7 +283,26 @@ def find_drift(observed: Observed) -> Drift:
                 f"({observed.unreadable[record.vmid]}): left counting"
             )
             continue
+        if record.vmid in observed.present:
+            # Reused outside the service, or its notes edited: either way not provably gone, so it keeps counting
+            # (marking it deleted here would let anyone who can edit notes get round the plan).
+            drift.warnings.append(
+                f"VM {record.vmid} on {observed.present[record.vmid]} does not carry task {record.task_id}'s "
+                f"marker: left counting against {record.username}'s plan (an operator decides)"
+            )
+            continue
         drift.findings.append(
             Finding(Kind.VANISHED_VM, record.task_id, record.vmid, record.node, record.username, f"VM '{record.name}'")
+        )
+
+    if not observed.records_before and observed.pve_vms:
+        drift.refusals.append(
+            f"the database holds no VM records at all while PVE shows {len(observed.pve_vms)} VMs carrying the "
+            "service's marker: a new or wrong database (is DATABASE_URL right?)"
+        )
+    if drift.destroys > max_destroy:
+        drift.refusals.append(
+            f"it would destroy {drift.destroys} VMs, more than --max-destroy {max_destroy}: check them above, "
+            f"then run again with --max-destroy {drift.destroys}"
         )
     return drift

@@ -10,7 +10,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
-from sqlmodel import select
+from sqlmodel import col, select
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -75,18 +75,24 @@ def _read_clone_slots(engine: Engine) -> list[str]:
         return [*db.exec(select(CloneSlot.task_id)).all(), *db.exec(select(CloneWaiter.task_id)).all()]
 
 
+def reservation_states(engine: Engine, task_ids: Iterable[str]) -> dict[str, str]:
+    """The state of each of these tasks' reservations; a task without one is missing."""
+    with session(engine) as db:
+        rows = db.exec(select(Reservation.task_id, Reservation.state).where(col(Reservation.task_id).in_(task_ids)))
+        return {task_id: state for task_id, state in rows.all()}
+
+
 def _read_held(engine: Engine) -> list[HeldReservation]:
     with session(engine) as db:
         rows = db.exec(select(Reservation).where(Reservation.state == HELD)).all()
         return [HeldReservation(r.task_id, r.username, r.vmid) for r in rows]
 
 
-async def _list_vms(pve: PveClient) -> list[dict[str, Any]]:
+async def _list_guests(pve: PveClient) -> list[dict[str, Any]]:
     try:
-        resources = await asyncio.to_thread(guests, pve)
+        return await asyncio.to_thread(guests, pve)
     except (PveError, PveUnavailable) as exc:
         raise ReconcileError(f"cannot list the VMs on PVE: {exc}") from exc
-    return [r for r in resources if r.get("type") == "qemu"]
 
 
 async def observe(pve: PveClient, temporal: Client, engine: Engine) -> Observed:
@@ -98,7 +104,9 @@ async def observe(pve: PveClient, temporal: Client, engine: Engine) -> Observed:
 
     # Which configs to read: the service's VMs are tagged, but a VM lost between clone and configure is
     # not yet (or carries its template's tags), so untagged ones and the VMIDs the database knows too.
-    resources = await _list_vms(pve)
+    every_guest = await _list_guests(pve)
+    present = {int(r["vmid"]): str(r["node"]) for r in every_guest}
+    resources = [r for r in every_guest if r.get("type") == "qemu"]
     candidates = [r for r in resources if SERVICE_TAG in _tags(r) or not _tags(r) or int(r["vmid"]) in known_vmids]
     unreadable: dict[int, str] = {}
 
@@ -134,6 +142,7 @@ async def observe(pve: PveClient, temporal: Client, engine: Engine) -> Observed:
     states = await _bounded([partial(workflow_state, temporal, t) for t in asked])
 
     records = {r.task_id: r for r in await asyncio.to_thread(_read_records, engine)}
+    reservations = await asyncio.to_thread(reservation_states, engine, asked)
     return Observed(
         records_before=records_before,
         held=held,
@@ -143,4 +152,6 @@ async def observe(pve: PveClient, temporal: Client, engine: Engine) -> Observed:
         records=records,
         vms_checked=len(candidates),
         clone_slots=slots,
+        reservations=reservations,
+        present=present,
     )

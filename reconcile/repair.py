@@ -1,5 +1,6 @@
-"""Repairing the drift: each repair checks its finding again just before it acts, and never touches a VM
-that does not carry the finding's task marker (pve.ownership's rule)."""
+"""Repairing the drift: each repair checks its finding again just before it acts (the same evidence that
+its task's run is over, `reconcile.drift.evidence_of_end`), never touches a VM that does not carry the
+finding's task marker (pve.ownership's rule), and writes what it did to the audit table (reconcile.audit)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from temporalio.service import RPCError
 
 from db import clone_slots, quota
 from db.engine import session
-from db.models import Vm, utcnow
+from db.models import HELD, RELEASED, Reservation, Vm, utcnow
 from pve.client import PveClient, PveError, PveUnavailable
 from pve.ownership import is_owned_by
 from pve.vms import find_vm, stop_and_destroy, vm_config
-from reconcile.drift import Drift, Finding, Kind, VmRecord
-from reconcile.observe import as_record, workflow_state
+from reconcile import audit
+from reconcile.drift import Drift, Finding, Kind, VmRecord, evidence_of_end
+from reconcile.observe import as_record, reservation_states, workflow_state
 from settings import Settings
 from workflows.clone_turns import tell_slot_granted
 
@@ -41,12 +43,16 @@ async def _carries(pve: PveClient, vmid: int, task_id: str) -> dict[str, Any] | 
     return resource
 
 
-async def _not_running(temporal: Client, task_id: str) -> None:
+async def run_is_over(temporal: Client, engine: Engine, task_id: str, *, success_too: bool = False) -> str | None:
+    """The evidence, as of now, that the task's run is over (see evidence_of_end); None if there is none."""
     state = await workflow_state(temporal, task_id)
-    if state.running:
-        raise NotRepaired("its workflow is running now")
-    if not state.known:
-        raise NotRepaired(f"cannot tell whether its workflow is running ({state.error})")
+    reservation = (await asyncio.to_thread(reservation_states, engine, [task_id])).get(task_id)
+    return evidence_of_end(state, reservation, success_too=success_too)
+
+
+async def _require_over(temporal: Client, engine: Engine, task_id: str, *, success_too: bool = False) -> None:
+    if await run_is_over(temporal, engine, task_id, success_too=success_too) is None:
+        raise NotRepaired("its run is no longer known to be over")
 
 
 def _record_of(engine: Engine, task_id: str) -> VmRecord | None:
@@ -57,7 +63,7 @@ def _record_of(engine: Engine, task_id: str) -> VmRecord | None:
 
 async def destroy_orphan(finding: Finding, pve: PveClient, temporal: Client, engine: Engine) -> str:
     assert finding.vmid is not None
-    await _not_running(temporal, finding.task_id)
+    await _require_over(temporal, engine, finding.task_id)
     if await asyncio.to_thread(_record_of, engine, finding.task_id) is not None:
         raise NotRepaired("its task owns it now")
     resource = await _carries(pve, finding.vmid, finding.task_id)
@@ -73,18 +79,35 @@ async def destroy_orphan(finding: Finding, pve: PveClient, temporal: Client, eng
         running=resource.get("status") == "running",
         limit=PVE_TASK_TIMEOUT_SECONDS,
     )
-    return "destroyed"
+    return await asyncio.to_thread(audit.write, engine, finding, "destroyed")
+
+
+def _release(engine: Engine, finding: Finding) -> bool:
+    """quota.release, with its audit row in the same transaction."""
+    with session(engine) as db, db.begin():
+        reservation = db.get(Reservation, finding.task_id)
+        if reservation is None or reservation.state != HELD:
+            return False
+        quota.lock_user(db, reservation.username)
+        db.refresh(reservation)  # as it is now that nothing else can change it
+        if reservation.state != HELD:
+            return False
+        reservation.state = RELEASED
+        reservation.updated_at = utcnow()
+        audit.add(db, finding, "released", reservation.username)
+        return True
 
 
 async def release_reservation(finding: Finding, temporal: Client, engine: Engine) -> str:
-    await _not_running(temporal, finding.task_id)
-    released = await asyncio.to_thread(quota.release, engine, finding.task_id)
+    await _require_over(temporal, engine, finding.task_id)
+    released = await asyncio.to_thread(_release, engine, finding)
     return "released" if released else "no longer held"
 
 
-def _set_deleted(engine: Engine, task_id: str, deleted: bool) -> bool:
+def _set_deleted(engine: Engine, finding: Finding, deleted: bool, action: str) -> bool:
+    """Mark the task's VM row deleted (or not), with its audit row in the same transaction."""
     with session(engine) as db, db.begin():
-        vm = db.get(Vm, task_id)
+        vm = db.get(Vm, finding.task_id)
         if vm is None:
             return False
         quota.lock_user(db, vm.username)
@@ -92,14 +115,16 @@ def _set_deleted(engine: Engine, task_id: str, deleted: bool) -> bool:
         if (vm.deleted_at is not None) == deleted:
             return False
         vm.deleted_at = utcnow() if deleted else None
+        audit.add(db, finding, action, vm.username)
         return True
 
 
 async def mark_deleted(finding: Finding, pve: PveClient, engine: Engine) -> str:
     assert finding.vmid is not None
-    if await _carries(pve, finding.vmid, finding.task_id) is not None:
-        raise NotRepaired("the VM is on PVE again")
-    changed = await asyncio.to_thread(_set_deleted, engine, finding.task_id, True)
+    # Only a VMID gone from PVE altogether: one holding a VM without the marker is not provably gone.
+    if await asyncio.to_thread(find_vm, pve, finding.vmid) is not None:
+        raise NotRepaired(f"VMID {finding.vmid} is on PVE again")
+    changed = await asyncio.to_thread(_set_deleted, engine, finding, True, "marked deleted")
     return "marked deleted" if changed else "already marked deleted"
 
 
@@ -107,36 +132,45 @@ async def count_again(finding: Finding, pve: PveClient, engine: Engine) -> str:
     assert finding.vmid is not None
     if await _carries(pve, finding.vmid, finding.task_id) is None:
         raise NotRepaired("the VM is gone again")
-    changed = await asyncio.to_thread(_set_deleted, engine, finding.task_id, False)
+    changed = await asyncio.to_thread(_set_deleted, engine, finding, False, "counted again")
     return "counted again" if changed else "already counted"
 
 
 async def free_clone_slot(finding: Finding, temporal: Client, engine: Engine, settings: Settings) -> str:
     """Free the slot and hand it on as a run freeing its own slot does (db.clone_slots.release_and_hand_over):
     the runs it goes to are told at once, and one that has ended meanwhile has its slot freed in turn, so
-    that the next in line gets it."""
-    await _not_running(temporal, finding.task_id)
+    that the next in line gets it. A run that cannot be told and is not known to be over (Temporal does not
+    know it: a wrong namespace, say) keeps the slot it was given, and finds it at its next look."""
+    await _require_over(temporal, engine, finding.task_id, success_too=True)
     untold: list[str] = []
 
     async def tell(receiver: str) -> bool:
         try:
-            return await tell_slot_granted(temporal, receiver)
-        except RPCError:  # Temporal did not take the signal: the run keeps its slot and finds it at its next look
-            untold.append(receiver)
-            return True
+            if await tell_slot_granted(temporal, receiver):
+                return True
+        except RPCError:  # Temporal did not take the signal
+            pass
+        if await run_is_over(temporal, engine, receiver, success_too=True) is not None:
+            return False
+        untold.append(receiver)
+        return True
 
     limits = clone_slots.Limits(settings.clone_limit_per_node, settings.clone_limit_per_storage)
     handed = await clone_slots.release_and_hand_over(engine, finding.task_id, limits, tell)
     told = [receiver for receiver in handed if receiver not in untold]
-    return (
-        "freed"
-        + (f", handed to {', '.join(told)}" if told else "")
-        + (f", handed to {', '.join(untold)} (not told: it looks again within minutes)" if untold else "")
+    handover = (f", handed to {', '.join(told)}" if told else "") + (
+        f", handed to {', '.join(untold)} (not told: it looks again within minutes)" if untold else ""
     )
+    # db.clone_slots frees the slot in transactions of its own: the audit row follows at once.
+    detail = f"{finding.reason}{handover}"
+    return await asyncio.to_thread(audit.write, engine, finding, "freed", detail) + handover
 
 
 async def repair(drift: Drift, pve: PveClient, temporal: Client, engine: Engine, settings: Settings) -> None:
-    """Repair every finding of `drift`, one by one, recording on each what was done or why not."""
+    """Repair every finding of `drift`, one by one, recording on each what was done or why not. Does nothing
+    at all if the drift holds a refusal."""
+    if drift.refusals:
+        return
     for finding in drift.findings:
         try:
             if finding.kind is Kind.STALE_CLONE_SLOT:

@@ -1,23 +1,42 @@
-"""`boxctl reconcile`: orphan VMs, stale reservations and VMs deleted on PVE are reported, repaired with --fix,
-and nothing else is ever touched. Against a real Temporal dev server, a fake PVE and the real database."""
+"""`boxctl reconcile`: orphan VMs, stale reservations and VMs deleted on PVE are reported, repaired with --fix
+on strong evidence only, and nothing else is ever touched; a database, namespace or drift that looks wrong
+makes it refuse outright. Against a real Temporal dev server, a fake PVE and the real database."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from google.protobuf.duration_pb2 import Duration
+from pydantic import SecretStr
 from sqlalchemy import Engine
-from sqlmodel import select
+from sqlmodel import col, select
+from temporalio.api.workflowservice.v1 import RegisterNamespaceRequest
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 import boxctl
 import settings as settings_module
 from db import clone_slots
 from db.engine import session
-from db.models import COMMITTED, HELD, RELEASED, CloneGrant, CloneSlot, CloneWaiter, Reservation, Vm
+from db.models import (
+    COMMITTED,
+    HELD,
+    RELEASED,
+    CloneGrant,
+    CloneSlot,
+    CloneWaiter,
+    RepairAction,
+    Reservation,
+    Vm,
+)
 from payloads import MSG_CREATED, MSG_TOTAL_LIMIT
 from pve.ownership import vm_description
 from reconcile import (
@@ -41,9 +60,23 @@ from tests.factories import auth, body
 from tests.waiting import until
 
 CREATE = "/api/v1/vm/manage/createFromBoxTemplate"
+# A task of long ago whose VM was deleted: its row shows the database is the service's (see `seen_before`).
+OLD_TASK = "clone-old-1"
 
 
-def leak(pve: Any, vmid: int = 150, task_id: str = "clone-x-1", **kwargs: Any) -> Any:
+def task(kind: str = "x") -> str:
+    """A task id no other test uses: the Temporal dev server is shared by the whole session."""
+    return f"clone-{kind}-{uuid.uuid4().hex[:8]}"
+
+
+async def ended(temporal: Client, *task_ids: str) -> None:
+    """Runs under these ids that Temporal knows to have ended without success (terminated)."""
+    for task_id in task_ids:
+        handle = await temporal.start_workflow("NoSuchWorkflow", id=task_id, task_queue="nobody-polls-this")
+        await handle.terminate("test: ended without success")
+
+
+def leak(pve: Any, vmid: int, task_id: str, **kwargs: Any) -> Any:
     """A VM the service made for a task that owns nothing."""
     return pve.add_vm(
         vmid, "leak", node="pve2", config={"description": vm_description(task_id), "tags": "pve-boxes"}, **kwargs
@@ -73,6 +106,40 @@ def vm_row(engine: Engine, task_id: str) -> Vm:
     return row
 
 
+def add_vm_row(engine: Engine, task_id: str, vmid: int, *, deleted: bool = False, node: str = "pve2") -> None:
+    with session(engine) as db, db.begin():
+        db.add(
+            Vm(
+                task_id=task_id,
+                username="alice",
+                vmid=vmid,
+                node=node,
+                name="web",
+                cores=2,
+                memory_mb=2048,
+                disk_gb=20,
+                deleted_at=datetime.now(UTC) if deleted else None,
+            )
+        )
+
+
+def add_reservation(engine: Engine, task_id: str, vmid: int, state: str = HELD, username: str = "alice") -> None:
+    with session(engine) as db, db.begin():
+        db.add(
+            Reservation(task_id=task_id, username=username, cores=1, memory_mb=512, disk_gb=10, vmid=vmid, state=state)
+        )
+
+
+def no_clone_slots(engine: Engine) -> bool:
+    with session(engine) as db:
+        return db.exec(select(CloneSlot)).first() is None
+
+
+def audit_rows(engine: Engine) -> list[RepairAction]:
+    with session(engine) as db:
+        return list(db.exec(select(RepairAction).order_by(col(RepairAction.id))).all())
+
+
 def kinds(report: Report) -> list[tuple[Kind, str, int | None]]:
     return [(f.kind, f.task_id, f.vmid) for f in report.drift.findings]
 
@@ -81,25 +148,54 @@ async def create(api: httpx.AsyncClient, **overrides: Any) -> httpx.Response:
     return await api.post(CREATE + "?wait=30", json=body(**overrides), headers=auth())
 
 
+@pytest.fixture
+def seen_before(engine: Engine) -> Engine:
+    """The service has made a VM before (deleted since): the database is plainly the service's, not a new one."""
+    add_vm_row(engine, OLD_TASK, 199, deleted=True)
+    return engine
+
+
+@pytest.fixture
+def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Run boxctl in a thread with the settings' environment (read again each time: tests may change them)."""
+
+    async def run(*argv: str) -> int:
+        for name in ("temporal_address", "temporal_namespace", "pve_host", "pve_user"):
+            monkeypatch.setenv(name.upper(), str(getattr(settings, name)))
+        monkeypatch.setenv("DATABASE_URL", settings.database_url.get_secret_value())
+        monkeypatch.setenv("PVE_PASSWORD", settings.pve_password.get_secret_value())
+        monkeypatch.setenv("PVE_PORT", str(settings.pve_port))
+        monkeypatch.setenv("PVE_CA_FILE", settings.pve_ca_file)
+        settings_module.get_settings.cache_clear()
+        return await asyncio.to_thread(boxctl.main, list(argv))
+
+    yield run
+    settings_module.get_settings.cache_clear()
+
+
 # --------------------------------------------------------------------------------- orphan VMs
 
 
-@pytest.mark.usefixtures("engine")
-async def test_orphan_vm_is_reported_then_destroyed_and_nothing_else_is_touched(settings: Settings, pve: Any) -> None:
-    orphan = leak(pve, status="running")
+@pytest.mark.usefixtures("seen_before")
+async def test_orphan_vm_is_reported_then_destroyed_and_nothing_else_is_touched(
+    settings: Settings, temporal: Client, pve: Any, engine: Engine
+) -> None:
+    leaked = task()
+    await ended(temporal, leaked)
+    orphan = leak(pve, 150, leaked, status="running")
     others = not_ours(pve)
 
     report = await reconcile(settings, fix=False)
-    assert kinds(report) == [(Kind.ORPHAN_VM, "clone-x-1", 150)]
+    assert kinds(report) == [(Kind.ORPHAN_VM, leaked, 150)]
     lines = report.lines()
-    assert lines[0] == "orphan VM 150 on pve2 (task clone-x-1): no successful task owns it (workflow not found)"
+    assert lines[0] == f"orphan VM 150 on pve2 (task {leaked}): no successful task owns it (workflow terminated)"
     assert lines[-1].startswith("1 findings (orphan VM: 1): run with --fix to repair")
     assert report.exit_code == 1
     assert orphan in pve.vms
     assert writes(pve) == []
 
     report = await reconcile(settings, fix=True)
-    assert report.lines()[0].endswith("(workflow not found): destroyed")
+    assert report.lines()[0].endswith("(workflow terminated): destroyed")
     assert report.exit_code == 0
     assert orphan not in pve.vms
     assert all(vm in pve.vms for vm in others)
@@ -119,9 +215,11 @@ async def test_orphan_vm_is_reported_then_destroyed_and_nothing_else_is_touched(
     assert all(vm in pve.vms for vm in others)
 
 
-@pytest.mark.usefixtures("engine")
-async def test_a_locked_orphan_is_left_until_the_lock_is_gone(settings: Settings, pve: Any) -> None:
-    orphan = leak(pve)
+@pytest.mark.usefixtures("seen_before")
+async def test_a_locked_orphan_is_left_until_the_lock_is_gone(settings: Settings, temporal: Client, pve: Any) -> None:
+    leaked = task()
+    await ended(temporal, leaked)
+    orphan = leak(pve, 150, leaked)
     pve.snapshot_lock(150, "backup")
 
     report = await reconcile(settings, fix=True)
@@ -156,6 +254,50 @@ async def test_a_successful_creation_is_left_alone(
 
 
 @pytest.mark.usefixtures("worker")
+async def test_a_completed_runs_vm_without_a_record_is_never_destroyed(
+    settings: Settings, api: httpx.AsyncClient, pve: Any, engine: Engine
+) -> None:
+    """A database restored from an older backup (or another installation's) lacks the row of a VM whose run
+    succeeded: that VM is someone's, and only an operator can tell whose."""
+    first = (await create(api, name="first")).json()["data"]
+    assert (await create(api, name="second")).json()["message"] == MSG_CREATED
+    with session(engine) as db, db.begin():
+        db.delete(db.get(Vm, first["task_id"]))
+
+    report = await reconcile(settings, fix=True)
+    assert report.drift.findings == []
+    assert report.drift.warnings == [
+        f"VM {first['vmid']} on pve2, made by task {first['task_id']}, has no record and is left alone: its run "
+        "succeeded; an operator decides (is DATABASE_URL the service's database?)"
+    ]
+    assert report.exit_code == 1
+    assert len(created_vms(pve)) == 2 and pve.vm(int(first["vmid"])) in pve.vms
+    assert audit_rows(engine) == []
+
+
+@pytest.mark.usefixtures("seen_before")
+async def test_a_strangers_vm_quoting_the_marker_is_never_destroyed(
+    settings: Settings, temporal: Client, pve: Any, engine: Engine
+) -> None:
+    """The marker counts only as a whole line (the contract's ownership, pve.ownership.task_of), even when
+    the task it names has ended without success and owns nothing."""
+    named = task()
+    await ended(temporal, named)
+    strangers = [
+        pve.add_vm(170, "quoting", node="pve1", config={"description": f"copied from pve-boxes task {named} by hand"}),
+        pve.add_vm(171, "more-after", node="pve1", config={"description": f"pve-boxes task {named} (my copy)"}),
+        pve.add_vm(172, "quoted", node="pve2", config={"description": f"notes:\n> pve-boxes task {named}\nbye"}),
+    ]
+
+    for fix in (False, True):
+        report = await reconcile(settings, fix=fix)
+        assert report.drift.findings == [] and report.drift.warnings == [] and report.exit_code == 0
+    assert all(vm in pve.vms for vm in strangers)
+    assert writes(pve) == []
+    assert audit_rows(engine) == []
+
+
+@pytest.mark.usefixtures("worker", "seen_before")
 @pytest.mark.fakepve(time_scale=1)
 async def test_a_running_creation_is_left_alone_and_a_terminated_one_is_cleaned_up(
     settings: Settings, api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine
@@ -192,7 +334,47 @@ async def test_a_running_creation_is_left_alone_and_a_terminated_one_is_cleaned_
     assert (await reconcile(settings, fix=False)).exit_code == 0
 
 
-@pytest.mark.usefixtures("one_clone_per_node", "worker")
+@pytest.mark.usefixtures("worker", "seen_before")
+async def test_a_wrong_namespace_leaves_a_running_creation_alone(
+    settings: Settings, api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine
+) -> None:
+    """TEMPORAL_NAMESPACE names a namespace that exists but is not the service's: Temporal knows none of the
+    service's runs there. A creation running in the right one keeps its VM and its reservation."""
+    try:
+        await temporal.workflow_service.register_namespace(
+            RegisterNamespaceRequest(
+                namespace="not-the-services", workflow_execution_retention_period=Duration(seconds=86400)
+            )
+        )
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.ALREADY_EXISTS:
+            raise
+    pve.fail("PUT", "/config", 503, "node busy")  # the run retries its configure: running, VM made and unlocked
+    response = await api.post(CREATE, json=body(), headers=auth())
+    task_id = response.json()["data"]["task_id"]
+    await until(lambda: [vm.lock for vm in created_vms(pve)] == [None])
+    await until(lambda: no_clone_slots(engine))  # freed once the clone is done
+    wrong = settings.model_copy(update={"temporal_namespace": "not-the-services"})
+
+    try:
+        report = await reconcile(wrong, fix=True)
+        assert report.drift.findings == []
+        vm_warning, reservation_warning = report.drift.warnings
+        assert vm_warning.startswith(f"VM 100 on pve2, made by task {task_id}, has no record and is left alone")
+        assert vm_warning.endswith(
+            "left alone: Temporal does not know its run and its reservation is held: it may be running in another "
+            "namespace (is TEMPORAL_NAMESPACE right?) or be past retention; an operator decides"
+        )
+        assert reservation_warning.startswith(f"the held reservation of task {task_id} (alice) is left alone: ")
+        assert report.exit_code == 1
+        assert len(created_vms(pve)) == 1
+        assert [r.state for r in reservations(engine)] == [HELD]
+        assert audit_rows(engine) == []
+    finally:
+        await temporal.get_workflow_handle(task_id).terminate("test over")
+
+
+@pytest.mark.usefixtures("one_clone_per_node", "worker", "seen_before")
 @pytest.mark.fakepve(time_scale=1)
 async def test_a_clone_slot_left_by_a_terminated_run_goes_to_the_next_in_line(
     settings: Settings, api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine
@@ -217,14 +399,16 @@ async def test_a_clone_slot_left_by_a_terminated_run_goes_to_the_next_in_line(
 async def test_a_freed_slot_passes_over_runs_that_ended_meanwhile(
     settings: Settings, temporal: Client, engine: Engine
 ) -> None:
-    """The runs in line behind a stale slot ended between reconcile's look and its repair (no workflow runs
-    under their ids now): the slot goes down the line past them, and none is left held."""
+    """The runs in line behind a stale slot ended between reconcile's look and its repair: the slot goes down
+    the line past them, and none is left held."""
+    holder, *waiters = task("gone"), task("gone"), task("gone")
+    await ended(temporal, holder, *waiters)
     with session(engine) as db, db.begin():
-        db.add(CloneSlot(task_id="clone-gone-1", node="pve1", storage="NFS"))
-    for waiter in ("clone-gone-2", "clone-gone-3"):
+        db.add(CloneSlot(task_id=holder, node="pve1", storage="NFS"))
+    for waiter in waiters:
         assert not clone_slots.acquire(engine, waiter, "pve1", "NFS", clone_slots.Limits(per_node=1, per_storage=0))
 
-    finding = Finding(Kind.STALE_CLONE_SLOT, "clone-gone-1")
+    finding = Finding(Kind.STALE_CLONE_SLOT, holder)
     assert await free_clone_slot(finding, temporal, engine, settings) == "freed"
     with session(engine) as db:
         assert db.exec(select(CloneSlot)).all() == []
@@ -232,18 +416,41 @@ async def test_a_freed_slot_passes_over_runs_that_ended_meanwhile(
         assert db.exec(select(CloneGrant)).all() == []
 
 
+@pytest.mark.usefixtures("one_clone_per_node")
+async def test_a_freed_slot_stays_with_a_waiter_temporal_does_not_know(
+    settings: Settings, temporal: Client, engine: Engine
+) -> None:
+    """A waiter whose run Temporal does not know (it may run in the right namespace while this one is wrong)
+    keeps the slot it is handed: it finds it at its next look."""
+    holder, waiter = task("gone"), task("unknown")
+    await ended(temporal, holder)
+    add_reservation(engine, waiter, 130)
+    with session(engine) as db, db.begin():
+        db.add(CloneSlot(task_id=holder, node="pve1", storage="NFS"))
+    assert not clone_slots.acquire(engine, waiter, "pve1", "NFS", clone_slots.Limits(per_node=1, per_storage=0))
+
+    finding = Finding(Kind.STALE_CLONE_SLOT, holder)
+    done = await free_clone_slot(finding, temporal, engine, settings)
+    assert done == f"freed, handed to {waiter} (not told: it looks again within minutes)"
+    with session(engine) as db:
+        assert [s.task_id for s in db.exec(select(CloneSlot)).all()] == [waiter]
+
+
 # ------------------------------------------------------------------------------- reservations
 
 
-async def test_a_held_reservation_without_workflow_is_released(settings: Settings, pve: Any, engine: Engine) -> None:
-    with session(engine) as db, db.begin():
-        db.add(Reservation(task_id="clone-gone-1", username="alice", cores=2, memory_mb=2048, disk_gb=20, vmid=120))
+async def test_a_held_reservation_of_an_ended_run_is_released(
+    settings: Settings, temporal: Client, pve: Any, engine: Engine
+) -> None:
+    gone = task("gone")
+    await ended(temporal, gone)
+    add_reservation(engine, gone, 120)
 
     report = await reconcile(settings, fix=False)
-    assert kinds(report) == [(Kind.STALE_RESERVATION, "clone-gone-1", 120)]
+    assert kinds(report) == [(Kind.STALE_RESERVATION, gone, 120)]
     assert report.lines()[0] == (
-        "stale reservation of task clone-gone-1 (alice, VMID 120): held, but its workflow is not running "
-        "(workflow not found)"
+        f"stale reservation of task {gone} (alice, VMID 120): held, but its workflow is not running "
+        "(workflow terminated)"
     )
     assert report.exit_code == 1
     assert [r.state for r in reservations(engine)] == [HELD]
@@ -254,6 +461,20 @@ async def test_a_held_reservation_without_workflow_is_released(settings: Setting
     assert [r.state for r in reservations(engine)] == [RELEASED]
     assert (await reconcile(settings, fix=True)).drift.findings == []
     assert writes(pve) == []
+
+
+async def test_a_held_reservation_whose_run_temporal_does_not_know_is_left_held(
+    settings: Settings, pve: Any, engine: Engine
+) -> None:
+    unknown = task("unknown")
+    add_reservation(engine, unknown, 120)
+
+    report = await reconcile(settings, fix=True)
+    assert report.drift.findings == []
+    [warning] = report.drift.warnings
+    assert warning.startswith(f"the held reservation of task {unknown} (alice) is left alone: Temporal does not")
+    assert report.exit_code == 1
+    assert [r.state for r in reservations(engine)] == [HELD]
 
 
 # -------------------------------------------------------------------------- VMs deleted on PVE
@@ -293,35 +514,213 @@ async def test_a_vm_deleted_on_pve_is_seen_deleted_and_its_quota_comes_back(
     assert final.drift.findings == [] and final.exit_code == 0
 
 
+async def test_a_vmid_holding_a_vm_without_the_marker_keeps_counting(
+    settings: Settings, pve: Any, engine: Engine
+) -> None:
+    """A live record whose VMID now holds a VM without its task's marker (notes edited, or the VMID reused
+    outside the service) is not provably gone: marking it deleted would let anyone who can edit notes get
+    round the plan. Reported; it keeps counting."""
+    edited, reused = task("edited"), task("reused")
+    add_vm_row(engine, edited, 170)
+    add_vm_row(engine, reused, 171, node="pve1")
+    pve.add_vm(170, "web", node="pve2", config={"description": "my notes now", "tags": "pve-boxes"})
+    pve.add_vm(171, "other", node="pve1", config={"description": vm_description(task("someone"))})
+
+    report = await reconcile(settings, fix=True)
+    assert report.drift.findings == []
+    warnings = report.drift.warnings
+    assert (
+        f"VM 170 on pve2 does not carry task {edited}'s marker: left counting against alice's plan "
+        "(an operator decides)"
+    ) in warnings
+    assert (
+        f"VM 171 on pve1 does not carry task {reused}'s marker: left counting against alice's plan "
+        "(an operator decides)"
+    ) in warnings
+    # And the VM now under 171 is another task's, which nobody knows: left alone too.
+    assert len(warnings) == 3
+    assert report.exit_code == 1
+    assert vm_row(engine, edited).deleted_at is None and vm_row(engine, reused).deleted_at is None
+    assert audit_rows(engine) == []
+
+
 async def test_a_vm_seen_deleted_that_is_back_counts_again_and_is_never_destroyed(
     settings: Settings, pve: Any, engine: Engine
 ) -> None:
-    with session(engine) as db, db.begin():
-        db.add(
-            Vm(
-                task_id="clone-back-1",
-                username="alice",
-                vmid=160,
-                node="pve2",
-                name="restored",
-                cores=2,
-                memory_mb=2048,
-                disk_gb=20,
-                deleted_at=datetime.now(UTC),
-            )
-        )
-    vm = leak(pve, 160, "clone-back-1")
+    back = task("back")
+    add_vm_row(engine, back, 160, deleted=True)
+    vm = leak(pve, 160, back)
 
     report = await reconcile(settings, fix=False)
-    assert kinds(report) == [(Kind.RETURNED_VM, "clone-back-1", 160)]
+    assert kinds(report) == [(Kind.RETURNED_VM, back, 160)]
     assert report.exit_code == 1
 
     report = await reconcile(settings, fix=True)
     assert report.lines()[0].endswith(": counted again")
     assert vm in pve.vms
-    assert vm_row(engine, "clone-back-1").deleted_at is None
+    assert vm_row(engine, back).deleted_at is None
     assert (await reconcile(settings, fix=True)).drift.findings == []
     assert writes(pve) == []
+
+
+# ------------------------------------------------------------------------------- refusals
+
+
+async def test_an_empty_database_refuses_while_pve_shows_marked_vms(
+    settings: Settings, temporal: Client, pve: Any, engine: Engine
+) -> None:
+    """Pointed at a new (or wrong) database, every VM of the service looks unowned: nothing is done."""
+    leaked = [task() for _ in range(3)]
+    await ended(temporal, *leaked)  # the strongest evidence there is, and still nothing is destroyed
+    vms = [leak(pve, 150 + i, t) for i, t in enumerate(leaked)]
+
+    report = await reconcile(settings, fix=False)
+    assert report.exit_code == 2
+    assert (
+        "--fix would refuse: the database holds no VM records at all while PVE shows 3 VMs carrying the service's "
+        "marker: a new or wrong database (is DATABASE_URL right?)"
+    ) in report.lines()
+
+    report = await reconcile(settings, fix=True)
+    assert report.exit_code == 2
+    assert report.lines()[-2].startswith("refused: the database holds no VM records at all")
+    assert report.lines()[-1].startswith("3 findings (orphan VM: 3): refused, nothing done")
+    assert all(f.repaired is None for f in report.drift.findings)
+    assert all(vm in pve.vms for vm in vms)
+    assert writes(pve) == []
+    assert audit_rows(engine) == []
+
+
+@pytest.mark.usefixtures("seen_before")
+async def test_more_orphans_than_max_destroy_are_refused_until_it_is_raised(
+    settings: Settings, temporal: Client, pve: Any, engine: Engine
+) -> None:
+    leaked = [task() for _ in range(6)]
+    await ended(temporal, *leaked)
+    vms = [leak(pve, 150 + i, t) for i, t in enumerate(leaked)]
+    with session(engine) as db, db.begin():  # something else to repair: also left as it is
+        db.add(Reservation(task_id=leaked[0], username="bob", cores=1, memory_mb=512, disk_gb=10, vmid=150))
+
+    report = await reconcile(settings, fix=True)
+    assert report.exit_code == 2
+    assert (
+        "refused: it would destroy 6 VMs, more than --max-destroy 5: check them above, then run again with "
+        "--max-destroy 6"
+    ) in report.lines()
+    assert all(vm in pve.vms for vm in vms)
+    assert writes(pve) == []
+    assert [r.state for r in reservations(engine)] == [HELD]
+    assert audit_rows(engine) == []
+
+    report = await reconcile(settings, fix=True, max_destroy=6)
+    assert report.exit_code == 0
+    assert sorted(f.repaired or "" for f in report.drift.findings) == ["destroyed"] * 6 + ["released"]
+    assert created_vms(pve) == []
+
+
+async def test_a_missing_database_is_refused_and_never_created(
+    settings: Settings, temporal: Client, pve: Any, tmp_path: Path, cli: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    leaked = task()
+    await ended(temporal, leaked)
+    vm = leak(pve, 150, leaked)
+    nowhere = tmp_path / "nowhere" / "app.db"
+    settings.database_url = SecretStr(f"sqlite:///{nowhere}")
+
+    for argv in (["reconcile"], ["reconcile", "--fix"], ["reconcile", "--history"]):
+        assert await cli(*argv) == 2
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert err == (
+            f"boxctl: refused, nothing done: database sqlite:///{nowhere} does not exist (no file {nowhere}): "
+            "is DATABASE_URL right?\n"
+        )
+    assert not nowhere.parent.exists()
+    assert vm in pve.vms and writes(pve) == []
+
+    # Each reason on its own line: a missing database and a namespace that does not exist.
+    settings.temporal_namespace = "no-such-namespace"
+    assert await cli("reconcile", "--fix") == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and "does not exist (no file" in lines[0]
+    assert lines[1] == (
+        f"boxctl: refused, nothing done: Temporal namespace 'no-such-namespace' does not exist at "
+        f"{settings.temporal_address}: is TEMPORAL_NAMESPACE right?"
+    )
+    assert not nowhere.parent.exists()
+
+
+async def test_a_database_without_the_current_schema_is_refused_and_left_as_it_is(
+    settings: Settings, pve: Any, tmp_path: Path, cli: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()  # a database file without tables
+    settings.database_url = SecretStr(f"sqlite:///{empty}")
+
+    assert await cli("reconcile", "--fix") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"boxctl: refused, nothing done: database sqlite:///{empty} has no tables yet")
+    with sqlite3.connect(empty) as db:
+        assert db.execute("SELECT name FROM sqlite_master").fetchall() == []  # no schema was created
+
+
+@pytest.mark.usefixtures("seen_before")
+async def test_a_namespace_that_does_not_exist_is_refused(
+    settings: Settings, temporal: Client, pve: Any, cli: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    leaked = task()
+    await ended(temporal, leaked)
+    vm = leak(pve, 150, leaked)
+    settings.temporal_namespace = "no-such-namespace"
+
+    assert await cli("reconcile", "--fix") == 2
+    assert capsys.readouterr().err == (
+        f"boxctl: refused, nothing done: Temporal namespace 'no-such-namespace' does not exist at "
+        f"{settings.temporal_address}: is TEMPORAL_NAMESPACE right?\n"
+    )
+    assert vm in pve.vms and writes(pve) == []
+
+
+# ------------------------------------------------------------------------------------ audit
+
+
+@pytest.mark.usefixtures("seen_before")
+async def test_every_action_of_fix_is_audited_and_listed(
+    settings: Settings, temporal: Client, pve: Any, engine: Engine, cli: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gone, vanished, back = task("gone"), task("vanished"), task("back")
+    await ended(temporal, gone)
+    leak(pve, 150, gone)
+    add_reservation(engine, gone, 150, username="bob")
+    with session(engine) as db, db.begin():
+        db.add(CloneSlot(task_id=gone, node="pve1", storage="NFS"))
+    add_vm_row(engine, vanished, 161)  # not on PVE
+    add_vm_row(engine, back, 160, deleted=True)
+    leak(pve, 160, back)
+
+    assert await cli("reconcile", "--fix") == 0
+    out = capsys.readouterr().out
+    for done in (": destroyed", ": released", ": freed", ": marked deleted", ": counted again"):
+        assert done in out
+
+    rows = [(r.kind, r.action, r.task_id, r.vmid, r.username, r.detail) for r in audit_rows(engine)]
+    assert sorted(rows) == sorted(
+        [
+            ("orphan VM", "destroyed", gone, 150, "", "workflow terminated"),
+            ("stale reservation", "released", gone, 150, "bob", "workflow terminated"),
+            ("stale clone slot", "freed", gone, None, "", "workflow terminated"),
+            ("VM seen deleted", "marked deleted", vanished, 161, "alice", "VM 'web'"),
+            ("VM back on PVE", "counted again", back, 160, "alice", "VM 'leak'"),
+        ]
+    )
+    assert all(r.at is not None for r in audit_rows(engine))
+
+    assert await cli("reconcile", "--history", "2") == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0].split() == ["AT", "KIND", "ACTION", "TASK", "VMID", "NODE", "USER", "DETAIL"]
+    assert len(listed) == 3  # the last two actions
+    last = audit_rows(engine)[-1]
+    assert last.action in listed[-1] and last.task_id in listed[-1]
 
 
 # ----------------------------------------------------------------------------- read-only run
@@ -329,14 +728,15 @@ async def test_a_vm_seen_deleted_that_is_back_counts_again_and_is_never_destroye
 
 @pytest.mark.usefixtures("worker")
 async def test_without_fix_nothing_changes(
-    settings: Settings, api: httpx.AsyncClient, pve: Any, engine: Engine
+    settings: Settings, api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine
 ) -> None:
     made = (await create(api)).json()["data"]
     pve.vms.remove(pve.vm(int(made["vmid"])))
-    orphan = leak(pve)
+    leaked, gone = task(), task("gone")
+    await ended(temporal, leaked, gone)
+    orphan = leak(pve, 150, leaked)
     not_ours(pve)
-    with session(engine) as db, db.begin():
-        db.add(Reservation(task_id="clone-gone-1", username="bob", cores=1, memory_mb=512, disk_gb=10, vmid=121))
+    add_reservation(engine, gone, 121, username="bob")
     before_vms = [(vm.vmid, vm.node, vm.status, dict(vm.config)) for vm in pve.vms]
     before_rows = (
         [r.model_dump() for r in vm_records(engine)],
@@ -360,43 +760,47 @@ async def test_without_fix_nothing_changes(
         sorted((r.task_id, r.state) for r in reservations(engine)),
     )
     assert after_rows == before_rows
+    assert audit_rows(engine) == []
 
 
 # ----------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.usefixtures("seen_before")
 async def test_boxctl_reconcile(
-    settings: Settings, pve: Any, engine: Engine, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    settings: Settings,
+    temporal: Client,
+    pve: Any,
+    engine: Engine,
+    cli: Any,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    for name in ("database_url", "temporal_address", "temporal_namespace", "pve_host", "pve_user", "pve_password"):
-        monkeypatch.setenv(name.upper(), str(getattr(settings, name)))
-    monkeypatch.setenv("PVE_PORT", str(settings.pve_port))
-    monkeypatch.setenv("PVE_CA_FILE", settings.pve_ca_file)
-    settings_module.get_settings.cache_clear()
-    try:
-        orphan = leak(pve)
+    leaked = task()
+    await ended(temporal, leaked)
+    orphan = leak(pve, 150, leaked)
 
-        assert await asyncio.to_thread(boxctl.main, ["reconcile"]) == 1
-        out = capsys.readouterr().out
-        assert "orphan VM 150 on pve2 (task clone-x-1): no successful task owns it" in out
-        assert "run with --fix to repair" in out
-        assert orphan in pve.vms
+    assert await cli("reconcile") == 1
+    out = capsys.readouterr().out
+    assert f"orphan VM 150 on pve2 (task {leaked}): no successful task owns it" in out
+    assert "run with --fix to repair" in out
+    assert orphan in pve.vms
 
-        assert await asyncio.to_thread(boxctl.main, ["reconcile", "--fix"]) == 0
-        assert ": destroyed" in capsys.readouterr().out
-        assert orphan not in pve.vms
+    assert await cli("reconcile", "--fix", "--max-destroy", "0") == 2
+    assert "refused: it would destroy 1 VMs, more than --max-destroy 0" in capsys.readouterr().out
+    assert orphan in pve.vms
 
-        assert await asyncio.to_thread(boxctl.main, ["reconcile"]) == 0
-        assert capsys.readouterr().out.startswith("consistent: ")
+    assert await cli("reconcile", "--fix") == 0
+    assert ": destroyed" in capsys.readouterr().out
+    assert orphan not in pve.vms
 
-        # PVE unreachable: a refusal, not a clean bill of health.
-        monkeypatch.setenv("PVE_PORT", "1")
-        settings_module.get_settings.cache_clear()
-        assert await asyncio.to_thread(boxctl.main, ["reconcile"]) == 1
-        assert capsys.readouterr().err.startswith("boxctl: cannot list the VMs on PVE")
-    finally:
-        settings_module.get_settings.cache_clear()
-    assert vm_records(engine) == []
+    assert await cli("reconcile") == 0
+    assert capsys.readouterr().out.startswith("consistent: ")
+
+    # PVE unreachable: a failure, not a clean bill of health.
+    settings.pve_port = 1
+    assert await cli("reconcile") == 1
+    assert capsys.readouterr().err.startswith("boxctl: cannot list the VMs on PVE")
+    assert [r.task_id for r in vm_records(engine)] == [OLD_TASK]
 
 
 # ------------------------------------------------------------------------------ find_drift alone
@@ -404,7 +808,7 @@ async def test_boxctl_reconcile(
 
 def observed(**overrides: Any) -> Observed:
     values: dict[str, Any] = {
-        "records_before": [],
+        "records_before": [VmRecord(OLD_TASK, "alice", 199, "pve2", "old", deleted=True)],
         "held": [],
         "pve_vms": [],
         "unreadable": {},
@@ -441,10 +845,69 @@ def test_find_drift_never_takes_an_owned_or_running_vm_for_an_orphan() -> None:
     drift = find_drift(
         observed(
             pve_vms=[copy, running, gone, PveVm(101, "pve2", "web", "running", "clone-a-1")],
-            workflows={"clone-b-1": RUNNING, "clone-c-1": NOT_FOUND},
+            workflows={"clone-b-1": RUNNING, "clone-c-1": WorkflowState("failed")},
             records_before=[owned],
             records={"clone-a-1": owned},
         )
     )
     assert [(f.kind, f.vmid) for f in drift.findings] == [(Kind.ORPHAN_VM, 132)]
     assert drift.warnings == []
+
+
+@pytest.mark.parametrize(
+    ("status", "reservation", "orphan"),
+    [
+        ("failed", None, True),
+        ("canceled", HELD, True),
+        ("terminated", HELD, True),
+        ("timed out", None, True),
+        ("not found", RELEASED, True),  # the run gave up and cleaned up; its history is past retention
+        ("completed", COMMITTED, False),  # made and recorded its VM: never an orphan
+        ("completed", None, False),
+        ("not found", HELD, False),  # may be running in another namespace
+        ("not found", COMMITTED, False),
+        ("not found", None, False),  # neither Temporal nor the database knows the task
+        ("continued as new", None, False),
+        ("running", HELD, False),
+    ],
+)
+def test_only_a_run_known_to_be_over_without_success_leaves_an_orphan(
+    status: str, reservation: str | None, orphan: bool
+) -> None:
+    vm = PveVm(150, "pve2", "leak", "stopped", "clone-x-1")
+    state = NOT_FOUND if status == "not found" else WorkflowState(status)
+    reservations = {"clone-x-1": reservation} if reservation else {}
+    drift = find_drift(observed(pve_vms=[vm], workflows={"clone-x-1": state}, reservations=reservations))
+    assert [(f.kind, f.vmid) for f in drift.findings] == ([(Kind.ORPHAN_VM, 150)] if orphan else [])
+    assert len(drift.warnings) == (0 if orphan or status == "running" else 1)
+    assert drift.refusals == []
+
+
+def test_a_stale_clone_slot_needs_the_same_evidence_a_completed_run_included() -> None:
+    workflows = {"clone-a-1": WorkflowState("completed"), "clone-b-1": NOT_FOUND, "clone-c-1": NOT_FOUND}
+    drift = find_drift(
+        observed(
+            clone_slots=["clone-a-1", "clone-b-1", "clone-c-1"],
+            workflows=workflows,
+            reservations={"clone-b-1": HELD, "clone-c-1": RELEASED},
+        )
+    )
+    assert [(f.kind, f.task_id) for f in drift.findings] == [
+        (Kind.STALE_CLONE_SLOT, "clone-a-1"),
+        (Kind.STALE_CLONE_SLOT, "clone-c-1"),
+    ]
+    [warning] = drift.warnings
+    assert warning.startswith("the clone slot of task clone-b-1 (held or queued for) is left alone: ")
+
+
+def test_refusals() -> None:
+    vms = [PveVm(150 + i, "pve2", "leak", "stopped", f"clone-x-{i}") for i in range(3)]
+    failed = {vm.task_id: WorkflowState("failed") for vm in vms}
+    assert find_drift(observed(pve_vms=vms, workflows=failed), max_destroy=3).refusals == []
+    [too_many] = find_drift(observed(pve_vms=vms, workflows=failed), max_destroy=2).refusals
+    assert too_many.startswith("it would destroy 3 VMs, more than --max-destroy 2")
+    # No VM record at all, not even a deleted one, while PVE shows marked VMs: even one that is running.
+    running = {vm.task_id: RUNNING for vm in vms}
+    [empty] = find_drift(observed(pve_vms=vms, workflows=running, records_before=[])).refusals
+    assert empty.startswith("the database holds no VM records at all while PVE shows 3 VMs")
+    assert find_drift(observed(records_before=[])).refusals == []
