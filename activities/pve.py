@@ -17,10 +17,12 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 from activities.heartbeats import Heartbeats
 from payloads import (
     MSG_CLONE_FAILED,
+    MSG_PVE_NOT_READY,
     MSG_TEMPLATE_NOT_FOUND,
     PVE_TASK_FAILED,
     PVE_TASK_FAILED_TRANSIENT,
     SERVICE_TAG,
+    VM_NOT_OURS,
     VMID_TAKEN,
     CloneInput,
     CloneStarted,
@@ -36,7 +38,7 @@ from pve.disks import boot_disk
 from pve.ownership import is_owned_by, vm_description
 from pve.tasks import PveTaskFailed, is_transient_task_error, task_done, wait_task, wait_until_done
 from pve.vmids import free_vmid_ranges
-from pve.vms import find_vm, stop_and_destroy
+from pve.vms import find_vm, stop_and_destroy, vm_config
 
 # Waiting for PVE tasks. A clone is watched inside the activity that starts it for its first seconds (most
 # clones of small templates end by then); after that, each retry of await_task is one look, and the retry
@@ -71,6 +73,11 @@ def still_running(what: str) -> ApplicationError:
     return ApplicationError(what, type="StillRunning", category=ApplicationErrorCategory.BENIGN)
 
 
+def vm_not_ours(what: str) -> ApplicationError:
+    # Final: the VM this task made is gone, and whatever holds its VMID now is not the task's to change.
+    return ApplicationError(what, type=VM_NOT_OURS, non_retryable=True)
+
+
 @contextmanager
 def final_errors_as(failure: Failure, message: str | None = None) -> Iterator[None]:
     """PVE's final errors end the step with `failure`; PveUnavailable stays retryable."""
@@ -94,7 +101,8 @@ class PveActivities:
     @activity.defn
     def inspect_template(self, req: InspectInput) -> TemplateFacts:
         """The template VM exists on PVE and is a template; the target node, the storage and the disk size
-        can take the clone. One cluster-wide read and one config read."""
+        can take the clone. One cluster-wide read and one config read (cached). The client's mistakes (400)
+        come before PVE's passing troubles (503), which it may simply wait out."""
         storage = req.storage or self.default_storage
         resources = self.pve.get("cluster/resources")
         vms = [r for r in resources if r.get("type") in ("qemu", "lxc")]
@@ -103,12 +111,8 @@ class PveActivities:
             raise refuse(Failure.TEMPLATE_NOT_FOUND, MSG_TEMPLATE_NOT_FOUND)
         template_node = template["node"]  # where PVE has it now, even if it moved since it was registered
         nodes = {r["node"]: r.get("status") for r in resources if r.get("type") == "node"}
-        if nodes.get(template_node) != "online":
-            raise PveUnavailable(f"the template's node {template_node} is {nodes.get(template_node)}")
         if req.target not in nodes:
             raise refuse(Failure.INVALID_REQUEST, f"Unknown target node '{req.target}'")
-        if nodes[req.target] != "online":
-            raise refuse(Failure.INVALID_REQUEST, f"Target node '{req.target}' is offline")
         store = next(
             (
                 r
@@ -121,14 +125,15 @@ class PveActivities:
             raise refuse(Failure.INVALID_REQUEST, f"Storage '{storage}' is not available on node '{req.target}'")
         if "images" not in str(store.get("content", "")).split(","):
             raise refuse(Failure.INVALID_REQUEST, f"Storage '{storage}' cannot hold VM disks")
-        if store.get("status") != "available":
-            raise refuse(Failure.INVALID_REQUEST, f"Storage '{storage}' is not active on node '{req.target}'")
         if req.target != template_node and not int(store.get("shared") or 0):
             raise refuse(
                 Failure.INVALID_REQUEST,
                 f"Storage '{storage}' is not shared, so the template on '{template_node}' "
                 f"cannot be cloned onto node '{req.target}'",
             )
+        trouble = self._not_ready(nodes, template_node, req.target, store)
+        if trouble:
+            raise refuse(Failure.PVE_NOT_READY, f"{MSG_PVE_NOT_READY}: {trouble}")
         disk_key, template_gb = self._template_disk(template_node, req.template.vmid)
         if template.get("maxdisk"):
             # /cluster/resources gives the boot disk's size fresh on every read.
@@ -146,6 +151,31 @@ class PveActivities:
             node=template_node,
             storage=storage,
         )
+
+    def _not_ready(self, nodes: dict[str, Any], template_node: str, target: str, store: dict[str, Any]) -> str | None:
+        """What keeps PVE from taking the clone now, for a while only (a cluster without quorum, a node offline,
+        a storage not active); None if nothing does."""
+        if any(status != "online" for status in nodes.values()) and not self._quorate():
+            return "the PVE cluster has no quorum"
+        if nodes[target] != "online":
+            return f"target node '{target}' is offline"
+        if nodes.get(template_node) != "online":
+            return f"node '{template_node}', which holds the template, is offline"
+        if store.get("status") != "available":
+            return f"storage '{store.get('storage')}' is not active on node '{target}'"
+        return None
+
+    def _quorate(self) -> bool:
+        """Whether the cluster has quorum (`quorate` in cluster/status; cluster/resources does not say). Asked
+        only while a node is offline: a cluster loses quorum only when nodes drop out of it, and
+        cluster/resources shows those as offline, so a healthy cluster costs no extra read. A user who may not
+        read it (Sys.Audit on /) is told nothing more: the clone retries PVE's own "no quorum" errors anyway."""
+        try:
+            status = self.pve.get("cluster/status")
+        except PveError:
+            return True
+        cluster = next((r for r in status if r.get("type") == "cluster"), None)  # none on a single node
+        return cluster is None or bool(int(cluster.get("quorate") or 0))
 
     # ------------------------------------------------------------------------------ clone
 
@@ -228,7 +258,10 @@ class PveActivities:
 
     @activity.defn
     def configure_vm(self, req: ConfigureInput) -> None:
-        """Set cores and memory, tag the VM, and grow the boot disk; each write is absolute, so a retry is safe."""
+        """Set cores and memory, tag the VM, and grow the boot disk, on this task's VM only. Each write carries
+        the digest of the config whose marker was checked just before, so PVE refuses it if the config changed
+        since: a VM that vanished and whose VMID someone else took is never configured. Each write is absolute,
+        so a retry is safe."""
         with self._heartbeats.during(), final_errors_as(Failure.CONFIGURE_FAILED):
             # PUT is PVE's synchronous form: it answers once the change is written, with no task to watch
             # (POST .../config would answer a UPID to await). A stopped VM takes cores and memory at once.
@@ -237,13 +270,19 @@ class PveActivities:
                 cores=req.cpu_cores,
                 memory=req.memory_mb,
                 tags=SERVICE_TAG,
+                digest=self._own_config_digest(req.task_id, req.node, req.vmid),
             )
             if upid:
                 wait_until_done(self.pve, str(upid), SHORT_TASK_WAIT)
             if req.disk_gb > req.template_disk_gb:
-                # Current PVE answers a UPID, older PVE null (the resize is then already done).
+                # The write above changed the digest, and PVE tells the new one only by a read: a second look,
+                # so that the resize is as safe as the config write. Current PVE answers a UPID, older PVE
+                # null (the resize is then already done).
                 upid = self.pve.put(
-                    f"nodes/{req.node}/qemu/{req.vmid}/resize", disk=req.disk_key, size=f"{req.disk_gb}G"
+                    f"nodes/{req.node}/qemu/{req.vmid}/resize",
+                    disk=req.disk_key,
+                    size=f"{req.disk_gb}G",
+                    digest=self._own_config_digest(req.task_id, req.node, req.vmid),
                 )
                 if upid:
                     wait_until_done(self.pve, str(upid), SHORT_TASK_WAIT)
@@ -280,6 +319,18 @@ class PveActivities:
             raise refuse(Failure.INVALID_REQUEST, "The template VM has no disk")
         self._template_disks[(node, vmid)] = (time.monotonic(), disk)
         return disk
+
+    def _own_config_digest(self, task_id: str, node: str, vmid: int) -> str | None:
+        """The digest of the VM's config, if the VM is this task's (pve.ownership's rule); a VM gone, or one
+        without the task's marker, is final for the step. A write made with this digest changes this very
+        config or nothing (PVE answers "file changed by other user? Try again", which is retried)."""
+        config = vm_config(self.pve, node, vmid)
+        if config is None:
+            raise vm_not_ours(f"VM {vmid} is gone from node {node}")
+        if not is_owned_by(config.get("description"), task_id):
+            raise vm_not_ours(f"VM {vmid} on node {node} is not task {task_id}'s: its description lacks the marker")
+        digest = config.get("digest")
+        return str(digest) if digest else None
 
     def _owned_by(self, task_id: str, node: str, vmid: int) -> bool:
         """The VM's description carries this task's marker (pve.ownership's rule). A VM that vanished since it

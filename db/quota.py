@@ -45,6 +45,8 @@ class CreatedVm:
     node: str
     name: str
     size: Size
+    box_id: str | None = None
+    storage: str | None = None
 
 
 @dataclass
@@ -120,7 +122,6 @@ def reserve(engine: Engine, task_id: str, username: str, size: Size, free_ranges
     [first, last] ranges from PVE) for task_id; returns the VMID."""
     with session(engine) as db, db.begin():
         user = lock_user(db, username)  # first: one user's slow transaction holds up only that user
-        _lock_vmids(db)
         existing = db.get(Reservation, task_id)
         if existing is not None and existing.state != RELEASED and existing.vmid is not None:
             return existing.vmid  # a retry of a reservation made (or committed) already
@@ -141,6 +142,9 @@ def reserve(engine: Engine, task_id: str, username: str, size: Size, free_ranges
             or (plan.total_vms is not None and used.vms + 1 > plan.total_vms)
         ):
             raise Refused(Failure.TOTAL_LIMIT, MSG_TOTAL_LIMIT)
+        # The lock every user's creations share, taken last: a retry and a refusal never wait for it, and it is
+        # held only for the VMID pick and the insert (until the commit).
+        _lock_vmids(db)
         vmid = pick_vmid(db, free_ranges)
         if existing is not None:
             # Released by a cleanup, and now the run goes on again (reset from the Web UI): hold it anew.
@@ -187,6 +191,8 @@ def commit(engine: Engine, vm: CreatedVm) -> None:
                     cores=vm.size.cores,
                     memory_mb=vm.size.memory_mb,
                     disk_gb=vm.size.disk_gb,
+                    box_id=vm.box_id,
+                    storage=vm.storage,
                 )
             )
         reservation = db.get(Reservation, vm.task_id)

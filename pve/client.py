@@ -16,10 +16,12 @@ from settings import Settings
 # Statuses PVE (or its proxy) answers while a node, the cluster or the network is in trouble:
 # 595-599 are pveproxy's "could not reach the node".
 TRANSIENT_STATUSES = {408, 429, 502, 503, 504, 595, 596, 597, 598, 599}
-# PVE answers 500 for nearly everything; these messages mean "try again later", not "this is wrong".
+# PVE answers 500 for nearly everything; these messages mean "try again later", not "this is wrong". A write
+# whose `digest` no longer matches (the config changed since it was read: "file changed by other user? Try
+# again", or "checksum mismatch (file change by other user?)") is tried again from the read.
 TRANSIENT_MESSAGES = re.compile(
     r"got timeout|no quorum|cluster not ready|temporarily|timeout|connection refused|connection reset"
-    r"|no route to host|is not online|try again|is locked",
+    r"|no route to host|is not online|try again|is locked|file changed? by other user",
     re.IGNORECASE,
 )
 
@@ -52,21 +54,24 @@ class PveClient:
 
     def __init__(self, settings: Settings):
         self._settings = settings
+        # At construction, not at the first call: a worker without PVE_USER refuses to start (SettingsError).
+        self._user = settings.require_pve_user()
         self._lock = threading.Lock()
         self._api: ProxmoxAPI | None = None
 
     def _connect(self) -> ProxmoxAPI:
         s = self._settings
         auth: dict[str, Any]
-        if s.pve_token_name and s.pve_token_value:
-            auth = {"token_name": s.pve_token_name, "token_value": s.pve_token_value}
+        token_value = s.pve_token_value.get_secret_value()
+        if s.pve_token_name and token_value:
+            auth = {"token_name": s.pve_token_name, "token_value": token_value}
         else:
-            auth = {"password": s.pve_password}
+            auth = {"password": s.pve_password.get_secret_value()}
         try:
             return ProxmoxAPI(
                 s.pve_host,
                 port=s.pve_port,
-                user=s.pve_user,
+                user=self._user,
                 verify_ssl=s.pve_verify,
                 timeout=s.pve_timeout_seconds,
                 **auth,
@@ -74,7 +79,7 @@ class PveClient:
         except AuthenticationError as exc:
             # Wrong credentials are final; PVE being down while we log in is not.
             if "code: 401" in str(exc):
-                raise PveError(401, f"PVE login failed for {s.pve_user}") from exc
+                raise PveError(401, f"PVE login failed for {self._user}") from exc
             raise PveUnavailable(str(exc)) from exc
         except requests.RequestException as exc:
             raise PveUnavailable(f"PVE login: {exc}") from exc

@@ -29,6 +29,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from payloads import (
     PVE_TASK_FAILED,
     PVE_TASK_FAILED_TRANSIENT,
+    VM_NOT_OURS,
     VMID_TAKEN,
     Admitted,
     CloneStarted,
@@ -115,6 +116,15 @@ def request(**changes: Any) -> CreateFromBoxInput:
 
 def vmid_taken() -> ApplicationError:
     return ApplicationError("VMID is taken by a guest this task did not create", type=VMID_TAKEN, non_retryable=True)
+
+
+def vm_not_ours(vmid: int = ADMITTED_VMID) -> ApplicationError:
+    """configure_vm's answer when the task's VM vanished and something else holds its VMID (or nothing does)."""
+    return ApplicationError(
+        f"VM {vmid} on node pve2 is not task x's: its description lacks the marker",
+        type=VM_NOT_OURS,
+        non_retryable=True,
+    )
 
 
 def lock_timeout() -> ApplicationError:

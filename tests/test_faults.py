@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -124,6 +125,80 @@ async def test_quorum_lost_for_a_moment(api: httpx.AsyncClient, temporal: Client
     later(2, pve.regain_quorum)
     result = await create_and_finish(api, temporal)
     assert result.vmid == 100
+    assert_created_once(pve, engine)
+
+
+# ------------------------------------------ PVE troubles that may clear by themselves, met at admission
+
+
+def storage_inactive(pve: Any) -> None:
+    pve.storages["NFS"]["active"] = 0
+
+
+def a_node_lost_and_quorum_with_it(pve: Any) -> None:
+    pve.add_node("pve3")
+    pve.set_node_offline("pve3")
+    pve.lose_quorum()
+
+
+@pytest.mark.usefixtures("worker")
+@pytest.mark.parametrize(
+    ("condition", "message"),
+    [
+        pytest.param(storage_inactive, "Service unavailable: storage 'NFS' is not active on node 'pve2'", id="storage"),
+        pytest.param(
+            lambda pve: pve.set_node_offline("pve2"), "Service unavailable: target node 'pve2' is offline", id="target"
+        ),
+        pytest.param(
+            lambda pve: pve.set_node_offline("pve1"),
+            "Service unavailable: node 'pve1', which holds the template, is offline",
+            id="template-node",
+        ),
+        pytest.param(a_node_lost_and_quorum_with_it, "Service unavailable: the PVE cluster has no quorum", id="quorum"),
+    ],
+)
+async def test_a_pve_condition_that_may_clear_answers_503_at_once_naming_it_and_leaves_nothing(
+    api: httpx.AsyncClient, pve: Any, engine: Engine, condition: Callable[[Any], None], message: str
+) -> None:
+    condition(pve)
+    started = time.monotonic()
+    response = await api.post(CREATE, json=body(), headers=auth())
+    assert (response.status_code, response.json()) == (503, {"code": 503, "message": message, "data": None})
+    assert time.monotonic() - started < 5  # answered now, not when the admission deadline (15 s) runs out
+    assert created_vms(pve) == []
+    assert reservations(engine) == []
+    assert not [r for r in pve.requests if r[0] != "GET" and "/access/ticket" not in r[1]]
+
+
+@pytest.mark.usefixtures("worker")
+async def test_the_clients_own_mistake_is_told_before_a_passing_pve_trouble(api: httpx.AsyncClient, pve: Any) -> None:
+    pve.set_node_offline("pve2")
+    response = await api.post(CREATE, json=body(storage="nope"), headers=auth())
+    assert (response.status_code, response.json()["message"]) == (400, "Storage 'nope' is not available on node 'pve2'")
+
+
+@pytest.mark.usefixtures("worker")
+async def test_a_node_offline_with_the_quorum_kept_admits_as_usual(
+    api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine
+) -> None:
+    pve.add_node("pve3")
+    pve.set_node_offline("pve3")  # neither the template's node nor the target
+    await create_and_finish(api, temporal)
+    assert_created_once(pve, engine)
+    assert [r for r in pve.requests if r[1].endswith("/cluster/status")]  # quorum looked at, and found
+
+
+@pytest.mark.usefixtures("worker")
+async def test_a_request_refused_for_a_passing_pve_trouble_can_be_sent_again_under_its_idempotency_key(
+    api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine
+) -> None:
+    storage_inactive(pve)
+    headers = auth() | {"Idempotency-Key": "retry-me"}
+    assert (await api.post(CREATE, json=body(), headers=headers)).status_code == 503
+    pve.storages["NFS"]["active"] = 1
+    again = await api.post(CREATE, json=body(), headers=headers)
+    assert again.status_code == 200, again.text
+    await result_of(temporal, again.json()["data"]["task_id"])
     assert_created_once(pve, engine)
 
 

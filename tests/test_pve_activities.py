@@ -1,5 +1,6 @@
 """PVE activities alone (ActivityEnvironment), for PVE behaviour the end-to-end tests cannot produce with the
-fake: on real PVE a VM being cloned has no description yet, only the clone lock."""
+fake (on real PVE a VM being cloned has no description yet, only the clone lock), and for moments they cannot
+hit (a VM replaced between the activity's look and its write)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.heartbeats import Heartbeats
 from activities.pve import PveActivities
-from payloads import VMID_TAKEN, CloneInput, TemplateRef, VmRef
+from payloads import VM_NOT_OURS, VMID_TAKEN, CloneInput, ConfigureInput, TemplateRef, VmRef
 from pve.client import PveClient, PveUnavailable
 from pve.ownership import vm_description
 from settings import Settings
@@ -66,6 +67,92 @@ def test_a_container_under_the_vmid_is_a_vmid_taken(pve: Any, activities: PveAct
     # And a cleanup never touches it.
     ActivityEnvironment().run(activities.destroy_vm, VmRef(task_id=TASK, node="pve1", vmid=100))
     assert pve.guest(100) is not None
+
+
+# ------------------------------------------------------------ configuration: this task's VM only
+
+STRANGER = "clone-other-1-abc"
+# Cores 2, memory 2048, the boot disk grown from 10 to 20 GB.
+CONFIGURE = ConfigureInput(TASK, "pve2", 100, 2, 2048, "scsi0", 20, 10)
+
+
+def vm_of(pve: Any, task_id: str) -> Any:
+    return pve.add_vm(
+        100,
+        "vm",
+        node="pve2",
+        config={"description": vm_description(task_id), "scsi0": "NFS:100/vm-100-disk-0,size=10G"},
+    )
+
+
+def not_ours(activities: PveActivities) -> ApplicationError:
+    with pytest.raises(ApplicationError) as refused:
+        ActivityEnvironment().run(activities.configure_vm, CONFIGURE)
+    assert (refused.value.type, refused.value.non_retryable) == (VM_NOT_OURS, True)
+    return refused.value
+
+
+def writes(pve: Any) -> list[str]:
+    return [path.rsplit("/", 1)[1] for method, path, _body in pve.requests if method == "PUT"]
+
+
+def test_configuration_writes_with_the_digest_of_the_config_it_found_its_marker_in(
+    pve: Any, activities: PveActivities
+) -> None:
+    vm = vm_of(pve, TASK)
+    digest = vm.digest()
+    ActivityEnvironment().run(activities.configure_vm, CONFIGURE)
+    assert (vm.config["cores"], vm.config["memory"], vm.config["tags"]) == ("2", "2048", "pve-boxes")
+    [config_write, resize] = [body for method, _path, body in pve.requests if method == "PUT"]
+    assert f"digest={digest}" in str(config_write)
+    assert f"digest={vm.digest()}" in str(resize)  # the config as the first write left it
+
+
+def test_configuration_leaves_a_vm_without_the_tasks_marker_alone(pve: Any, activities: PveActivities) -> None:
+    stranger = vm_of(pve, STRANGER)
+    assert "is not task" in not_ours(activities).message
+    # Notes that merely quote the marker name nobody.
+    stranger.config["description"] = f"copied from pve-boxes task {TASK}"
+    not_ours(activities)
+    assert writes(pve) == []
+    pve.vms.remove(stranger)
+    assert "is gone" in not_ours(activities).message
+
+
+def test_a_vm_replaced_between_the_look_and_the_write_is_not_written(
+    pve: Any, activities: PveActivities, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm = vm_of(pve, TASK)
+    get = activities.pve.get
+
+    def replaced_after_the_look(path: str, **params: Any) -> Any:
+        answer = get(path, **params)
+        vm.config["description"] = vm_description(STRANGER)  # another creation's VM took the VMID meanwhile
+        return answer
+
+    monkeypatch.setattr(activities.pve, "get", replaced_after_the_look)
+    with pytest.raises(PveUnavailable):  # PVE refused the write for its digest: retried, from a new look
+        ActivityEnvironment().run(activities.configure_vm, CONFIGURE)
+    assert "cores" not in vm.config
+    monkeypatch.undo()
+    not_ours(activities)  # the retry's look tells
+    assert "cores" not in vm.config
+
+
+def test_a_vm_replaced_between_the_config_write_and_the_resize_is_not_resized(
+    pve: Any, activities: PveActivities, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm = vm_of(pve, TASK)
+    put = activities.pve.put
+
+    def replaced_after_the_config_write(path: str, **params: Any) -> Any:
+        answer = put(path, **params)
+        vm.config["description"] = vm_description(STRANGER)
+        return answer
+
+    monkeypatch.setattr(activities.pve, "put", replaced_after_the_config_write)
+    not_ours(activities)
+    assert writes(pve) == ["config"]
 
 
 def test_a_dropped_read_is_asked_again_once_and_a_dropped_write_or_a_hung_read_is_not(

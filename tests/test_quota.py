@@ -4,11 +4,12 @@ serialise them, on SQLite and PostgreSQL. Exactly what fits is admitted; release
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, text
 
 from db import quota
 from db.models import COMMITTED, HELD, RELEASED
@@ -103,3 +104,30 @@ def test_a_commit_during_the_usage_check_is_counted(engine: Engine) -> None:
         committing.join()
     assert quota.usage_of_user(engine, "alice").vms == 5
     assert sorted(r.state for r in reservations(engine)) == [COMMITTED] + [HELD] * 4
+
+
+def test_a_refusal_and_a_retry_never_wait_for_the_vmid_lock_that_every_users_creations_share(engine: Engine) -> None:
+    """A creation holds the VMID lock (on PostgreSQL, where it exists; SQLite serialises every reservation
+    anyway): a request the plan refuses answers at once, and so does a retried reservation; only a request that
+    gets a VMID waits for it."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("the VMID lock is PostgreSQL's; SQLite's BEGIN IMMEDIATE orders all reservations")
+    assert attempt(engine, 1) == 1001
+    too_big = quota.Size(cores=99, memory_mb=1, disk_gb=1)
+    with engine.connect() as other, ThreadPoolExecutor(4) as pool:
+        other.execute(text(f"SELECT pg_advisory_xact_lock({quota.VMID_LOCK_KEY})"))
+        try:
+            fitting = pool.submit(quota.reserve, engine, "b1", "bob", SMALL, [[1003, 1003]])
+            over_the_limit = pool.submit(quota.reserve, engine, "a2", "alice", too_big, [[1002, 1002]])
+            without_plan = pool.submit(quota.reserve, engine, "c1", "carol", SMALL, [[1004, 1004]])
+            retried = pool.submit(attempt, engine, 1)
+            for refused, failure in ((over_the_limit, Failure.PER_VM_LIMIT), (without_plan, Failure.PLAN_NOT_FOUND)):
+                with pytest.raises(quota.Refused) as refusal:
+                    refused.result(timeout=5)
+                assert refusal.value.failure == failure
+            assert retried.result(timeout=5) == 1001
+            time.sleep(0.5)
+            assert not fitting.done()  # its VMID waits for the other creation's
+        finally:
+            other.rollback()
+        assert fitting.result(timeout=5) == 1003

@@ -139,6 +139,49 @@ async def test_a_config_lock_held_for_a_moment_is_retried(
     assert [r.state for r in reservations(engine)] == [COMMITTED]
 
 
+STRANGER = "clone-someone-else-1-abc"
+
+
+def replaced_by_a_strangers_vm(pve: Any) -> None:
+    """The run's VM is destroyed (by hand, or by the repair tool), and another creation's VM takes the VMID."""
+    pve.vms.remove(pve.vm(100))
+    pve.add_vm(
+        100,
+        "strangers-vm",
+        node="pve2",
+        config={"cores": 4, "memory": 4096, "description": f"pve-boxes task {STRANGER}"},
+    )
+
+
+def destroyed_by_hand(pve: Any) -> None:
+    pve.vms.remove(pve.vm(100))
+
+
+@pytest.mark.usefixtures("worker")
+@pytest.mark.parametrize("vanish", [replaced_by_a_strangers_vm, destroyed_by_hand])
+async def test_a_run_whose_vm_vanished_before_configuration_fails_and_touches_no_other_vm(
+    api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine, vanish: Callable[[Any], None]
+) -> None:
+    # The first config write meets a lock and is retried a second later; meanwhile the VM is gone.
+    pve.fail("PUT", "/nodes/pve2/qemu/100/config", error="config_lock_timeout", times=1)
+    task_id = (await api.post(CREATE, json=body(), headers=auth())).json()["data"]["task_id"]
+    await until(lambda: any(r[0] == "PUT" and r[1].endswith("/qemu/100/config") for r in pve.requests), timeout=30)
+    vanish(pve)
+
+    error = await failure_of(temporal, task_id)
+    assert error.message == MSG_CONFIGURE_FAILED
+    seen = await state(api, task_id)
+    assert (seen["status"], seen["result_code"], seen["result_message"]) == ("failed", 500, MSG_CONFIGURE_FAILED)
+    # Whatever holds VMID 100 now was neither configured nor destroyed; the run's quota came back.
+    stranger = pve.vm(100)
+    if stranger is not None:
+        assert (stranger.config["cores"], stranger.config["memory"]) == (4, 4096)
+        assert "tags" not in stranger.config
+    assert not [r for r in pve.requests if r[0] in ("DELETE", "POST") and "/qemu/100" in r[1]]
+    assert [r.state for r in reservations(engine)] == [RELEASED]
+    assert vm_records(engine) == []
+
+
 @pytest.mark.usefixtures("worker")
 @pytest.mark.fakepve(time_scale=1)
 async def test_cancelled_during_the_clone_is_cleaned_up(

@@ -45,6 +45,7 @@ from tests.fast_env import (
     lock_timeout,
     request,
     task_failed,
+    vm_not_ours,
     vmid_taken,
 )
 from tests.waiting import until, until_async
@@ -488,6 +489,24 @@ async def test_a_configuration_that_fails_destroys_the_vm_and_gives_back_its_quo
     error = await failure_of(handle)
 
     assert (error.type, error.message) == (Failure.CONFIGURE_FAILED.value, MSG_CONFIGURE_FAILED)
+    assert fakes.names() == [*CLONED, "configure_vm", *UNDONE]
+    assert_undone(fakes, handle.id, ADMITTED_VMID)
+    state = await end_state(handle)
+    assert (state["step"], state["result_code"], state["result_message"]) == (Step.DONE, 500, MSG_CONFIGURE_FAILED)
+
+
+async def test_a_vm_that_is_no_longer_the_tasks_fails_the_configuration_at_once_and_is_left_to_its_owner(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    fakes.script("configure_vm", vm_not_ours())
+    handle = await runs.start()
+
+    error = await failure_of(handle)
+
+    assert (error.type, error.message) == (Failure.CONFIGURE_FAILED.value, MSG_CONFIGURE_FAILED)
+    assert "is not task" in str(error.details[0])  # the reason, for operators
+    # Not retried, never recorded; the cleanup is asked for the task's own VM, which destroy_vm checks the marker
+    # of (another run's VM under the VMID is left alone), and the quota comes back.
     assert fakes.names() == [*CLONED, "configure_vm", *UNDONE]
     assert_undone(fakes, handle.id, ADMITTED_VMID)
     state = await end_state(handle)
