@@ -11,13 +11,8 @@ from sqlalchemy import Engine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
-from db import clone_slots, quota
-from db.engine import session
-from db.models import Box, Template, TemplateUser
+from db import boxes, clone_slots, quota
 from payloads import (
-    MSG_BOX_NOT_FOUND,
-    MSG_FORBIDDEN,
-    MSG_TEMPLATE_NOT_FOUND,
     CloneSlotRequest,
     CreateFromBoxInput,
     Failure,
@@ -53,17 +48,10 @@ class DbActivities:
     # ----------------------------------------------------- admission's steps (called by AdmissionActivities)
 
     def template_of(self, username: str, box_id: str) -> TemplateRef:
-        """The box's template, if the user may use it."""
-        with session(self.engine) as db:
-            box = db.get(Box, box_id)
-            if box is None:
-                raise refuse(Failure.BOX_NOT_FOUND, MSG_BOX_NOT_FOUND)
-            template = db.get(Template, box.template_id)
-            if template is None:
-                raise refuse(Failure.TEMPLATE_NOT_FOUND, MSG_TEMPLATE_NOT_FOUND)
-            if not template.public and db.get(TemplateUser, (template.id, username)) is None:
-                raise refuse(Failure.FORBIDDEN, MSG_FORBIDDEN)
-            return TemplateRef(node=template.node, vmid=template.vmid)
+        """The box's template, if the user may use it (the API checked this too, before starting the run)."""
+        with _refusals():
+            vm = boxes.template_for(self.engine, username, box_id)
+        return TemplateRef(node=vm.node, vmid=vm.vmid)
 
     def reserve(self, task_id: str, ask: CreateFromBoxInput, free_ranges: list[list[int]]) -> int:
         """Hold the quota and a VMID for the task; returns the VMID."""
@@ -90,7 +78,9 @@ class DbActivities:
 
     @activity.defn
     def commit_creation(self, done: FinishInput) -> None:
-        vm = quota.CreatedVm(done.task_id, done.username, done.vmid, done.node, done.name, _size(done))
+        vm = quota.CreatedVm(
+            done.task_id, done.username, done.vmid, done.node, done.name, _size(done), done.box_id, done.storage
+        )
         quota.commit(self.engine, vm)
 
     @activity.defn

@@ -8,8 +8,10 @@ from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI
 
+from api.admission import MAX_WAITERS, Waiters
+from api.body_limit import BodyLimit
 from api.errors import install_error_handlers
-from api.routes import vm_manage
+from api.routes import account, vm_manage, vms
 from api.temporal import TemporalConnection
 from db.engine import make_engine
 from db.schema import require_current
@@ -27,6 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # naming what to run, ends the startup).
         require_current(app.state.engine)
         app.state.temporal = TemporalConnection(app.state.settings)
+        app.state.waiters = Waiters(MAX_WAITERS)
         # Connect early so the first request is fast; a server that is down now is retried per request.
         with suppress(Exception):
             await app.state.temporal.get()
@@ -39,7 +42,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # Outside the routes, so that an oversized body is refused before the token is looked at.
+    app.add_middleware(BodyLimit)
     app.include_router(vm_manage.router)
+    app.include_router(vms.router)
+    app.include_router(account.router)
     return app
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.schemas import ErrorAnswer
+from api.schemas import OWN_ERRORS, ErrorAnswer
 
 log = logging.getLogger("api")
 
@@ -18,15 +19,17 @@ TEMPORAL_UNAVAILABLE = "Service unavailable: the workflow service cannot be reac
 
 
 class ApiError(Exception):
-    def __init__(self, code: int, message: str):
+    def __init__(self, code: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.headers = headers  # e.g. Retry-After on a 429
 
 
-def envelope(code: int, message: str) -> JSONResponse:
+def envelope(code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """An error answer: the ErrorAnswer that /openapi.json documents, `data` null."""
-    return JSONResponse(status_code=code, content=ErrorAnswer(code=code, message=message, data=None).model_dump())
+    content = ErrorAnswer(code=code, message=message, data=None).model_dump()
+    return JSONResponse(status_code=code, content=content, headers=headers)
 
 
 def error_responses(answers: dict[int, str]) -> dict[int | str, dict[str, Any]]:
@@ -40,8 +43,17 @@ def error_responses(answers: dict[int, str]) -> dict[int | str, dict[str, Any]]:
     return responses
 
 
+def describe_validation_errors(errors: Sequence[dict[str, Any]]) -> str:
+    """One sentence naming the field. An unknown field comes first: `cpu_cores` for `cpuCores` also makes
+    `cpuCores` missing, and the unknown name is what tells the client its mistake."""
+    if not errors:
+        return "Invalid request"
+    unknown = [error for error in errors if error.get("type") == "extra_forbidden"]
+    return describe_validation_error((unknown or errors)[0])
+
+
 def describe_validation_error(error: dict[str, Any]) -> str:
-    """One sentence naming the field, from the first of pydantic's errors."""
+    """One sentence naming the field, from one of pydantic's errors."""
     kind = error.get("type", "")
     if kind == "json_invalid":
         return "Invalid request body: not valid JSON"
@@ -50,27 +62,42 @@ def describe_validation_error(error: dict[str, Any]) -> str:
     )
     location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
     field = location[-1] if location else None
+    bounds = error.get("ctx") or {}
     if field is None:
         return f"{where}: expected a JSON object"
     if kind == "missing":
         return f"{where}: '{field}' is required"
-    if kind.startswith("int") or kind in ("greater_than", "less_than_equal", "greater_than_equal"):
+    if kind == "extra_forbidden":
+        return f"{where}: unknown field '{field}'"
+    if kind == "greater_than_equal":
+        return f"{where}: '{field}' must be at least {_number(bounds.get('ge'))}"
+    if kind == "less_than_equal":
+        return f"{where}: '{field}' must be at most {_number(bounds.get('le'))}"
+    if kind.startswith("int") or kind == "greater_than":
         return f"{where}: '{field}' must be a positive integer"
+    if kind.startswith("float") or kind == "finite_number":
+        return f"{where}: '{field}' must be a number"
     if kind.startswith("string"):
         return f"{where}: '{field}' must be a non-empty string"
+    if kind in OWN_ERRORS:
+        return f"{where}: '{field}' {error.get('msg')}"
     return f"{where}: '{field}': {error.get('msg', 'invalid value')}"
+
+
+def _number(bound: Any) -> Any:
+    """A bound as the client wrote it: 300, not the 300.0 of a float parameter."""
+    return int(bound) if isinstance(bound, float) and bound.is_integer() else bound
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return envelope(exc.code, exc.message)
+        return envelope(exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's default 422 never reaches a client: a bad request is a 400 in the envelope.
-        errors = exc.errors()
-        return envelope(400, describe_validation_error(errors[0]) if errors else "Invalid request")
+        return envelope(400, describe_validation_errors(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

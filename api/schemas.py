@@ -10,30 +10,63 @@ from __future__ import annotations
 import re
 from typing import Annotated, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic_core import PydanticCustomError
 
 from payloads import Admission, CreateFromBoxInput
 
 PositiveInt = Annotated[StrictInt, Field(gt=0, le=2**31 - 1)]
 NonEmpty = Annotated[StrictStr, Field(min_length=1, max_length=255)]
 
+# Unicode's control characters (C0, DEL, C1). None belongs in an id or a node or storage name; a NUL is worse:
+# PostgreSQL refuses to store or even compare it.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Idempotency-Key: visible ASCII and spaces, 1 to 255 of them.
+IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+# The same rules as JSON Schema patterns, so that /openapi.json documents them.
+NO_CONTROL_CHARACTERS_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+IDEMPOTENCY_KEY_PATTERN = rf"^{IDEMPOTENCY_KEY.pattern}$"
+
+# The validation errors raised here, whose message completes "'<field>' ...".
+OWN_ERRORS = {"control_characters", "printable_ascii"}
+
+
+def _no_control_characters(value: str) -> str:
+    if CONTROL_CHARACTERS.search(value):
+        raise PydanticCustomError("control_characters", "must not contain control characters")
+    return value
+
+
+def printable_key(value: str | None) -> str | None:
+    if value is not None and not IDEMPOTENCY_KEY.fullmatch(value):
+        raise PydanticCustomError("printable_ascii", "must be 1 to 255 printable ASCII characters or spaces")
+    return value
+
+
+# A box id, a node or a storage name.
+Identifier = Annotated[
+    NonEmpty,
+    Field(json_schema_extra={"pattern": NO_CONTROL_CHARACTERS_PATTERN}),
+    AfterValidator(_no_control_characters),
+]
+
 # PVE's rule for VM names (format `dns-name`): dot-separated labels of letters, digits and hyphens that start
-# and end with a letter or digit.
-VM_NAME = re.compile(
-    r"^(?=.{1,128}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
-)
+# and end with a letter or digit. Matched whole (fullmatch, \Z): `$` would also match before a final newline.
+VM_NAME = re.compile(r"(?=.{1,128}\Z)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*")
 
 
 class CreateFromBoxRequest(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)
+    # Only the seed's names: an unknown field (a typo such as `storge`, or `cpu_cores` for `cpuCores`) is a 400
+    # naming it, never silently dropped or taken as an alias.
+    model_config = ConfigDict(extra="forbid", validate_by_name=False, validate_by_alias=True)
 
-    box_id: NonEmpty
+    box_id: Identifier
     name: StrictStr
-    target: NonEmpty
+    target: Identifier
     cpu_cores: PositiveInt = Field(alias="cpuCores")
     memory_mb: PositiveInt = Field(alias="memorySize")
     disk_gb: PositiveInt = Field(alias="diskSize")
-    storage: NonEmpty | None = None
+    storage: Identifier | None = None
 
     def to_input(self, username: str, default_storage: str) -> CreateFromBoxInput:
         return CreateFromBoxInput(
@@ -49,7 +82,7 @@ class CreateFromBoxRequest(BaseModel):
 
 
 def valid_vm_name(name: str) -> bool:
-    return VM_NAME.match(name) is not None
+    return VM_NAME.fullmatch(name) is not None
 
 
 # ------------------------------------------------------------------------------ answers
@@ -77,7 +110,10 @@ class AdmissionData(BaseModel):
 class TaskStateData(BaseModel):
     task_id: str
     status: TaskStatus
-    step: str = Field(description="admission, clone, configure, cleanup or done")
+    kind: str = Field(description="the task's workflow: create or delete", examples=["create"])
+    step: str = Field(
+        description="a creation: admission, clone, configure, cleanup or done; a deletion: stop, destroy or done"
+    )
     vmid: str | None = Field(description="known once the request is admitted", examples=["106"])
     vm_name: str
     node: str
@@ -92,8 +128,89 @@ class CreateAnswer(Envelope[AdmissionData]):
 
 
 class TaskAnswer(Envelope[TaskStateData]):
-    """The state of a creation."""
+    """The state of a task: a creation or a deletion."""
 
 
 class ErrorAnswer(Envelope[None]):
     """A refusal or a failure: `message` says which, in the seed's words."""
+
+
+# ----------------------------------------------------------------------- a VM's life, the caller's account
+
+
+class DeletionData(BaseModel):
+    task_id: str = Field(description="the deletion's task id; GET tasks/{task_id} follows it", examples=["delete-..."])
+    vmid: str = Field(examples=["106"])
+
+
+class DeleteAnswer(Envelope[DeletionData]):
+    """The deletion started (or, for a repeat while it runs, is running) under `data.task_id`."""
+
+
+class VmData(BaseModel):
+    vmid: str = Field(examples=["106"])
+    vm_name: str
+    node: str
+    box_id: str | None = Field(description="null for VMs recorded before the box was kept")
+    cpu_cores: int = Field(serialization_alias="cpuCores")
+    memory_mb: int = Field(serialization_alias="memorySize")
+    disk_gb: int = Field(serialization_alias="diskSize")
+    storage: str | None = Field(description="null for VMs recorded before the storage was kept")
+    task_id: str = Field(description="the creation's task id")
+    created_at: str = Field(examples=["2026-11-27T10:00:00Z"])
+    ip_addresses: list[str] = Field(description="IPv4 first; empty until the guest agent reported one")
+    deleting: bool = Field(description="true while a deletion of the VM runs")
+
+
+class VmsData(BaseModel):
+    vms: list[VmData]
+    next: str | None = Field(description="the `next` query parameter of the following page; null on the last")
+
+
+class VmsAnswer(Envelope[VmsData]):
+    """The caller's VMs that the service created and that are not deleted, newest first."""
+
+
+class Limits(BaseModel):
+    cores: int
+    memory_mb: int
+    disk_gb: int
+
+
+class Totals(Limits):
+    vms: int | None = Field(description="null where the plan has no limit on the count of VMs")
+
+
+class Used(Limits):
+    vms: int
+
+
+class QuotaData(BaseModel):
+    plan: str = Field(description="the plan's id")
+    per_vm: Limits
+    total: Totals
+    used: Used = Field(description="VMs not deleted plus creations in flight, as admission counts them")
+    available: Totals = Field(description="total minus used, never below 0")
+
+
+class QuotaAnswer(Envelope[QuotaData]):
+    """The caller's compute resource plan and how much of it is used."""
+
+
+class BoxData(BaseModel):
+    id: str
+    name: str
+    template: str = Field(description="the template's name")
+    start: bool = Field(description="whether a VM made from it is started")
+    cloud_init: bool = Field(description="true when the box sets cloud-init")
+    pool: str | None
+    tags: list[str]
+    network: dict[str, str | int] | None = Field(description="bridge and VLAN tag of net0, when set")
+
+
+class BoxesData(BaseModel):
+    boxes: list[BoxData]
+
+
+class BoxesAnswer(Envelope[BoxesData]):
+    """The boxes the caller may use: those whose template is public or allows the caller."""

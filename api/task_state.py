@@ -15,9 +15,11 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.errors import TEMPORAL_UNAVAILABLE, ApiError
 from api.schemas import TaskStateData, TaskStatus
 from payloads import TaskState
-from workflows import CreateFromBoxWorkflow
+from workflows import CreateFromBoxWorkflow, DeleteVmWorkflow
 
 TASK_NOT_FOUND = "Task not found"
+# The workflows whose runs are a user's tasks (GET tasks/{task_id}); any other run under an id is no task.
+TASK_WORKFLOWS = frozenset(w.__name__ for w in (CreateFromBoxWorkflow, DeleteVmWorkflow))
 # The memo key under which the workflow publishes its TaskState.
 STATE_MEMO = "state"
 STATUS: dict[WorkflowExecutionStatus, TaskStatus] = {
@@ -65,13 +67,13 @@ async def find_task(client: Client, task_id: str) -> Task | None:
 
 
 async def owned_task(client: Client, task_id: str, username: str) -> Task:
-    """The creation `task_id` if `username` started it; anyone else's task, another workflow's run and an
-    unknown id are all the same 404, so that task ids reveal nothing."""
+    """The task `task_id` (a creation or a deletion) if it is `username`'s; anyone else's task, another
+    workflow's run and an unknown id are all the same 404, so that task ids reveal nothing."""
     try:
         task = await find_task(client, task_id)
     except RPCError as exc:
         raise ApiError(503, TEMPORAL_UNAVAILABLE) from exc
-    if task is None or task.description.workflow_type != CreateFromBoxWorkflow.__name__:
+    if task is None or task.description.workflow_type not in TASK_WORKFLOWS:
         raise ApiError(404, TASK_NOT_FOUND)
     state = task.state
     if state is None or state.owner != username:
@@ -86,6 +88,7 @@ def state_data(task: Task) -> TaskStateData:
     return TaskStateData(
         task_id=task.id,
         status=task.status,
+        kind=state.kind,
         step=state.step,
         vmid=str(state.vmid) if state.vmid is not None else None,
         vm_name=state.vm_name,

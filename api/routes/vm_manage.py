@@ -9,12 +9,22 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
+from pydantic import AfterValidator
 
 from api.admission import Admitter, new_task_id
-from api.deps import UNAUTHORIZED, CurrentUser, OwnedTask, SettingsDep, TemporalDep
+from api.body_limit import MSG_BODY_TOO_LARGE
+from api.deps import UNAUTHORIZED, CurrentUser, EngineDep, OwnedTask, SettingsDep, TemporalDep, WaitersDep
 from api.errors import TEMPORAL_UNAVAILABLE, ApiError, error_responses
 from api.idempotency import MSG_KEY_REUSED, admit_once, keyed_task_id
-from api.schemas import AdmissionData, CreateAnswer, CreateFromBoxRequest, TaskAnswer, valid_vm_name
+from api.schemas import (
+    IDEMPOTENCY_KEY_PATTERN,
+    AdmissionData,
+    CreateAnswer,
+    CreateFromBoxRequest,
+    TaskAnswer,
+    printable_key,
+    valid_vm_name,
+)
 from api.task_state import TASK_NOT_FOUND, state_data
 from payloads import (
     MSG_BOX_NOT_FOUND,
@@ -32,15 +42,18 @@ from payloads import (
 
 router = APIRouter(prefix="/api/v1/vm/manage", tags=["vm manage"])
 
-WaitSeconds = Annotated[float, Query(ge=0, le=3600, description="seconds to wait for the creation to end")]
+# At most 5 minutes: a waiting request holds a connection and a Temporal long poll.
+MAX_WAIT_SECONDS = 300
+WaitSeconds = Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description="seconds to wait for the creation to end")]
 IdempotencyKey = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
-        min_length=1,
-        max_length=255,
-        description="a retried request with the same key returns the first answer and creates nothing",
+        description="a retried request with the same key returns the first answer and creates nothing; "
+        "1 to 255 printable ASCII characters or spaces",
+        json_schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN},
     ),
+    AfterValidator(printable_key),
 ]
 
 
@@ -53,12 +66,14 @@ def one_of(*messages: str) -> str:
     response_description="Admitted: the VMID is fixed and the VM is being created (with ?wait: was created)",
     responses=error_responses(
         {
-            400: "A body that is not valid (`Invalid request body: ...` naming the field), an invalid VM name "
-            "(`Invalid VM name...`), a target node, storage or diskSize that does not fit (the message says "
-            f"which), or the plan's limits: {one_of(MSG_PER_VM_LIMIT, MSG_TOTAL_LIMIT)}",
+            400: "A body that is not valid (`Invalid request body: ...` naming the field, or the unknown "
+            "field), a `wait` or `Idempotency-Key` that is not (`Invalid query parameter: ...`, `Invalid header: "
+            "...`), an invalid VM name (`Invalid VM name...`), a target node, storage or diskSize that does not "
+            f"fit (the message says which), or the plan's limits: {one_of(MSG_PER_VM_LIMIT, MSG_TOTAL_LIMIT)}",
             401: one_of(UNAUTHORIZED),
             403: one_of(MSG_FORBIDDEN),
             404: one_of(MSG_BOX_NOT_FOUND, MSG_TEMPLATE_NOT_FOUND, MSG_PLAN_NOT_FOUND),
+            413: one_of(MSG_BODY_TOO_LARGE),
             422: one_of(MSG_KEY_REUSED),
             500: f"The creation failed (with ?wait): {one_of(MSG_CLONE_FAILED, MSG_CONFIGURE_FAILED)}",
             503: f"{one_of(MSG_UNAVAILABLE)} (nor ever will be, for this request); {one_of(TEMPORAL_UNAVAILABLE)}",
@@ -70,19 +85,21 @@ async def create_from_box_template(
     username: CurrentUser,
     settings: SettingsDep,
     client: TemporalDep,
+    engine: EngineDep,
+    waiters: WaitersDep,
     wait: WaitSeconds = 0,
     idempotency_key: IdempotencyKey = None,
 ) -> CreateAnswer:
     if not valid_vm_name(body.name):
         raise ApiError(400, MSG_INVALID_NAME)
     input = body.to_input(username, settings.default_storage)
-    admitter = Admitter(client, settings.temporal_task_queue, settings.admission_timeout_seconds)
+    admitter = Admitter(client, engine, settings.temporal_task_queue, settings.admission_timeout_seconds)
     if idempotency_key is None:
         admission = await admitter.admit(new_task_id(body.box_id), input)
     else:
         admission = await admit_once(admitter, keyed_task_id(username, idempotency_key), input)
     if wait:
-        await admitter.wait_for_end(admission.task_id, wait)
+        await admitter.wait_for_end(admission.task_id, wait, waiters)
     return CreateAnswer(code=200, message=MSG_CREATED, data=AdmissionData.of(admission))
 
 

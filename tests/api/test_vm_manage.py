@@ -190,10 +190,14 @@ async def test_refusals_answer_the_seed_and_leave_nothing(
     assert not [r for r in pve.requests if r[0] != "GET" and "/access/ticket" not in r[1]]
 
 
-async def test_offline_target_node_is_a_400(api: httpx.AsyncClient, pve: Any, engine: Engine) -> None:
+async def test_offline_target_node_is_a_503_naming_it(api: httpx.AsyncClient, pve: Any, engine: Engine) -> None:
+    # A node that is down may come back: the server's trouble, not the client's mistake (contract, version 2).
     pve.set_node_offline("pve2")
     response = await api.post(CREATE, json=body(), headers=auth())
-    assert (response.status_code, response.json()["message"]) == (400, "Target node 'pve2' is offline")
+    assert (response.status_code, response.json()["message"]) == (
+        503,
+        "Service unavailable: target node 'pve2' is offline",
+    )
     assert_nothing_left(pve, engine)
 
 
