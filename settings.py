@@ -2,24 +2,40 @@
 
 from functools import lru_cache
 
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+class SettingsError(ValueError):
+    """A setting a process needs is missing or unusable; the process refuses to start and says which."""
+
+
 class Settings(BaseSettings):
+    """Secrets are SecretStr: a repr, a debug print or a log line of the settings shows `**********`, and
+    reading one takes `.get_secret_value()` where it is used. The database URL is one too, since it holds the
+    database password."""
+
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
-    database_url: str = "sqlite:///var/app.db"
+    database_url: SecretStr = SecretStr("sqlite:///var/app.db")
 
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"
     temporal_task_queue: str = "vm-manage"
+    # mTLS to the Temporal frontend: PEM files of the client certificate and its key, and of the CA that signed
+    # the server's certificate (empty: the system's roots). An API key (Temporal Cloud) turns TLS on by itself.
+    temporal_tls_cert: str = ""
+    temporal_tls_key: str = ""
+    temporal_tls_ca: str = ""
+    temporal_api_key: SecretStr = SecretStr("")
 
     pve_host: str = "127.0.0.1"
     pve_port: int = 8006
-    pve_user: str = "root@pam"
-    pve_password: str = ""
+    # No default: an operator names the (least-privileged) user the service acts as, never root by accident.
+    pve_user: str | None = None
+    pve_password: SecretStr = SecretStr("")
     pve_token_name: str = ""
-    pve_token_value: str = ""
+    pve_token_value: SecretStr = SecretStr("")
     pve_verify_ssl: bool = True
     pve_ca_file: str = ""
     # proxmoxer's own default (5 s) is too short for PVE under load.
@@ -35,6 +51,19 @@ class Settings(BaseSettings):
 
     # How long the POST may take to admit a request before it answers 503 and gives the request up.
     admission_timeout_seconds: float = 20.0
+
+    # Authenticated requests a minute per token, counted in the database so that every API process shares the
+    # count; past it 429 with Retry-After. 0: no limit (the benchmark measures the service, not the limit).
+    rate_limit_per_minute: int = Field(default=600, ge=0)
+
+    def require_pve_user(self) -> str:
+        """The PVE user, for what talks to PVE (the worker, `boxctl reconcile`); the API needs none."""
+        if not self.pve_user:
+            raise SettingsError(
+                "PVE_USER is not set: name the PVE user the service logs in as (the API token's user with "
+                "PVE_TOKEN_NAME/PVE_TOKEN_VALUE, e.g. boxes@pve; the README lists the privileges it needs)"
+            )
+        return self.pve_user
 
     @property
     def pve_verify(self) -> bool | str:

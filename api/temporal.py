@@ -7,10 +7,14 @@ import asyncio
 from temporalio.client import Client
 
 from settings import Settings
+from temporal_client import connect_temporal, temporal_tls
 
 
 class TemporalConnection:
     def __init__(self, settings: Settings):
+        # TLS files that cannot be read are a SettingsError here, in the app's startup: the API refuses to
+        # start instead of answering 503 to every request.
+        temporal_tls(settings)
         self._settings = settings
         self._client: Client | None = None
         self._lock = asyncio.Lock()
@@ -19,8 +23,5 @@ class TemporalConnection:
         if self._client is None:
             async with self._lock:
                 if self._client is None:
-                    self._client = await asyncio.wait_for(
-                        Client.connect(self._settings.temporal_address, namespace=self._settings.temporal_namespace),
-                        timeout=5,
-                    )
+                    self._client = await asyncio.wait_for(connect_temporal(self._settings), timeout=5)
         return self._client

@@ -2,11 +2,15 @@
 
 from pathlib import Path
 
+from pydantic import SecretStr
 from sqlalchemy import Engine, event
 from sqlmodel import Session, create_engine
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str | SecretStr) -> Engine:
+    # Settings.database_url is a SecretStr (it holds the password); SQLAlchemy's URL hides it from then on.
+    if isinstance(url, SecretStr):
+        url = url.get_secret_value()
     if url.startswith("sqlite"):
         return _sqlite_engine(url)
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)

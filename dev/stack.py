@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +69,11 @@ def fakepve_settings(database_url: str, temporal_port: int, pve_port: int, ca_fi
         "pve_token_value": "",
         "pve_verify_ssl": True,
         "pve_ca_file": str(ca_file),
+        # The dev server speaks plain TCP: no TLS or API key of a production .env.
+        "temporal_tls_cert": "",
+        "temporal_tls_key": "",
+        "temporal_tls_ca": "",
+        "temporal_api_key": "",
     }
     return Settings(**{**values, **more})
 
@@ -78,7 +85,10 @@ def settings_env(settings: Settings, extra: dict[str, str] | None = None) -> dic
     child reads; a field added to Settings is passed on without a change here."""
     names = {name.upper() for name in Settings.model_fields}
     env = {key: value for key, value in os.environ.items() if key.upper() not in names}
-    for name, value in settings.model_dump(mode="json").items():
+    values = settings.model_dump(mode="json")
+    # The JSON dump masks secrets ("**********"); the child needs the real ones.
+    values.update({name: value.get_secret_value() for name, value in settings if isinstance(value, SecretStr)})
+    for name, value in values.items():
         if value is None:
             continue
         if isinstance(value, bool):

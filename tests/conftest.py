@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import Engine
 from sqlmodel import select
 from temporalio.client import Client
@@ -27,6 +28,7 @@ from db.load import load_admin_data
 from db.models import Reservation, Vm
 from db.schema import upgrade
 from dev.fakepve_cluster import TEMPLATE_VMID, seed
+from dev.stack import FAKEPVE_PASSWORD, FAKEPVE_USER
 from pve.client import PveClient
 from settings import Settings
 from tests.factories import ADMIN_DATA
@@ -89,13 +91,13 @@ def postgres_database() -> Iterator[str]:
 def settings(pve: Any, fakepve_cafile: str, database_url: str, temporal: Client) -> Settings:
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
-        database_url=database_url,
+        database_url=SecretStr(database_url),
         temporal_address=temporal.service_client.config.target_host,
         temporal_task_queue=f"test-{uuid.uuid4().hex[:12]}",
         pve_host=pve.host,
         pve_port=pve.port,
-        pve_user="root@pam",
-        pve_password="secret",
+        pve_user=FAKEPVE_USER,  # PVE_USER has no default: the fake's, as `make run` sets it
+        pve_password=SecretStr(FAKEPVE_PASSWORD),
         pve_ca_file=fakepve_cafile,
         admission_timeout_seconds=15,
     )

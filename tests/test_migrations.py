@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from pydantic import SecretStr
 from sqlalchemy import Engine
 from sqlmodel import SQLModel
 
@@ -219,7 +220,7 @@ def not_current(
 
 async def test_api_refuses_to_start(not_current: tuple[str, str]) -> None:
     url, message = not_current
-    app = create_app(Settings(_env_file=None, database_url=url))  # type: ignore[call-arg]
+    app = create_app(Settings(_env_file=None, database_url=SecretStr(url)))  # type: ignore[call-arg]
 
     with pytest.raises(SchemaError, match=re.escape(message)):
         async with app.router.lifespan_context(app):
