@@ -29,6 +29,8 @@ MSG_PLAN_NOT_FOUND = "Compute resource plan not found"
 MSG_CLONE_FAILED = "Failed to clone VM from template"
 MSG_CONFIGURE_FAILED = "VM created but configuration failed, resources have been cleaned up"
 MSG_UNAVAILABLE = "Service unavailable: the request could not be admitted in time, nothing was created"
+# A PVE-side condition that may clear by itself (storage inactive, node offline, no quorum): "<this>: <cause>".
+MSG_PVE_NOT_READY = "Service unavailable"
 
 
 class Failure(StrEnum):
@@ -42,6 +44,8 @@ class Failure(StrEnum):
     PER_VM_LIMIT = "PerVmLimitExceeded"
     TOTAL_LIMIT = "TotalLimitExceeded"
     UNAVAILABLE = "Unavailable"
+    # PVE cannot take the clone now, for a reason that may clear by itself: the client asks again later.
+    PVE_NOT_READY = "PveNotReady"
     CLONE_FAILED = "CloneFailed"
     CONFIGURE_FAILED = "ConfigureFailed"
 
@@ -61,6 +65,7 @@ _STATUS = {
     Failure.CLONE_FAILED: 500,
     Failure.CONFIGURE_FAILED: 500,
     Failure.UNAVAILABLE: 503,
+    Failure.PVE_NOT_READY: 503,
 }
 
 
@@ -74,6 +79,10 @@ def status_of(error_type: str | None) -> int:
 
 # start_clone found a VM it did not make under the task's VMID (made outside the service): pick another.
 VMID_TAKEN = "VmidTaken"
+
+# A step after the clone found the task's VMID gone, or held by a VM without the task's marker (ours vanished,
+# and another creation, or a person, took the VMID): final, the run fails and its cleanup leaves that VM alone.
+VM_NOT_OURS = "VmNotOurs"
 
 # ApplicationError types of a PVE task that ended in error: final, or worth starting the step again.
 PVE_TASK_FAILED = "PveTaskFailed"
@@ -137,6 +146,7 @@ class TaskState:
     node: str = ""
     result_code: int | None = None
     result_message: str | None = None
+    kind: str = "create"  # the task's workflow: create or delete (TaskKind)
 
 
 # ---------------------------------------------------------------------------- activities
@@ -243,3 +253,86 @@ class FinishInput:
     cpu_cores: int
     memory_mb: int
     disk_gb: int
+    box_id: str | None = None  # what GET vms shows; None in histories from before it was kept
+    storage: str | None = None
+
+
+# ------------------------------------------------------------------------------ a VM's deletion
+
+MSG_DELETION_STARTED = "VM deletion started"
+MSG_DELETED = "VM deleted successfully"
+MSG_DELETE_FAILED = "Failed to delete VM"
+MSG_VM_NOT_FOUND = "VM not found"
+MSG_VM_BEING_CREATED = "VM is still being created"
+MSG_VM_NOT_THE_SERVICES = "VM on PVE is not the one this service created"
+
+
+class TaskKind(StrEnum):
+    CREATE = "create"
+    DELETE = "delete"
+
+
+class DeleteStep(StrEnum):
+    STOP = "stop"
+    DESTROY = "destroy"
+    DONE = "done"
+
+
+class DeletionFailure(StrEnum):
+    """ApplicationError types a deletion fails with, and the result_code each one ends with."""
+
+    VM_NOT_FOUND = "VmNotFound"  # not (or no longer) one of the owner's VMs
+    BEING_CREATED = "VmBeingCreated"  # its creation still runs
+    # The VMID holds a VM without the creation's marker: never touched, nothing freed.
+    NOT_THE_SERVICES = "VmNotTheServices"
+    DELETE_FAILED = "DeleteFailed"
+
+    @property
+    def status(self) -> int:
+        return _DELETION_STATUS.get(self, 500)
+
+
+_DELETION_STATUS = {
+    DeletionFailure.VM_NOT_FOUND: 404,
+    DeletionFailure.BEING_CREATED: 409,
+    DeletionFailure.NOT_THE_SERVICES: 409,
+}
+
+
+@dataclass
+class DeleteVmInput:
+    username: str  # the VM's owner
+    vmid: int
+
+
+@dataclass
+class DeleteVmResult:
+    vmid: int
+    vm_name: str
+    node: str
+    task_id: str = ""
+
+
+@dataclass
+class DeletionRequest:
+    task_id: str  # the deletion's
+    username: str
+    vmid: int
+
+
+@dataclass
+class VmToDelete:
+    """The VM record a deletion acts on. `done`: this deletion had already marked it deleted (a repeat of a
+    run that succeeded), so PVE is not looked at again: its VMID may be someone else's by now."""
+
+    creation_task_id: str  # the task whose marker the VM on PVE must carry
+    vmid: int
+    node: str
+    vm_name: str
+    done: bool = False
+
+
+@dataclass
+class DeletionDone:
+    task_id: str  # the deletion's
+    creation_task_id: str

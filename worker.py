@@ -22,12 +22,14 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from activities.admission import AdmissionActivities
 from activities.db import DbActivities
 from activities.pve import PveActivities
+from activities.vm_life import VmLifeActivities
 from db.clone_slots import Limits
 from db.engine import make_engine
 from db.schema import SchemaError, require_current
 from pve.client import PveClient
-from settings import Settings, get_settings
-from workflows import SEARCH_ATTRIBUTES, CreateFromBoxWorkflow
+from settings import Settings, SettingsError, get_settings
+from temporal_client import connect_temporal
+from workflows import SEARCH_ATTRIBUTES, CreateFromBoxWorkflow, DeleteVmWorkflow
 from workflows.clone_turns import tell_slot_granted
 
 log = logging.getLogger("worker")
@@ -72,10 +74,11 @@ def build_worker(
     db_activities = DbActivities(engine, clone_limits, functools.partial(tell_slot_granted, client))
     pve_activities = PveActivities(pve, settings.default_storage)
     admission = AdmissionActivities(db_activities, pve_activities)
+    vm_life = VmLifeActivities(pve, engine)
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[CreateFromBoxWorkflow],
+        workflows=[CreateFromBoxWorkflow, DeleteVmWorkflow],
         activities=[
             admission.admit,
             db_activities.reassign_vmid,
@@ -89,6 +92,11 @@ def build_worker(
             pve_activities.await_clone_by_lock,
             pve_activities.configure_vm,
             pve_activities.destroy_vm,
+            vm_life.begin_deletion,
+            vm_life.stop_for_deletion,
+            vm_life.destroy_for_deletion,
+            vm_life.finish_deletion,
+            vm_life.abandon_deletion,
         ],
         activity_executor=executor,
         # The sandbox would import the project's modules afresh for every run (a third of the worker's CPU per
@@ -109,20 +117,22 @@ async def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
     engine = make_engine(settings.database_url)
-    # First: a worker on tables of another schema version would fail the runs it takes instead of refusing.
+    # Before it takes any run: a worker on tables of another schema version, without its PVE user or with
+    # unreadable Temporal TLS files would fail the runs it takes; it refuses to start instead, saying why.
     try:
         require_current(engine)
-    except SchemaError as exc:
+        pve = PveClient(settings)
+        client = await connect_temporal(settings)
+    except (SettingsError, SchemaError) as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None
-    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
     await ensure_search_attributes(client, settings.temporal_namespace)
     with ThreadPoolExecutor(max_workers=ACTIVITY_THREADS) as executor:
         worker = build_worker(
             client,
             settings.temporal_task_queue,
             engine,
-            PveClient(settings),
+            pve,
             settings,
             executor,
         )

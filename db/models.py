@@ -4,7 +4,7 @@ import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from sqlalchemy import Index, text
+from sqlalchemy import JSON, Column, Index, text
 from sqlmodel import Field, SQLModel
 
 
@@ -114,6 +114,16 @@ class Vm(SQLModel, table=True):
     disk_gb: int
     created_at: datetime = Field(default_factory=utcnow)
     deleted_at: datetime | None = None
+    # What GET vms shows. Null in records made before the service kept them.
+    box_id: str | None = None
+    storage: str | None = None
+    # The deletion under way (DeleteVmWorkflow's task id); set when one starts, cleared when it fails. Kept
+    # once the VM is deleted: it names the deletion that did it, which a repeat of that run takes as done.
+    deleting_task_id: str | None = None
+    # The guest's addresses (IPv4 first) once known; an empty list until then.
+    ip_addresses: list[str] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default=text("'[]'"))
+    )
 
 
 class CloneSlot(SQLModel, table=True):

@@ -271,9 +271,22 @@ class CreateFromBoxWorkflow:
             disk_gb=input.disk_gb,
             template_disk_gb=admitted.facts.disk_gb,
         )
+        # configure_vm wrote to the VM only while it carried this task's marker. The record that follows asks PVE
+        # nothing more: it touches only the database, and a VM that vanishes after configure is the same as one
+        # deleted by hand after success (the repair tool marks it deleted; anything under its VMID without the
+        # marker is reported, and neither a deletion nor the repair tool acts on it).
         await pve_change(PveActivities.configure_vm, configure, timedelta(minutes=3))
         done = FinishInput(
-            vm.task_id, input.username, vm.vmid, vm.node, input.name, input.cpu_cores, input.memory_mb, input.disk_gb
+            vm.task_id,
+            input.username,
+            vm.vmid,
+            vm.node,
+            input.name,
+            input.cpu_cores,
+            input.memory_mb,
+            input.disk_gb,
+            box_id=input.box_id,
+            storage=admitted.facts.storage,
         )
         await db_step(DbActivities.commit_creation, done)
 
