@@ -1,35 +1,21 @@
-"""boxctl: the admin CLI. Loads admin data, issues session tokens, and lists what the database holds."""
+"""boxctl: the admin CLI. Upgrades the database, loads admin data, manages tokens and VMs, lists what the database
+holds (cli/listings.py) and runs the repair tool."""
 
 import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine
-from sqlmodel import col, select
-
-from db.engine import make_engine, session
+from cli import CliError, open_engine
+from cli.listings import cmd_boxes, cmd_plans, cmd_reservations, cmd_templates, cmd_users, cmd_vms, table, when
+from db.engine import make_engine
 from db.load import LoadError, load_admin_data
-from db.models import Box, Plan, Reservation, SessionToken, Template, TemplateUser, User, Vm
-from db.schema import SchemaError, head, require_current, state, upgrade
-from db.tokens import new_token, token_hash
-from settings import get_settings
-
-
-class CliError(Exception):
-    """A refusal to report as `boxctl: <message>` with exit status 1."""
-
-
-def _engine() -> Engine:
-    """The database, refused unless it is at the schema this version needs (`boxctl db upgrade` brings it there)."""
-    engine = make_engine(get_settings().database_url)
-    try:
-        require_current(engine)
-    except SchemaError as exc:
-        engine.dispose()
-        raise CliError(str(exc)) from None
-    return engine
+from db.schema import SchemaError, head, state, upgrade
+from db.tokens import TokenError, issue, revoke, revoke_all, tokens_of
+from db.vms import NotDeletable, UnknownVm, forget, live_vm
+from settings import SettingsError, get_settings
 
 
 def cmd_db_upgrade(_args: argparse.Namespace) -> None:
@@ -54,21 +40,6 @@ def cmd_db_current(_args: argparse.Namespace) -> int:
     return 0 if current == head() else 1
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return str(value)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Left-aligned columns, two spaces apart, under a header line."""
-    cells = [list(headers), *([_cell(v) for v in row] for row in rows)]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
-
-
 def cmd_load(args: argparse.Namespace) -> None:
     try:
         with open(args.file, encoding="utf-8") as f:
@@ -78,152 +49,99 @@ def cmd_load(args: argparse.Namespace) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CliError(f"{args.file} is not valid JSON: {exc}") from None
     try:
-        report = load_admin_data(_engine(), data)
+        report = load_admin_data(open_engine(), data)
     except LoadError as exc:
         raise CliError(f"{exc.message}\n{args.file} refused: nothing was written") from None
     print("\n".join(report.lines()))
 
 
 def cmd_token_issue(args: argparse.Namespace) -> None:
-    engine = _engine()
-    token = new_token()
-    with session(engine) as db, db.begin():
-        if db.get(User, args.username) is None:
-            raise CliError(f"user '{args.username}' is not defined")
-        db.add(SessionToken(token_hash=token_hash(token), username=args.username))
-    # Printed once, here: the database keeps only its hash.
-    print(token)
+    expires_in = timedelta(days=args.expires_in) if args.expires_in is not None else None
+    token, row = issue(open_engine(), args.username, expires_in)
+    # Printed once, here: the database keeps only its hash. The id is what `token revoke` takes.
+    print(f"token: {token}\nid: {row.id}")
 
 
-def cmd_plans(_args: argparse.Namespace) -> None:
-    with session(_engine()) as db:
-        plans = db.exec(select(Plan).order_by(col(Plan.id))).all()
-    headers = ["ID", "NAME", "VM CORES", "VM MEM MB", "VM DISK GB", "CORES", "MEM MB", "DISK GB", "VMS"]
+def cmd_token_list(args: argparse.Namespace) -> None:
     rows = [
-        [
-            p.id,
-            p.name,
-            p.per_vm_cores,
-            p.per_vm_memory_mb,
-            p.per_vm_disk_gb,
-            p.total_cores,
-            p.total_memory_mb,
-            p.total_disk_gb,
-            p.total_vms,
-        ]
-        for p in plans
+        [t.id, when(t.created_at), when(t.expires_at), when(t.revoked_at)]
+        for t in tokens_of(open_engine(), args.username)
     ]
-    print(_table(headers, rows))
+    # Never the token, nor its hash: a listing may end up in a ticket or a terminal log.
+    print(table(["ID", "CREATED", "EXPIRES", "REVOKED"], rows))
 
 
-def cmd_users(_args: argparse.Namespace) -> None:
-    with session(_engine()) as db:
-        users = db.exec(select(User).order_by(col(User.username))).all()
-        plan_ids = set(db.exec(select(Plan.id)).all())
-        tokens: dict[str, int] = {}
-        for name in db.exec(select(SessionToken.username)).all():
-            tokens[name] = tokens.get(name, 0) + 1
-    rows = [
-        # A plan that is not defined is shown as such: that user's requests get "plan not found".
-        [
-            u.username,
-            (u.plan_id if u.plan_id in plan_ids else f"{u.plan_id} (undefined)") if u.plan_id else None,
-            tokens.get(u.username, 0),
-        ]
-        for u in users
-    ]
-    print(_table(["USERNAME", "PLAN", "TOKENS"], rows))
+def cmd_token_revoke(args: argparse.Namespace) -> None:
+    row, now = revoke(open_engine(), args.token_id)
+    print(f"{row.id} ({row.username}) {'revoked' if now else 'was already revoked'} at {when(row.revoked_at)}")
 
 
-def cmd_templates(_args: argparse.Namespace) -> None:
-    with session(_engine()) as db:
-        templates = db.exec(select(Template).order_by(col(Template.id))).all()
-        allowed: dict[str, list[str]] = {}
-        for link in db.exec(select(TemplateUser).order_by(col(TemplateUser.username))).all():
-            allowed.setdefault(link.template_id, []).append(link.username)
-    rows = [[t.id, t.name, t.node, t.vmid, t.public, ",".join(allowed.get(t.id, [])) or None] for t in templates]
-    print(_table(["ID", "NAME", "NODE", "VMID", "PUBLIC", "ALLOWED USERS"], rows))
+def cmd_user_disable(args: argparse.Namespace) -> None:
+    count = revoke_all(open_engine(), args.username)
+    print(f"{args.username}: {count} token{'' if count == 1 else 's'} revoked; no token of theirs is valid now")
 
 
-def cmd_boxes(_args: argparse.Namespace) -> None:
-    with session(_engine()) as db:
-        boxes = db.exec(select(Box).order_by(col(Box.id))).all()
-        template_ids = set(db.exec(select(Template.id)).all())
-    rows = [
-        # A box may name a template that is not defined; using it answers 404, so say so here.
-        [b.id, b.name, b.template_id if b.template_id in template_ids else f"{b.template_id} (undefined)"]
-        for b in boxes
-    ]
-    print(_table(["ID", "NAME", "TEMPLATE"], rows))
+def _days(value: str) -> int:
+    days = int(value) if value.isdigit() and len(value) <= 6 else 0
+    if not 0 < days <= 36500:  # a hundred years is "never"; more would overflow the date
+        raise argparse.ArgumentTypeError(f"expected a whole number of days from 1 to 36500, got '{value}'")
+    return days
 
 
-def cmd_vms(args: argparse.Namespace) -> None:
-    query = select(Vm).order_by(col(Vm.created_at), col(Vm.task_id))
-    if args.user:
-        query = query.where(Vm.username == args.user)
-    with session(_engine()) as db:
-        vms = db.exec(query).all()
-    headers = ["TASK ID", "USER", "VMID", "NODE", "NAME", "CORES", "MEM MB", "DISK GB", "CREATED", "DELETED"]
-    rows = [
-        [
-            v.task_id,
-            v.username,
-            v.vmid,
-            v.node,
-            v.name,
-            v.cores,
-            v.memory_mb,
-            v.disk_gb,
-            _time(v.created_at),
-            _time(v.deleted_at),
-        ]
-        for v in vms
-    ]
-    print(_table(headers, rows))
+def cmd_vm_delete(args: argparse.Namespace) -> None:
+    from workflows.delete_vm import start_deletion_now
+
+    engine = open_engine()
+    try:
+        print(start_deletion_now(get_settings(), engine, live_vm(engine, _vmid(args.vmid))))  # its task id
+    except (ConnectionError, SettingsError, NotDeletable) as exc:  # NotDeletable: deleted meanwhile
+        raise CliError(f"cannot start the deletion: {exc}") from None
 
 
-def cmd_reservations(args: argparse.Namespace) -> None:
-    query = select(Reservation).order_by(col(Reservation.created_at), col(Reservation.task_id))
-    if args.user:
-        query = query.where(Reservation.username == args.user)
-    with session(_engine()) as db:
-        reservations = db.exec(query).all()
-    headers = ["TASK ID", "USER", "STATE", "VMID", "CORES", "MEM MB", "DISK GB", "CREATED", "UPDATED"]
-    rows = [
-        [
-            r.task_id,
-            r.username,
-            r.state,
-            r.vmid,
-            r.cores,
-            r.memory_mb,
-            r.disk_gb,
-            _time(r.created_at),
-            _time(r.updated_at),
-        ]
-        for r in reservations
-    ]
-    print(_table(headers, rows))
+def cmd_vm_forget(args: argparse.Namespace) -> None:
+    vm = forget(open_engine(), _vmid(args.vmid))
+    print(f"VM {vm.vmid} ({vm.name}, {vm.username}, task {vm.task_id}) marked deleted; PVE was not touched")
+
+
+def _vmid(value: str) -> int:
+    if not value.isdecimal() or int(value) <= 0:
+        raise CliError(f"expected a VMID, got '{value}'")
+    return int(value)
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """Report (and with --fix repair) drift between PVE, the database and Temporal; 1 while any remains or
-    something could not be checked."""
+    something could not be checked, 2 when it refuses to act. With --history, list its past actions."""
     import asyncio
 
-    from reconcile import ReconcileError, reconcile
+    from reconcile import DEFAULT_MAX_DESTROY, ReconcileError, Refused, history, reconcile
 
+    settings = get_settings()
     try:
-        report = asyncio.run(reconcile(get_settings(), fix=args.fix))
-    except ReconcileError as exc:
+        if args.history is not None:
+            rows = [
+                [when(a.at), a.kind, a.action, a.task_id, a.vmid, a.node, a.username, a.detail]
+                for a in history(settings, args.history)
+            ]
+            print(table(["AT", "KIND", "ACTION", "TASK", "VMID", "NODE", "USER", "DETAIL"], rows))
+            return 0
+        settings.require_pve_user()  # before anything is read: without PVE there is nothing to compare
+        max_destroy = DEFAULT_MAX_DESTROY if args.max_destroy is None else args.max_destroy
+        report = asyncio.run(reconcile(settings, fix=args.fix, max_destroy=max_destroy))
+    except Refused as exc:
+        for reason in exc.reasons:
+            print(f"boxctl: refused, nothing done: {reason}", file=sys.stderr)
+        return 2
+    except (ReconcileError, SettingsError) as exc:
         raise CliError(str(exc)) from None
     print("\n".join(report.lines()))
     return report.exit_code
 
 
-def _time(value: Any) -> str | None:
-    # SQLite hands datetimes back without their timezone; they are stored in UTC either way.
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else None
+def _count(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got '{value}'")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,10 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("load", cmd_load, "upsert plans, users, templates and boxes from a JSON file").add_argument("file")
 
     token = commands.add_parser("token", help="manage session tokens")
-    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
-    issue = token_commands.add_parser("issue", help="issue a new session token for a user and print it")
-    issue.add_argument("username")
-    issue.set_defaults(handler=cmd_token_issue)
+    tokens = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    user = commands.add_parser("user", help="manage users")
+    users = user.add_subparsers(dest="user_command", required=True, metavar="COMMAND")
+
+    def add_to(group: Any, name: str, handler: Callable[[argparse.Namespace], None], text: str, arg: str) -> Any:
+        sub = group.add_parser(name, help=text, description=text)
+        sub.add_argument(arg)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add_to(
+        tokens, "issue", cmd_token_issue, "issue a session token for a user; print it and its id", "username"
+    ).add_argument("--expires-in", type=_days, metavar="DAYS", help="expire after DAYS days (default: never)")
+    add_to(tokens, "list", cmd_token_list, "list a user's tokens: id, creation, expiry, revocation", "username")
+    add_to(tokens, "revoke", cmd_token_revoke, "revoke a token: it authenticates nobody from now on", "token_id")
+    add_to(users, "disable", cmd_user_disable, "revoke all of a user's tokens", "username")
 
     add("plans", cmd_plans, "list compute resource plans")
     add("users", cmd_users, "list users")
@@ -264,18 +194,44 @@ def build_parser() -> argparse.ArgumentParser:
     add("reservations", cmd_reservations, "list quota reservations").add_argument(
         "--user", help="only this user's reservations"
     )
-    add(
+    vm = commands.add_parser("vm", help="act on one VM the service created, whoever owns it")
+    vms = vm.add_subparsers(dest="vm_command", required=True, metavar="COMMAND")
+    add_to(vms, "delete", cmd_vm_delete, "delete a VM as its owner's DELETE would; print the task id", "vmid")
+    add_to(vms, "forget", cmd_vm_forget, "mark a VM record deleted without touching PVE (gone or reused)", "vmid")
+    repair = add(
         "reconcile",
         cmd_reconcile,
-        "compare PVE with the database and Temporal: VMs carrying the marker of a task that owns nothing and "
-        "is not running (orphans), reservations and clone slots of tasks not running, VMs gone from PVE or "
-        "back on it; exit status 1 while any remain or something could not be checked",
-    ).add_argument(
+        "compare PVE with the database and Temporal: VMs carrying the marker of a task that has no VM record "
+        "and whose run is known to be over without success (orphans), reservations and clone slots of runs "
+        "known to be over, VMIDs of VM records gone from PVE, VMs seen deleted back on PVE. A run is known to "
+        "be over when Temporal says it failed, was cancelled, terminated or timed out, or does not know it and "
+        "its reservation is released; anything else (a completed run's VM without a record, a run Temporal "
+        "does not know, a VMID holding a VM without its task's marker) is a warning, left alone. Exit status "
+        "1 while findings or warnings remain; 2 when it refuses (a missing database, one not at the current "
+        "schema, a Temporal namespace that does not exist, a database without any VM record while PVE shows "
+        "marked VMs, more destroys than --max-destroy): then nothing is done",
+    )
+    repair.add_argument(
         "--fix",
         action="store_true",
         help="repair what is found: destroy orphan VMs, release the reservations, free the clone slots (handing "
-        "them to the next waiting runs), mark VMs gone from PVE deleted and count VMs back on PVE again; "
-        "a VM without the marker is never touched",
+        "them to the next waiting runs), mark records whose VMID is gone from PVE deleted and count VMs back on "
+        "PVE again; each action is printed and written to the audit table. A VM without the marker of the "
+        "task is never touched",
+    )
+    repair.add_argument(
+        "--max-destroy",
+        type=_count,
+        metavar="N",
+        help="refuse to act at all if it would destroy more than N VMs (default 5); raise it knowingly",
+    )
+    repair.add_argument(
+        "--history",
+        type=_count,
+        nargs="?",
+        const=20,
+        metavar="N",
+        help="print the last N actions of --fix from the audit table (default 20) and do nothing else",
     )
     return parser
 
@@ -284,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status = args.handler(args)
-    except CliError as exc:
+    except (CliError, TokenError, UnknownVm) as exc:  # an unknown user, token id or VMID
         # One prefixed line per problem: a refused load may list several.
         for line in str(exc).splitlines():
             print(f"boxctl: {line}", file=sys.stderr)

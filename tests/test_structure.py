@@ -8,7 +8,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PRODUCT = ["activities", "api", "db", "pve", "reconcile", "workflows", "worker.py", "boxctl.py", "payloads.py"]
+PRODUCT = [
+    "activities",
+    "api",
+    "cli",
+    "db",
+    "pve",
+    "reconcile",
+    "workflows",
+    "worker.py",
+    "boxctl.py",
+    "payloads.py",
+    "settings.py",
+    "temporal_client.py",
+]
 MAX_LINES = 400
 
 

@@ -1,0 +1,22 @@
+"""Parts of boxctl (the console script, boxctl.py): what every command shares, and the listings."""
+
+from sqlalchemy import Engine
+
+from db.engine import make_engine
+from db.schema import SchemaError, require_current
+from settings import get_settings
+
+
+class CliError(Exception):
+    """A refusal to report as `boxctl: <message>` with exit status 1."""
+
+
+def open_engine() -> Engine:
+    """The database, refused unless it is at the schema this version needs (`boxctl db upgrade` brings it there)."""
+    engine = make_engine(get_settings().database_url)
+    try:
+        require_current(engine)
+    except SchemaError as exc:
+        engine.dispose()
+        raise CliError(str(exc)) from None
+    return engine
