@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
@@ -106,8 +106,15 @@ def _encode(cursor: vms.Cursor) -> str:
 
 
 def _cursor(text: str) -> vms.Cursor:
+    """The cursor a client sent back: only what _encode can have made gets through (a crafted one is a 400,
+    never a database error): an instant in UTC (the database keeps UTC) and a task id without control
+    characters."""
     try:
         created_at, task_id = json.loads(base64.urlsafe_b64decode(text.encode()))
-        return datetime.fromisoformat(created_at), str(task_id)
-    except (binascii.Error, UnicodeError, ValueError, TypeError) as exc:
+        moment = datetime.fromisoformat(created_at)
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (binascii.Error, UnicodeError, ValueError, TypeError, OverflowError) as exc:
         raise ApiError(400, BAD_CURSOR) from exc
+    if not isinstance(task_id, str) or not task_id.isprintable():
+        raise ApiError(400, BAD_CURSOR)
+    return moment, task_id

@@ -339,3 +339,10 @@ async def test_past_the_cap_on_waiters_a_wait_answers_at_once(settings: Settings
         description = await temporal.get_workflow_handle(task_id).describe()
         assert description.close_time is None
     assert (await result_of(temporal, task_id)).vmid == 100
+
+
+async def test_a_method_a_route_does_not_take_is_405_with_allow_in_the_envelope(api: httpx.AsyncClient) -> None:
+    # Found by the fuzz run: HTTP requires `Allow` on a 405, and the envelope handler dropped it.
+    response = await api.request("PUT", "/api/v1/vm/manage/tasks/x", headers=auth())
+    assert (response.status_code, response.json()["code"]) == (405, 405)
+    assert response.headers["allow"] == "GET"

@@ -3,6 +3,8 @@ against fakepve. Everything is strictly the caller's: another user's VM is a 404
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 import httpx
@@ -113,6 +115,27 @@ async def test_a_bad_page_request_is_a_400(api: httpx.AsyncClient, query: str) -
     assert response.status_code == 400, response.text
     assert response.json()["code"] == 400
     assert response.json()["message"].startswith("Invalid query parameter: ")
+
+
+def cursor(created_at: str, task_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at, task_id]).encode()).decode()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+@pytest.mark.parametrize(
+    ("crafted", "status"),
+    [
+        (cursor("9999-12-31T23:59:59", "x"), 200),  # no timezone: taken as UTC, as the database keeps it
+        (cursor("0001-01-01T00:00:00+14:00", "x"), 400),  # before year 1 once in UTC
+        (cursor("2026-01-01T00:00:00+00:00", "clone-\u0000"), 400),  # PostgreSQL cannot even compare a NUL
+    ],
+)
+async def test_a_crafted_cursor_is_answered_never_a_server_error(
+    api: httpx.AsyncClient, crafted: str, status: int
+) -> None:
+    # Found by the fuzz run (tests/test_fuzz.py): each of these was a 500.
+    response = await api.get(f"{API}/vms", params={"next": crafted}, headers=auth())
+    assert (response.status_code, response.json()["code"]) == (status, status), response.text
 
 
 @pytest.mark.parametrize(
