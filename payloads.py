@@ -270,6 +270,7 @@ MSG_VM_NOT_THE_SERVICES = "VM on PVE is not the one this service created"
 class TaskKind(StrEnum):
     CREATE = "create"
     DELETE = "delete"
+    POWER = "power"
 
 
 class DeleteStep(StrEnum):
@@ -336,3 +337,55 @@ class VmToDelete:
 class DeletionDone:
     task_id: str  # the deletion's
     creation_task_id: str
+
+
+# ------------------------------------------------------------------------------ a VM's power
+
+MSG_POWER_STARTED = "Power action started"
+MSG_POWER_DONE = "Power action done"
+MSG_POWER_FAILED = "Power action failed"
+MSG_VM_BEING_DELETED = "VM is being deleted"
+MSG_VM_NOT_RUNNING = "VM is not running"  # a reboot of a stopped VM
+
+
+class PowerAction(StrEnum):
+    START = "start"
+    SHUTDOWN = "shutdown"  # asks the guest (ACPI) to power off
+    STOP = "stop"  # pulls the plug
+    REBOOT = "reboot"
+
+
+class PowerStep(StrEnum):
+    POWER = "power"
+    DONE = "done"
+
+
+class PowerFailure(StrEnum):
+    """ApplicationError types a power action fails with (the first three as the deletion's), and its result_code."""
+
+    VM_NOT_FOUND = "VmNotFound"
+    BEING_CREATED = "VmBeingCreated"
+    NOT_THE_SERVICES = "VmNotTheServices"
+    BEING_DELETED = "VmBeingDeleted"
+    NOT_RUNNING = "VmNotRunning"
+    POWER_FAILED = "PowerFailed"
+
+    @property
+    def status(self) -> int:
+        return {PowerFailure.VM_NOT_FOUND: 404, PowerFailure.POWER_FAILED: 500}.get(self, 409)
+
+
+@dataclass
+class PowerVmInput:
+    username: str  # the VM's owner
+    vmid: int
+    action: str  # a PowerAction
+
+
+@dataclass
+class PowerVmResult:
+    vmid: int
+    action: str
+    node: str
+    vm_name: str = ""
+    task_id: str = ""

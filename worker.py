@@ -29,7 +29,7 @@ from db.schema import SchemaError, require_current
 from pve.client import PveClient
 from settings import Settings, SettingsError, get_settings
 from temporal_client import connect_temporal
-from workflows import SEARCH_ATTRIBUTES, CreateFromBoxWorkflow, DeleteVmWorkflow
+from workflows import SEARCH_ATTRIBUTES, CreateFromBoxWorkflow, DeleteVmWorkflow, PowerVmWorkflow
 from workflows.clone_turns import tell_slot_granted
 
 log = logging.getLogger("worker")
@@ -78,7 +78,7 @@ def build_worker(
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[CreateFromBoxWorkflow, DeleteVmWorkflow],
+        workflows=[CreateFromBoxWorkflow, DeleteVmWorkflow, PowerVmWorkflow],
         activities=[
             admission.admit,
             db_activities.reassign_vmid,
@@ -97,6 +97,7 @@ def build_worker(
             vm_life.destroy_for_deletion,
             vm_life.finish_deletion,
             vm_life.abandon_deletion,
+            vm_life.power_vm,
         ],
         activity_executor=executor,
         # The sandbox would import the project's modules afresh for every run (a third of the worker's CPU per

@@ -10,6 +10,7 @@ namespace's retention."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import secrets
@@ -27,16 +28,18 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
-from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.errors import ApiError
-from api.idempotency import request_memo
+from api.idempotency import RunChanged, request_memo
+from api.task_state import STATE_MEMO
 from db.boxes import template_for
 from db.quota import Refused
-from payloads import MSG_CLONE_FAILED, MSG_UNAVAILABLE, Admission, CreateFromBoxInput, status_of
+from payloads import MSG_CLONE_FAILED, MSG_UNAVAILABLE, Admission, CreateFromBoxInput, TaskState, status_of
 from workflows import CreateFromBoxWorkflow
+from workflows.create_from_box import OWNER
 
 log = logging.getLogger("api")
 
@@ -45,6 +48,11 @@ ADMISSION_GRACE_SECONDS = 2.0
 # Waiting for the admission update ends with one of these when the answer does not come in time, or when the
 # server cannot be asked.
 NOT_IN_TIME = (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError, RPCError)
+
+
+def initial_state(input: CreateFromBoxInput) -> TaskState:
+    """The state a creation's run publishes first (step admission), written at its start."""
+    return TaskState(owner=input.username, vm_name=input.name, node=input.target)
 
 
 def new_task_id(box_id: str) -> str:
@@ -72,7 +80,10 @@ class Admitter:
             id=task_id,
             task_queue=self.task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            memo=request_memo(input),
+            # The owner and the task's state from the start, not from when a worker first runs it: a run that no
+            # worker has picked up yet is listed by GET tasks, shown by GET tasks/{task_id} and can be cancelled.
+            memo={**request_memo(input), STATE_MEMO: dataclasses.asdict(initial_state(input))},
+            search_attributes=TypedSearchAttributes([SearchAttributePair(OWNER, input.username)]),
         )
         try:
             return await asyncio.wait_for(
@@ -111,6 +122,10 @@ class Admitter:
             )
         except WorkflowUpdateFailedError as exc:
             raise refusal(exc) from exc
+        except RPCError as exc:
+            # Often the run ended while we asked ("workflow execution already completed", "update was aborted by
+            # closing workflow"): then its state holds the first answer, which the caller reads again.
+            raise RunChanged(task_id) from exc
         except NOT_IN_TIME as exc:
             raise ApiError(503, MSG_UNAVAILABLE) from exc
 

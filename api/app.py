@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from api.admission import MAX_WAITERS, Waiters
 from api.body_limit import BodyLimit
 from api.errors import install_error_handlers
-from api.routes import account, vm_manage, vms
+from api.routes import account, tasks, vm_manage, vms
 from api.temporal import TemporalConnection
 from db.engine import make_engine
 from db.schema import require_current
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outside the routes, so that an oversized body is refused before the token is looked at.
     app.add_middleware(BodyLimit)
     app.include_router(vm_manage.router)
+    app.include_router(tasks.router)
     app.include_router(vms.router)
     app.include_router(account.router)
     return app

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,7 +26,7 @@ class ApiError(Exception):
         self.headers = headers  # e.g. Retry-After on a 429
 
 
-def envelope(code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def envelope(code: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     """An error answer: the ErrorAnswer that /openapi.json documents, `data` null."""
     content = ErrorAnswer(code=code, message=message, data=None).model_dump()
     return JSONResponse(status_code=code, content=content, headers=headers)

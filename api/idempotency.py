@@ -41,6 +41,10 @@ def request_memo(input: CreateFromBoxInput) -> dict[str, str]:
     return {REQUEST_MEMO: request_digest(input)}
 
 
+class RunChanged(Exception):
+    """Joining a run's admission failed at once: read the run again (it may have ended meanwhile)."""
+
+
 async def admit_once(admitter: Admitter, task_id: str, input: CreateFromBoxInput) -> Admission:
     """Admit under an Idempotency-Key (`task_id` from keyed_task_id): the first request starts the run; a
     repeat of it gets the first answer; the same key with another request is refused."""
@@ -59,15 +63,19 @@ async def admit_once(admitter: Admitter, task_id: str, input: CreateFromBoxInput
         if task.memo.get(REQUEST_MEMO) != digest:
             raise ApiError(422, MSG_KEY_REUSED)
         if not task.ended:
-            return await admitter.join(task_id)
+            try:
+                return await admitter.join(task_id)
+            except RunChanged:
+                continue  # it ended while we asked: the next look reads its first answer
         return first_answer(task)
     raise ApiError(503, MSG_UNAVAILABLE)
 
 
 def given_up(task: Task) -> bool:
-    """The run ended unadmitted because its request answered 503, or before it published any state."""
+    """The run ended unadmitted because its request answered 503, or before a worker ever ran it (its state is
+    still the one the API started it with: no VMID, no result)."""
     state = task.state
-    return task.ended and (state is None or (state.vmid is None and state.result_code == 503))
+    return task.ended and (state is None or (state.vmid is None and state.result_code in (None, 503)))
 
 
 def first_answer(task: Task) -> Admission:

@@ -13,7 +13,7 @@ from typing import Annotated, Generic, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from pydantic_core import PydanticCustomError
 
-from payloads import Admission, CreateFromBoxInput
+from payloads import Admission, CreateFromBoxInput, PowerAction
 
 PositiveInt = Annotated[StrictInt, Field(gt=0, le=2**31 - 1)]
 NonEmpty = Annotated[StrictStr, Field(min_length=1, max_length=255)]
@@ -110,9 +110,10 @@ class AdmissionData(BaseModel):
 class TaskStateData(BaseModel):
     task_id: str
     status: TaskStatus
-    kind: str = Field(description="the task's workflow: create or delete", examples=["create"])
+    kind: str = Field(description="the task's workflow: create, delete or power", examples=["create"])
     step: str = Field(
-        description="a creation: admission, clone, configure, cleanup or done; a deletion: stop, destroy or done"
+        description="a creation: admission, clone, configure, cleanup or done; a deletion: stop, destroy or done; "
+        "a power action: power or done"
     )
     vmid: str | None = Field(description="known once the request is admitted", examples=["106"])
     vm_name: str
@@ -214,3 +215,30 @@ class BoxesData(BaseModel):
 
 class BoxesAnswer(Envelope[BoxesData]):
     """The boxes the caller may use: those whose template is public or allows the caller."""
+
+
+class PowerBody(BaseModel):
+    # Only `action`: an unknown field is a 400 naming it, as for createFromBoxTemplate.
+    model_config = ConfigDict(extra="forbid")
+
+    action: PowerAction = Field(description="start, shutdown (ACPI), stop (at once) or reboot")
+
+
+class PowerData(BaseModel):
+    task_id: str = Field(
+        description="the power action's task id; GET tasks/{task_id} follows it", examples=["power-..."]
+    )
+    vmid: str = Field(examples=["106"])
+
+
+class PowerAnswer(Envelope[PowerData]):
+    """The power action started under `data.task_id`."""
+
+
+class TasksData(BaseModel):
+    tasks: list[TaskStateData] = Field(description="running first, then ended ones, the most recently ended first")
+    next: str | None = Field(description="the `next` query parameter of the following page; null on the last")
+
+
+class TasksAnswer(Envelope[TasksData]):
+    """The caller's tasks: creations (refused ones too), deletions and power actions."""

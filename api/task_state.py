@@ -1,5 +1,6 @@
 """A task's state as the API reads it: the run's Temporal description and the TaskState the workflow keeps in
-its memo. Read by GET tasks/{task_id} and by a repeated request under an Idempotency-Key."""
+its memo. Read by GET tasks/{task_id}, POST tasks/{task_id}/cancel, GET tasks (from Temporal's visibility) and by a
+repeated request under an Idempotency-Key."""
 
 from __future__ import annotations
 
@@ -9,17 +10,18 @@ from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
-from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.errors import TEMPORAL_UNAVAILABLE, ApiError
 from api.schemas import TaskStateData, TaskStatus
 from payloads import TaskState
-from workflows import CreateFromBoxWorkflow, DeleteVmWorkflow
+from workflows import CreateFromBoxWorkflow, DeleteVmWorkflow, PowerVmWorkflow
+from workflows.create_from_box import OWNER
 
 TASK_NOT_FOUND = "Task not found"
 # The workflows whose runs are a user's tasks (GET tasks/{task_id}); any other run under an id is no task.
-TASK_WORKFLOWS = frozenset(w.__name__ for w in (CreateFromBoxWorkflow, DeleteVmWorkflow))
+TASK_WORKFLOWS = frozenset(w.__name__ for w in (CreateFromBoxWorkflow, DeleteVmWorkflow, PowerVmWorkflow))
 # The memo key under which the workflow publishes its TaskState.
 STATE_MEMO = "state"
 STATUS: dict[WorkflowExecutionStatus, TaskStatus] = {
@@ -36,7 +38,8 @@ STATUS: dict[WorkflowExecutionStatus, TaskStatus] = {
 @dataclass
 class Task:
     id: str
-    description: WorkflowExecutionDescription
+    # One run: a describe() of the newest (GET tasks/{task_id}) or an entry of visibility's listing (GET tasks).
+    description: WorkflowExecution
     memo: Mapping[str, Any]
 
     @cached_property
@@ -104,3 +107,66 @@ def iso(moment: datetime | None) -> str | None:
     if moment is None:
         return None
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ------------------------------------------------------------------ GET tasks: a page of Temporal's visibility
+
+
+async def page_of_tasks(
+    client: Client, username: str, status: TaskStatus | None, limit: int, token: bytes | None
+) -> tuple[list[Task], bytes | None]:
+    """Up to `limit` of `username`'s tasks, in visibility's own order (running first, then ended ones, the most
+    recently ended first), and the token of the next page (None after the last). Visibility's entries carry
+    the memo, so no task needs a describe. RPCError if Temporal cannot be asked or refuses `token`."""
+    runs = client.list_workflows(tasks_query(username, status), page_size=limit, next_page_token=token)
+    await runs.fetch_next_page()
+    page = list(runs.current_page or ())
+    superseded = await _superseded(client, [run for run in page if run.close_time is not None])
+    tasks = []
+    for run in page:
+        if run.run_id in superseded:
+            continue
+        task = Task(run.id, run, await run.memo())
+        # The owner is checked again: a visibility store that matched too much never shows another's task. A
+        # run without a state was not started by this service (the API and the workflows write it at start).
+        if task.state is not None and task.state.owner == username:
+            tasks.append(task)
+    return tasks, runs.next_page_token
+
+
+def tasks_query(username: str, status: TaskStatus | None) -> str:
+    """Visibility's filter for `username`'s tasks (the BoxOwner every task carries from its start), the task
+    workflows only, and with `status` those whose runs GET tasks/{task_id} shows with that status."""
+    query = f"{OWNER.name} = {quoted(username)} AND WorkflowType IN ({_listed(sorted(TASK_WORKFLOWS))})"
+    if status is not None:
+        query += f" AND ExecutionStatus IN ({_listed(_visibility_statuses(status))})"
+    return query
+
+
+def quoted(value: str) -> str:
+    """`value` as one string literal of Temporal's list filter, whose parser (MySQL's dialect) takes a
+    backslash as an escape: with both escaped, no username can end the literal and add to the query."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _listed(values: list[str]) -> str:
+    return ", ".join(quoted(value) for value in values)
+
+
+def _visibility_statuses(status: TaskStatus) -> list[str]:
+    """Visibility's names (`Running`, `TimedOut`, ...) of the run statuses that STATUS maps to `status`."""
+    return [run.name.title().replace("_", "") for run, shown in STATUS.items() if shown == status]
+
+
+async def _superseded(client: Client, ended: list[WorkflowExecution]) -> set[str]:
+    """The run ids among `ended` of which a newer run has the same workflow id (a reset, or a deletion started
+    anew): a task is its newest run, as GET tasks/{task_id} shows it. Only an ended run can be superseded
+    (an id has one open run at most), and visibility lists an id's newest run first (an open run first, else
+    the one that ended last), so the first run listed per id is its newest; one more listing per page asks
+    for all runs of the page's ended ids, those on earlier pages included."""
+    if not ended:
+        return set()
+    newest: dict[str, str] = {}
+    async for run in client.list_workflows(f"WorkflowId IN ({_listed(sorted({run.id for run in ended}))})"):
+        newest.setdefault(run.id, run.run_id)
+    return {run.run_id for run in ended if newest.get(run.id, run.run_id) != run.run_id}

@@ -12,7 +12,7 @@ evidence: Temporal answers it too for a run going on in another namespace (a wro
 running creation holds its reservation. A run that completed made and recorded its VM: never an orphan.
 Whatever the evidence does not cover is reported as a warning, for an operator, and left as it is.
 
-Five kinds of drift:
+Seven kinds of drift:
 
 - orphan VM: a VM carrying a task's marker when that task has no `Vm` row (not even one seen deleted) and its
   run is over. Repair: stop and destroy it with its disks. A template carrying a marker is only warned about.
@@ -27,6 +27,13 @@ Five kinds of drift:
 - stale clone slot: a clone slot held, or a place in the queue for one, by a task whose run is over (a
   completed one included: it frees its slot before it ends). Repair: free it, hand it to the next waiting
   run and tell that run.
+- a deletion left half done: a live `Vm` row marked as being deleted (`deleting_task_id`) whose deletion's
+  run Temporal knows to have ended without success (terminated, timed out; a deletion that fails takes its
+  mark back itself). A running deletion is no drift. Unfinished deletion: the VMID is on PVE no more (no
+  guest at all, as the deletion itself requires). Repair: set its `deleted_at`, giving its resources back,
+  as the deletion would have. Stale deletion mark: the VM is still there with its marker. Repair: clear the
+  mark, so that its owner may delete it again (or power it); the repair tool never starts a deletion, since
+  a run may have been terminated on purpose. A deletion whose end is not known leaves its mark: a warning.
 
 It refuses (exit status 2, one line per reason, nothing done, nothing changed; without --fix the report says
 what --fix would refuse) when the SQLite database file is missing or the database does not exist (it never

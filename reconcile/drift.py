@@ -72,6 +72,7 @@ class VmRecord:
     node: str
     name: str
     deleted: bool = False
+    deleting_task_id: str | None = None  # the deletion that marked it as being deleted
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ class Kind(StrEnum):
     VANISHED_VM = "VM seen deleted"
     RETURNED_VM = "VM back on PVE"
     STALE_CLONE_SLOT = "stale clone slot"
+    UNFINISHED_DELETION = "unfinished deletion"
+    STALE_DELETION_MARK = "stale deletion mark"
 
 
 @dataclass
@@ -120,6 +123,7 @@ class Finding:
     reason: str = ""
     repaired: str | None = None  # what --fix did: destroyed, released, ...
     failed: str | None = None  # why --fix did not repair it
+    deletion: str = ""  # the deletion's task id, for the two kinds of a deletion left half done
 
     @property
     def remaining(self) -> bool:
@@ -139,6 +143,16 @@ class Finding:
             text = (
                 f"VM {self.vmid} on {self.node} (task {self.task_id}, {self.username}) is gone from PVE "
                 "but still counts against the plan"
+            )
+        elif self.kind is Kind.UNFINISHED_DELETION:
+            text = (
+                f"VM {self.vmid} on {self.node} (task {self.task_id}, {self.username}) is gone from PVE, but its "
+                "deletion ended before giving its resources back"
+            )
+        elif self.kind is Kind.STALE_DELETION_MARK:
+            text = (
+                f"VM {self.vmid} on {self.node} (task {self.task_id}, {self.username}) is still marked as being "
+                "deleted, but its deletion ended without deleting it"
             )
         else:
             text = (
@@ -275,7 +289,13 @@ def find_drift(observed: Observed, max_destroy: int = 5) -> Drift:
     on_pve = {(vm.vmid, vm.task_id) for vm in observed.pve_vms}
     for record in sorted(observed.records_before, key=lambda r: (r.vmid, r.task_id)):
         now = records.get(record.task_id, record)
-        if record.deleted or now.deleted or (record.vmid, record.task_id) in on_pve:
+        if record.deleted or now.deleted or _deletion_runs(observed, record):
+            continue
+        unfinished = _deletion_over(observed, record, now, drift)
+        if (record.vmid, record.task_id) in on_pve:
+            if unfinished is not None:  # the VM is still there: its owner may ask again
+                unfinished.kind = Kind.STALE_DELETION_MARK
+                drift.findings.append(unfinished)
             continue
         if record.vmid in observed.unreadable:
             drift.warnings.append(
@@ -290,6 +310,9 @@ def find_drift(observed: Observed, max_destroy: int = 5) -> Drift:
                 f"VM {record.vmid} on {observed.present[record.vmid]} does not carry task {record.task_id}'s "
                 f"marker: left counting against {record.username}'s plan (an operator decides)"
             )
+            continue
+        if unfinished is not None:
+            drift.findings.append(unfinished)
             continue
         drift.findings.append(
             Finding(Kind.VANISHED_VM, record.task_id, record.vmid, record.node, record.username, f"VM '{record.name}'")
@@ -306,3 +329,31 @@ def find_drift(observed: Observed, max_destroy: int = 5) -> Drift:
             f"then run again with --max-destroy {drift.destroys}"
         )
     return drift
+
+
+def _deletion_runs(observed: Observed, record: VmRecord) -> bool:
+    """A deletion of the record runs: it ends the record's life itself, whatever PVE shows meanwhile."""
+    state = observed.workflows.get(record.deleting_task_id or "")
+    return state is not None and state.running
+
+
+def _deletion_over(observed: Observed, record: VmRecord, now: VmRecord, drift: Drift) -> Finding | None:
+    """The record's deletion as a finding (UNFINISHED_DELETION; the caller makes it a STALE_DELETION_MARK when
+    the VM is still there) if its run is known to be over without success, the evidence its repair needs.
+    None if it has none, or one whose end is not known (said in a warning: the mark stays, and the record is
+    judged as any other)."""
+    deletion = record.deleting_task_id
+    if deletion is None or now.deleting_task_id != deletion:
+        return None  # none, or one begun since: looked at next time
+    state = observed.workflows.get(deletion)
+    ended = evidence_of_end(state, None)
+    if ended is None:
+        drift.warnings.append(
+            f"VM {record.vmid} (task {record.task_id}) is marked as being deleted by {deletion}, whose run is not "
+            f"known to be over ({state or 'not asked'}): left marked"
+        )
+        return None
+    reason = f"{deletion} {ended}"
+    return Finding(
+        Kind.UNFINISHED_DELETION, record.task_id, record.vmid, record.node, record.username, reason, deletion=deletion
+    )

@@ -62,7 +62,7 @@ def _tags(resource: dict[str, Any]) -> set[str]:
 
 
 def as_record(vm: Vm) -> VmRecord:
-    return VmRecord(vm.task_id, vm.username, vm.vmid, vm.node, vm.name, vm.deleted_at is not None)
+    return VmRecord(vm.task_id, vm.username, vm.vmid, vm.node, vm.name, vm.deleted_at is not None, vm.deleting_task_id)
 
 
 def _read_records(engine: Engine) -> list[VmRecord]:
@@ -136,8 +136,12 @@ async def observe(pve: PveClient, temporal: Client, engine: Engine) -> Observed:
     pve_vms = [vm for vm in found if vm is not None]
 
     owned_before = {r.task_id for r in records_before}
+    deletions = {r.deleting_task_id for r in records_before if r.deleting_task_id and not r.deleted}
     asked = sorted(
-        {vm.task_id for vm in pve_vms if vm.task_id not in owned_before} | {r.task_id for r in held} | set(slots)
+        {vm.task_id for vm in pve_vms if vm.task_id not in owned_before}
+        | {r.task_id for r in held}
+        | set(slots)
+        | deletions
     )
     states = await _bounded([partial(workflow_state, temporal, t) for t in asked])
 

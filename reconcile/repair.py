@@ -136,6 +136,44 @@ async def count_again(finding: Finding, pve: PveClient, engine: Engine) -> str:
     return "counted again" if changed else "already counted"
 
 
+def _settle_deletion(engine: Engine, finding: Finding, gone: bool, action: str) -> bool:
+    """End what the finding's deletion left half done, with its audit row in the same transaction: the VM gone,
+    its record is marked deleted, keeping the deletion's mark as a deletion that ends well leaves it (a reset
+    of that run then finds its work done); the VM still there, the mark is cleared."""
+    with session(engine) as db, db.begin():
+        vm = db.get(Vm, finding.task_id)
+        if vm is None:
+            return False
+        quota.lock_user(db, vm.username)
+        db.refresh(vm)
+        if vm.deleted_at is not None or vm.deleting_task_id != finding.deletion:
+            return False  # finished, or taken over by a deletion begun since
+        if gone:
+            vm.deleted_at = utcnow()
+        else:
+            vm.deleting_task_id = None
+        audit.add(db, finding, action, vm.username)
+        return True
+
+
+async def finish_deletion(finding: Finding, pve: PveClient, temporal: Client, engine: Engine) -> str:
+    assert finding.vmid is not None
+    await _require_over(temporal, engine, finding.deletion)
+    # As for the deletion itself: only a VMID gone altogether; one holding a VM without the marker is not.
+    if await asyncio.to_thread(find_vm, pve, finding.vmid) is not None:
+        raise NotRepaired(f"VMID {finding.vmid} is on PVE again")
+    changed = await asyncio.to_thread(_settle_deletion, engine, finding, True, "marked deleted")
+    return "marked deleted" if changed else "no longer half done"
+
+
+async def clear_deletion_mark(finding: Finding, temporal: Client, engine: Engine) -> str:
+    """The VM is still there: its owner (or `boxctl vm delete`) may delete it again. The repair tool does not
+    start the deletion itself: a run that was terminated may have been terminated on purpose."""
+    await _require_over(temporal, engine, finding.deletion)
+    changed = await asyncio.to_thread(_settle_deletion, engine, finding, False, "mark cleared")
+    return "mark cleared, it may be deleted again" if changed else "no longer marked"
+
+
 async def free_clone_slot(finding: Finding, temporal: Client, engine: Engine, settings: Settings) -> str:
     """Free the slot and hand it on as a run freeing its own slot does (db.clone_slots.release_and_hand_over):
     the runs it goes to are told at once, and one that has ended meanwhile has its slot freed in turn, so
@@ -181,6 +219,10 @@ async def repair(drift: Drift, pve: PveClient, temporal: Client, engine: Engine,
                 finding.repaired = await release_reservation(finding, temporal, engine)
             elif finding.kind is Kind.VANISHED_VM:
                 finding.repaired = await mark_deleted(finding, pve, engine)
+            elif finding.kind is Kind.UNFINISHED_DELETION:
+                finding.repaired = await finish_deletion(finding, pve, temporal, engine)
+            elif finding.kind is Kind.STALE_DELETION_MARK:
+                finding.repaired = await clear_deletion_mark(finding, temporal, engine)
             else:
                 finding.repaired = await count_again(finding, pve, engine)
         except NotRepaired as exc:

@@ -1,7 +1,9 @@
 """The chaos suite: real worker and API processes against fakepve with its fault injection, worker kills,
-a Temporal server restart and an API restart. After every phase: every task ended; the VMs on PVE are
-exactly the succeeded creations, each once; no reservation or clone slot is left without a live run; the
-quota arithmetic is exact; and `boxctl reconcile` finds nothing to repair."""
+a Temporal server restart and an API restart, with deletions (DELETE vms/{vmid}) and cancels (POST
+tasks/{id}/cancel) among the creations. After every phase: every task ended, every deletion succeeded; the
+VMs on PVE are exactly the succeeded creations minus the deleted ones, each once; no reservation, clone slot
+or deletion mark is left without a live run; the quota arithmetic is exact; and `boxctl reconcile` finds
+nothing to repair."""
 
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ pytestmark = [
     pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True),
 ]
 
-CREATE = "/api/v1/vm/manage/createFromBoxTemplate"
+API = "/api/v1/vm/manage"
+CREATE = f"{API}/createFromBoxTemplate"
 SUMMARY = Path(__file__).resolve().parent.parent / "var" / "chaos-summary-{}.json"
 
 
@@ -63,6 +66,13 @@ class Ledger:
 
     succeeded: dict[str, int] = field(default_factory=dict)  # task_id -> vmid
     ended: set[str] = field(default_factory=set)
+    deletions: dict[str, str] = field(default_factory=dict)  # deletion task id -> the creation's task id
+    deleted: set[str] = field(default_factory=set)  # creations whose VM a deletion removed
+
+    @property
+    def alive(self) -> dict[str, int]:
+        """The succeeded creations whose VM is not deleted: task_id -> vmid."""
+        return {task_id: vmid for task_id, vmid in self.succeeded.items() if task_id not in self.deleted}
 
 
 class Cluster:
@@ -175,10 +185,32 @@ async def create(cluster: Cluster, ledger: Ledger, n: int, **overrides: Any) -> 
     return admitted
 
 
+async def delete(cluster: Cluster, ledger: Ledger, n: int) -> None:
+    """n of the VMs made so far (and not being deleted) deleted at once through the API process."""
+    assert cluster.api
+    chosen = random.sample(sorted(set(ledger.succeeded) - set(ledger.deletions.values())), n)
+    async with httpx.AsyncClient(timeout=60) as client:
+        answers = await asyncio.gather(
+            *(client.delete(f"{cluster.api.url}{API}/vms/{ledger.succeeded[t]}", headers=auth()) for t in chosen)
+        )
+    for task_id, answer in zip(chosen, answers, strict=True):
+        assert answer.status_code == 200, answer.text
+        ledger.deletions[answer.json()["data"]["task_id"]] = task_id
+
+
+async def cancel(cluster: Cluster, ledger: Ledger, task_id: str) -> None:
+    """Cancel a creation through the API process; one that has just ended answers 409, and is what it is."""
+    assert cluster.api
+    async with httpx.AsyncClient(timeout=60) as client:
+        answer = await client.post(f"{cluster.api.url}{API}/tasks/{task_id}/cancel", headers=auth())
+    assert answer.status_code in (200, 409), answer.text
+    ledger.faults["cancel" if answer.status_code == 200 else "cancel of a run that had ended"] += 1
+
+
 async def settle(cluster: Cluster, ledger: Ledger, timeout: float = 240) -> None:
-    """Wait until every admitted run has ended, and record how."""
+    """Wait until every admitted run and every deletion has ended, and record how."""
     assert cluster.client
-    pending = [t for t in ledger.tasks if t not in ledger.ended]
+    pending = [t for t in [*ledger.tasks, *ledger.deletions] if t not in ledger.ended]
     deadline = asyncio.get_running_loop().time() + timeout
     while pending:
         assert asyncio.get_running_loop().time() < deadline, f"runs still going: {pending}"
@@ -189,8 +221,13 @@ async def settle(cluster: Cluster, ledger: Ledger, timeout: float = 240) -> None
                 still.append(task_id)
                 continue
             outcome = description.status.name.lower() if description.status else "unknown"
-            ledger.outcomes[outcome] += 1
             ledger.ended.add(task_id)
+            if task_id in ledger.deletions:
+                ledger.outcomes[f"deletion {outcome}"] += 1
+                if description.status == WorkflowExecutionStatus.COMPLETED:
+                    ledger.deleted.add(ledger.deletions[task_id])
+                continue
+            ledger.outcomes[outcome] += 1
             if description.status == WorkflowExecutionStatus.COMPLETED:
                 result = await cluster.client.get_workflow_handle(task_id).result()
                 ledger.succeeded[task_id] = result["vmid"]
@@ -201,23 +238,29 @@ async def settle(cluster: Cluster, ledger: Ledger, timeout: float = 240) -> None
 
 def check_invariants(pve: Any, engine: Engine, ledger: Ledger) -> None:
     vms = created_vms(pve)
-    # The VMs on PVE are exactly the succeeded creations, each once.
+    # Every deletion succeeded, PVE faults and kills notwithstanding.
+    assert ledger.deleted == set(ledger.deletions.values()), set(ledger.deletions.values()) - ledger.deleted
+    # The VMs on PVE are exactly the succeeded creations minus the deleted ones, each once.
+    alive = ledger.alive
     owners = Counter(str(vm.config.get("description", "")).removeprefix(OWNER_MARK) for vm in vms)
     assert all(count == 1 for count in owners.values()), owners
-    assert set(owners) == set(ledger.succeeded), set(owners) ^ set(ledger.succeeded)
-    assert sorted(vm.vmid for vm in vms) == sorted(ledger.succeeded.values())
+    assert set(owners) == set(alive), set(owners) ^ set(alive)
+    assert sorted(vm.vmid for vm in vms) == sorted(alive.values())
     assert all(vm.lock is None for vm in vms)
-    # No reservation or clone slot without a live run; records match PVE.
+    # No reservation, clone slot or deletion mark without a live run; records match PVE.
     assert reservations(engine, HELD) == []
     committed = {r.task_id for r in reservations(engine, COMMITTED)}
     assert committed == set(ledger.succeeded)
-    assert {v.task_id: v.vmid for v in vm_records(engine)} == ledger.succeeded
+    records = vm_records(engine)
+    assert {v.task_id: v.vmid for v in records} == ledger.succeeded
+    assert {v.task_id for v in records if v.deleted_at is not None} == ledger.deleted
+    assert [v.task_id for v in records if v.deleted_at is None and v.deleting_task_id is not None] == []
     with session(engine) as db:
         assert db.exec(select(CloneSlot)).all() == []
         assert db.exec(select(CloneGrant)).all() == []
-    # The quota arithmetic is exact: what counts is what succeeded.
+    # The quota arithmetic is exact: what counts is what succeeded and was not deleted.
     usage = quota.usage_of_user(engine, "alice")
-    asked = [ledger.tasks[t] for t in ledger.succeeded]
+    asked = [ledger.tasks[t] for t in alive]
     assert (usage.vms, usage.cores, usage.memory_mb, usage.disk_gb) == (
         len(asked),
         sum(r["cpuCores"] for r in asked),
@@ -254,17 +297,22 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
     pve.fail("PUT", "/config", 503, "Service Unavailable", times=3)
     ledger.faults["storage lock timeouts"] += 3
     ledger.faults["HTTP 503"] += 3
-    await create(cluster, ledger, 6)
-    await asyncio.sleep(1.2)
+    admitted = await create(cluster, ledger, 6)
+    await delete(cluster, ledger, 2)
+    await asyncio.sleep(0.3)
+    if admitted:
+        await cancel(cluster, ledger, admitted[-1])
+    await asyncio.sleep(0.9)
     cluster.kill_worker(1)
     ledger.faults["worker SIGKILL"] += 1
     await settle(cluster, ledger)
     pve.failures.clear()
     check_invariants(pve, engine, ledger)
-    ledger.phase_done("2 lock timeouts, 5xx, worker kill")
+    ledger.phase_done("2 lock timeouts, 5xx, deletions, a cancel, worker kill")
 
     # 3. The target node offline and the cluster without quorum, for a few seconds each.
     await create(cluster, ledger, 6)
+    await delete(cluster, ledger, 2)
     pve.set_node_offline("pve2")
     after(3, lambda: pve.set_node_offline("pve2", offline=False))
     ledger.faults["target node offline 3 s"] += 1
@@ -276,10 +324,11 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
     ledger.faults["ticket expired"] += 1
     await settle(cluster, ledger)
     check_invariants(pve, engine, ledger)
-    ledger.phase_done("3 node offline, quorum lost, ticket expired")
+    ledger.phase_done("3 node offline, quorum lost, ticket expired, deletions")
 
     # 4. The Temporal server restarted (file-backed) and the API process restarted, with runs in flight.
     await create(cluster, ledger, 6)
+    await delete(cluster, ledger, 2)
     await asyncio.sleep(0.5)
     assert cluster.temporal
     cluster.temporal.stop()
@@ -293,7 +342,7 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
     await create(cluster, ledger, 3)
     await settle(cluster, ledger)
     check_invariants(pve, engine, ledger)
-    ledger.phase_done("4 Temporal and API restarts")
+    ledger.phase_done("4 Temporal and API restarts, deletions")
 
     # 5. Permanent faults: the clone refused, then the configuration refused; and cancellations mid-clone.
     pve.fail("POST", "/clone", error="permission_denied")
@@ -308,9 +357,7 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
     pve.failures.clear()
     for task_id in await create(cluster, ledger, 3):
         await asyncio.sleep(0.3)
-        assert cluster.client
-        await cluster.client.get_workflow_handle(task_id).cancel()
-        ledger.faults["operator cancel"] += 1
+        await cancel(cluster, ledger, task_id)
     await settle(cluster, ledger)
     check_invariants(pve, engine, ledger)
     ledger.phase_done("5 permanent faults, cancels")
@@ -321,6 +368,7 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
 
     summary = {
         "admitted": len(ledger.tasks),
+        "deletions": len(ledger.deletions),
         "refused_503": ledger.refused[503],
         "api_unreachable": ledger.refused[0],
         "outcomes": dict(ledger.outcomes),

@@ -120,6 +120,26 @@ async def test_idempotency_key_repeats_a_refusal(api: httpx.AsyncClient, pve: An
     assert created_vms(pve) == [] and reservations(engine) == []
 
 
+@pytest.mark.usefixtures("worker")
+async def test_a_keyed_repeat_as_the_run_ends_answers_the_first_200(
+    api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine
+) -> None:
+    # Found by the fuzz run: a repeat that asked for the admission just as the run closed got 503 "nothing was
+    # created", though the VM was made; a client that believed it and retried without the key got a second VM.
+    key = {"Idempotency-Key": "as-it-ends"}
+    first = await api.post(CREATE, json=body(), headers={**auth(), **key})
+    assert first.status_code == 200, first.text
+    ended = asyncio.ensure_future(result_of(temporal, first.json()["data"]["task_id"]))
+    answers: list[httpx.Response] = []
+    while not ended.done() or len(answers) < 5:  # repeats before, during and after the run's end
+        answers.append(await api.post(CREATE, json=body(), headers={**auth(), **key}))
+    await ended
+    assert {(a.status_code, a.json()["data"]["vmid"] if a.status_code == 200 else a.text) for a in answers} == {
+        (200, first.json()["data"]["vmid"])
+    }
+    assert len(created_vms(pve)) == 1 and len(vm_records(engine)) == 1
+
+
 # ------------------------------------------------------------------------------ clone storms
 
 

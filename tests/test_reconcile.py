@@ -24,7 +24,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 import boxctl
 import settings as settings_module
-from db import clone_slots
+from db import clone_slots, vms
 from db.engine import session
 from db.models import (
     COMMITTED,
@@ -58,6 +58,7 @@ from settings import Settings
 from tests.conftest import created_vms, reservations, vm_records
 from tests.factories import auth, body
 from tests.waiting import until
+from workflows.delete_vm import deletion_task_id
 
 CREATE = "/api/v1/vm/manage/createFromBoxTemplate"
 # A task of long ago whose VM was deleted: its row shows the database is the service's (see `seen_before`).
@@ -561,6 +562,104 @@ async def test_a_vm_seen_deleted_that_is_back_counts_again_and_is_never_destroye
     assert vm_row(engine, back).deleted_at is None
     assert (await reconcile(settings, fix=True)).drift.findings == []
     assert writes(pve) == []
+
+
+# ------------------------------------------------------------------------ deletions left half done
+
+
+def begin_deletion(engine: Engine, task_id: str, vmid: int) -> str:
+    """The record marked as being deleted, as DELETE vms/{vmid} marks it; the deletion's task id."""
+    deletion = deletion_task_id(task_id)
+    vms.begin_deletion(engine, "alice", vmid, deletion)
+    return deletion
+
+
+@pytest.mark.usefixtures("worker")
+async def test_a_deletion_terminated_after_the_destroy_is_finished_and_its_quota_comes_back(
+    settings: Settings, api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine
+) -> None:
+    big = {"cpuCores": 4, "memorySize": 8192, "diskSize": 100}  # half of alice's totals
+    first = (await create(api, name="big-1", **big)).json()["data"]
+    assert (await create(api, name="big-2", **big)).json()["message"] == MSG_CREATED
+    # Its deletion destroyed the VM, then was terminated before it gave the resources back.
+    deletion = begin_deletion(engine, first["task_id"], int(first["vmid"]))
+    pve.vms.remove(pve.vm(int(first["vmid"])))
+    await ended(temporal, deletion)
+    refused = await create(api, name="big-3", **big)
+    assert (refused.status_code, refused.json()["message"]) == (400, MSG_TOTAL_LIMIT)
+
+    report = await reconcile(settings, fix=False)
+    assert kinds(report) == [(Kind.UNFINISHED_DELETION, first["task_id"], int(first["vmid"]))]
+    assert report.lines()[0] == (
+        f"VM {first['vmid']} on pve2 (task {first['task_id']}, alice) is gone from PVE, but its deletion ended "
+        f"before giving its resources back ({deletion} workflow terminated)"
+    )
+    assert report.exit_code == 1
+    assert vm_row(engine, first["task_id"]).deleted_at is None
+
+    report = await reconcile(settings, fix=True)
+    assert report.lines()[0].endswith(": marked deleted")
+    assert report.exit_code == 0
+    row = vm_row(engine, first["task_id"])
+    assert row.deleted_at is not None
+    assert row.deleting_task_id == deletion, "deleted by that deletion, as one that ends well leaves it"
+    [audit] = [(r.kind, r.action, r.task_id, r.detail) for r in audit_rows(engine)]
+    assert audit == ("unfinished deletion", "marked deleted", first["task_id"], f"{deletion} workflow terminated")
+
+    assert (await create(api, name="big-3", **big)).json()["message"] == MSG_CREATED
+    assert (await reconcile(settings, fix=False)).drift.findings == []
+
+
+@pytest.mark.usefixtures("worker")
+async def test_a_deletion_terminated_before_the_destroy_leaves_the_vm_deletable_again(
+    settings: Settings, api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine
+) -> None:
+    made = (await create(api)).json()["data"]
+    deletion = begin_deletion(engine, made["task_id"], int(made["vmid"]))
+    await ended(temporal, deletion)
+    written = writes(pve)
+
+    report = await reconcile(settings, fix=True)
+
+    assert kinds(report) == [(Kind.STALE_DELETION_MARK, made["task_id"], int(made["vmid"]))]
+    assert report.lines()[0].endswith(": mark cleared, it may be deleted again")
+    row = vm_row(engine, made["task_id"])
+    assert (row.deleted_at, row.deleting_task_id) == (None, None)
+    assert [vm.vmid for vm in created_vms(pve)] == [int(made["vmid"])]
+    assert writes(pve) == written, "PVE is not touched"
+    listed = (await api.get("/api/v1/vm/manage/vms", headers=auth())).json()["data"]["vms"]
+    assert [vm["deleting"] for vm in listed] == [False]
+    assert (await reconcile(settings, fix=True)).drift.findings == []
+
+
+@pytest.mark.parametrize(
+    ("state", "on_pve", "kind", "warnings"),
+    [
+        (WorkflowState("terminated"), False, Kind.UNFINISHED_DELETION, 0),
+        (WorkflowState("timed out"), True, Kind.STALE_DELETION_MARK, 0),
+        (RUNNING, False, None, 0),  # the deletion ends the record's life itself
+        (RUNNING, True, None, 0),
+        (NOT_FOUND, True, None, 1),  # no evidence: the mark stays
+        (NOT_FOUND, False, Kind.VANISHED_VM, 1),  # gone altogether is evidence enough for the record itself
+        (WorkflowState("unknown", "Temporal: deadline exceeded"), False, Kind.VANISHED_VM, 1),
+    ],
+)
+def test_only_a_deletion_known_to_be_over_without_success_is_repaired(
+    state: WorkflowState, on_pve: bool, kind: Kind | None, warnings: int
+) -> None:
+    record = VmRecord("clone-a-1", "alice", 101, "pve2", "web", deleting_task_id="delete-clone-a-1")
+    drift = find_drift(
+        observed(
+            records_before=[record],
+            records={"clone-a-1": record},
+            pve_vms=[PveVm(101, "pve2", "web", "stopped", "clone-a-1")] if on_pve else [],
+            present={101: "pve2"} if on_pve else {},
+            workflows={"delete-clone-a-1": state},
+        )
+    )
+    assert [f.kind for f in drift.findings] == ([kind] if kind else [])
+    assert len(drift.warnings) == warnings
+    assert all(f.deletion == "delete-clone-a-1" for f in drift.findings if f.kind is not Kind.VANISHED_VM)
 
 
 # ------------------------------------------------------------------------------- refusals

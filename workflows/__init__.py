@@ -1,17 +1,27 @@
-"""Temporal workflows. Another workflow can run CreateFromBoxWorkflow or DeleteVmWorkflow as a child:
+"""Temporal workflows. Another workflow can run CreateFromBoxWorkflow, DeleteVmWorkflow or PowerVmWorkflow as a
+child:
 
 from workflows import CreateFromBoxWorkflow, CreateFromBoxInput
 from workflows import DeleteVmWorkflow, DeleteVmInput
+from workflows import PowerVmWorkflow, PowerVmInput
 """
 
 from temporalio import workflow
 
 # The sandbox re-imports this package for every run: the payload types are passed through, not rebuilt.
 with workflow.unsafe.imports_passed_through():
-    from payloads import CreateFromBoxInput, CreateFromBoxResult, DeleteVmInput, DeleteVmResult
+    from payloads import (
+        CreateFromBoxInput,
+        CreateFromBoxResult,
+        DeleteVmInput,
+        DeleteVmResult,
+        PowerVmInput,
+        PowerVmResult,
+    )
 
 from workflows.create_from_box import SEARCH_ATTRIBUTES, CreateFromBoxWorkflow
 from workflows.delete_vm import DeleteVmWorkflow
+from workflows.power_vm import PowerVmWorkflow
 
 __all__ = [
     "SEARCH_ATTRIBUTES",
@@ -21,4 +31,7 @@ __all__ = [
     "DeleteVmInput",
     "DeleteVmResult",
     "DeleteVmWorkflow",
+    "PowerVmInput",
+    "PowerVmResult",
+    "PowerVmWorkflow",
 ]

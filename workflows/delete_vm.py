@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.client import Client
-from temporalio.common import RetryPolicy, WorkflowIDConflictPolicy
+from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.service import RPCError
 
@@ -180,6 +180,8 @@ async def start_deletion(client: Client, task_queue: str, engine: Engine, vm: Vm
             task_queue=task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             memo={"state": dataclasses.asdict(initial_state(input))},
+            # From the start, so that GET tasks lists it before a worker has picked it up.
+            search_attributes=TypedSearchAttributes([SearchAttributePair(OWNER, input.username)]),
         )
     except RPCError:
         if vm.deleting_task_id != task_id:

@@ -1,7 +1,6 @@
-"""POST /api/v1/vm/manage/createFromBoxTemplate and GET /api/v1/vm/manage/tasks/{task_id}.
+"""POST /api/v1/vm/manage/createFromBoxTemplate; the task it starts is followed in api/routes/tasks.py.
 
-Endpoints only: admission is in api/admission.py, the Idempotency-Key in api/idempotency.py, task state in
-api/task_state.py.
+Endpoints only: admission is in api/admission.py, the Idempotency-Key in api/idempotency.py.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from pydantic import AfterValidator
 
 from api.admission import Admitter, new_task_id
 from api.body_limit import MSG_BODY_TOO_LARGE
-from api.deps import UNAUTHORIZED, CurrentUser, EngineDep, OwnedTask, SettingsDep, TemporalDep, WaitersDep
+from api.deps import UNAUTHORIZED, CurrentUser, EngineDep, SettingsDep, TemporalDep, WaitersDep
 from api.errors import TEMPORAL_UNAVAILABLE, ApiError, error_responses
 from api.idempotency import MSG_KEY_REUSED, admit_once, keyed_task_id
 from api.schemas import (
@@ -21,11 +20,9 @@ from api.schemas import (
     AdmissionData,
     CreateAnswer,
     CreateFromBoxRequest,
-    TaskAnswer,
     printable_key,
     valid_vm_name,
 )
-from api.task_state import TASK_NOT_FOUND, state_data
 from payloads import (
     MSG_BOX_NOT_FOUND,
     MSG_CLONE_FAILED,
@@ -101,14 +98,3 @@ async def create_from_box_template(
     if wait:
         await admitter.wait_for_end(admission.task_id, wait, waiters)
     return CreateAnswer(code=200, message=MSG_CREATED, data=AdmissionData.of(admission))
-
-
-@router.get(
-    "/tasks/{task_id}",
-    response_description="The state of the caller's creation",
-    responses=error_responses(
-        {401: one_of(UNAUTHORIZED), 404: one_of(TASK_NOT_FOUND), 503: one_of(TEMPORAL_UNAVAILABLE)}
-    ),
-)
-async def get_task(task: OwnedTask) -> TaskAnswer:
-    return TaskAnswer(code=200, message="OK", data=state_data(task))

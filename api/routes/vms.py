@@ -1,5 +1,6 @@
-"""GET /api/v1/vm/manage/vms and DELETE /api/v1/vm/manage/vms/{vmid}: the caller's VMs, from the service's
-records (db/vms.py), and their deletion (workflows/delete_vm.py).
+"""GET /api/v1/vm/manage/vms, DELETE /api/v1/vm/manage/vms/{vmid} and POST /api/v1/vm/manage/vms/{vmid}/power:
+the caller's VMs, from the service's records (db/vms.py), their deletion (workflows/delete_vm.py) and their
+power actions (workflows/power_vm.py).
 
 `OwnedVm` is the one ownership check of a VMID in the path: another user's VM, an unknown VMID and a deleted
 VM are the same 404, so that VMIDs reveal nothing."""
@@ -18,11 +19,18 @@ from temporalio.service import RPCError
 from api.deps import UNAUTHORIZED, CurrentUser, EngineDep, SettingsDep, TemporalDep
 from api.errors import TEMPORAL_UNAVAILABLE, ApiError, error_responses
 from api.routes.vm_manage import one_of
-from api.schemas import DeleteAnswer, DeletionData, VmData, VmsAnswer, VmsData
+from api.schemas import DeleteAnswer, DeletionData, PowerAnswer, PowerBody, PowerData, VmData, VmsAnswer, VmsData
 from db import vms
 from db.tokens import as_utc
-from payloads import MSG_DELETION_STARTED, MSG_VM_BEING_CREATED, MSG_VM_NOT_FOUND
+from payloads import (
+    MSG_DELETION_STARTED,
+    MSG_POWER_STARTED,
+    MSG_VM_BEING_CREATED,
+    MSG_VM_BEING_DELETED,
+    MSG_VM_NOT_FOUND,
+)
 from workflows.delete_vm import start_deletion
+from workflows.power_vm import start_power
 
 router = APIRouter(prefix="/api/v1/vm/manage", tags=["vms"])
 
@@ -64,6 +72,30 @@ async def delete_vm(vm: OwnedVm, settings: SettingsDep, client: TemporalDep, eng
     except RPCError as exc:
         raise ApiError(503, TEMPORAL_UNAVAILABLE) from exc
     return DeleteAnswer(code=200, message=MSG_DELETION_STARTED, data=DeletionData(task_id=task_id, vmid=str(vm.vmid)))
+
+
+@router.post(
+    "/vms/{vmid}/power",
+    response_description="The power action started; GET tasks/{task_id} follows it",
+    responses=error_responses(
+        {
+            400: 'The body is not `{"action": "start" | "shutdown" | "stop" | "reboot"}`',
+            401: one_of(UNAUTHORIZED),
+            404: one_of(MSG_VM_NOT_FOUND),
+            409: one_of(MSG_VM_BEING_CREATED, MSG_VM_BEING_DELETED),
+            503: one_of(TEMPORAL_UNAVAILABLE),
+        }
+    ),
+)
+async def power_vm(vm: OwnedVm, body: PowerBody, settings: SettingsDep, client: TemporalDep) -> PowerAnswer:
+    # Checked again by the run itself, which acts on no VM being deleted or without its creation's marker.
+    if vm.deleting:
+        raise ApiError(409, MSG_VM_BEING_DELETED)
+    try:
+        task_id = await start_power(client, settings.temporal_task_queue, vm, body.action.value)
+    except RPCError as exc:
+        raise ApiError(503, TEMPORAL_UNAVAILABLE) from exc
+    return PowerAnswer(code=200, message=MSG_POWER_STARTED, data=PowerData(task_id=task_id, vmid=str(vm.vmid)))
 
 
 @router.get(
