@@ -61,6 +61,7 @@ with workflow.unsafe.imports_passed_through():
         SLOT_RECHECK,
         VMID_CHANGES,
         db_step,
+        innermost_reason,
         pve_change,
         watch_clone,
     )
@@ -144,7 +145,7 @@ class CreateFromBoxWorkflow:
             await self._compensate(self._vm)
             self._end(Step.DONE, 500, message)
             self._raise_if_cancelled(err)
-            raise ApplicationError(message, _reason(err), type=failure.value) from None
+            raise ApplicationError(message, innermost_reason(err), type=failure.value) from None
 
     # ---------------------------------------------------------------------------- admission
 
@@ -348,15 +349,8 @@ class CreateFromBoxWorkflow:
             # Cancelled before anything was made: the REST API gave the request up (and answered 503).
             return ApplicationError(MSG_UNAVAILABLE, "cancelled during admission", type=Failure.UNAVAILABLE.value)
         # PVE or the database did not answer in time, or its retries ran out.
-        return ApplicationError(MSG_UNAVAILABLE, _reason(err), type=Failure.UNAVAILABLE.value)
+        return ApplicationError(MSG_UNAVAILABLE, innermost_reason(err), type=Failure.UNAVAILABLE.value)
 
 
 def _error_type(err: ActivityError) -> str | None:
     return err.cause.type if isinstance(err.cause, ApplicationError) else None
-
-
-def _reason(err: BaseException) -> str:
-    """The innermost message, for operators (kept in the failure's details)."""
-    while isinstance(err, ActivityError) and err.cause is not None:
-        err = err.cause
-    return str(err)

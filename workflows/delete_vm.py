@@ -43,7 +43,7 @@ with workflow.unsafe.imports_passed_through():
     from settings import Settings
     from temporal_client import connect_temporal
     from workflows.create_from_box import OWNER, STEP
-    from workflows.policies import CLEANUP_RETRY, DB_RETRY, DB_TIMEOUT, PVE_BUDGET, PVE_HEARTBEAT, PVE_RETRY
+    from workflows.policies import CLEANUP_RETRY, DB_RETRY, DB_TIMEOUT, innermost_reason, pve_change
 
 T = TypeVar("T")
 A = TypeVar("A")
@@ -86,9 +86,9 @@ class DeleteVmWorkflow:
             if vm.done:  # this deletion's earlier run deleted it; its VMID may be someone else's by now
                 return vm
             self._publish(DeleteStep.STOP)
-            await _pve(VmLifeActivities.stop_for_deletion, vm)
+            await vm_life_step(VmLifeActivities.stop_for_deletion, vm)
             self._publish(DeleteStep.DESTROY)
-            await _pve(VmLifeActivities.destroy_for_deletion, vm)
+            await vm_life_step(VmLifeActivities.destroy_for_deletion, vm)
             # The VM is gone: its resources must be given back in the end, however long the database is away.
             await _db(VmLifeActivities.finish_deletion, DeletionDone(task_id, vm.creation_task_id), CLEANUP_RETRY)
             return vm
@@ -97,7 +97,7 @@ class DeleteVmWorkflow:
             if vm is not None:
                 await _db(VmLifeActivities.abandon_deletion, DeletionDone(task_id, vm.creation_task_id), CLEANUP_RETRY)
             self._end(failure.status, message)
-            raise ApplicationError(message, _reason(err), type=failure.value, non_retryable=True) from None
+            raise ApplicationError(message, innermost_reason(err), type=failure.value, non_retryable=True) from None
 
     def _publish(self, step: DeleteStep) -> None:
         self._state.step = step.value
@@ -133,16 +133,9 @@ def _db(activity: Callable[[VmLifeActivities, A], T], arg: A, retry_policy: Retr
     )
 
 
-def _pve(activity: Callable[[VmLifeActivities, A], T], arg: A) -> Awaitable[T]:
-    # Heartbeats while PVE works (a killed worker is noticed in seconds); transient faults retried for PVE_BUDGET.
-    return workflow.execute_activity_method(
-        activity,
-        arg,
-        start_to_close_timeout=PVE_STEP_TIMEOUT,
-        heartbeat_timeout=PVE_HEARTBEAT,
-        schedule_to_close_timeout=PVE_BUDGET,
-        retry_policy=PVE_RETRY,
-    )
+def vm_life_step(activity: Callable[[VmLifeActivities, A], T], arg: A) -> Awaitable[T]:
+    """A PVE step of a VM's deletion or power action."""
+    return pve_change(activity, arg, PVE_STEP_TIMEOUT)
 
 
 def _failure(err: BaseException) -> tuple[DeletionFailure, str]:
@@ -151,13 +144,6 @@ def _failure(err: BaseException) -> tuple[DeletionFailure, str]:
     if isinstance(cause, ApplicationError) and cause.type in {f.value for f in DeletionFailure}:
         return DeletionFailure(cause.type), cause.message
     return DeletionFailure.DELETE_FAILED, MSG_DELETE_FAILED
-
-
-def _reason(err: BaseException) -> str:
-    """The innermost message, for operators (kept in the failure's details)."""
-    while isinstance(err, ActivityError) and err.cause is not None:
-        err = err.cause
-    return str(err)
 
 
 # ------------------------------------------------------------------------ starting one (not workflow code)

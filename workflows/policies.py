@@ -1,4 +1,4 @@
-"""How CreateFromBoxWorkflow calls its activities: retry policies, timeouts and budgets, each with its reason,
+"""How the workflows call their activities: retry policies, timeouts and budgets, each with its reason,
 and the call shapes used more than once."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from typing import Any, TypeVar, overload
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from activities.db import DbActivities
@@ -85,8 +86,9 @@ def watch_clone(activity: Callable[[PveActivities, A], None], arg: A) -> Awaitab
     )
 
 
-def pve_change(activity: Callable[[PveActivities, A], T], arg: A, start_to_close_timeout: timedelta) -> Awaitable[T]:
-    """A step that changes PVE: it heartbeats while PVE works, and transient errors are retried for PVE_BUDGET."""
+def pve_change(activity: Callable[[Any, A], T], arg: A, start_to_close_timeout: timedelta) -> Awaitable[T]:
+    """A step that changes PVE (of any workflow): it heartbeats while PVE works, so a killed worker is noticed in
+    seconds, and transient errors are retried for PVE_BUDGET."""
     return workflow.execute_activity_method(
         activity,
         arg,
@@ -95,3 +97,10 @@ def pve_change(activity: Callable[[PveActivities, A], T], arg: A, start_to_close
         schedule_to_close_timeout=PVE_BUDGET,
         retry_policy=PVE_RETRY,
     )
+
+
+def innermost_reason(err: BaseException) -> str:
+    """The innermost message of an activity's failure, for operators (kept in the run's failure details)."""
+    while isinstance(err, ActivityError) and err.cause is not None:
+        err = err.cause
+    return str(err)

@@ -31,7 +31,8 @@ with workflow.unsafe.imports_passed_through():
         TaskState,
     )
     from workflows.create_from_box import OWNER, STEP
-    from workflows.delete_vm import _pve, _reason
+    from workflows.delete_vm import vm_life_step
+    from workflows.policies import innermost_reason
 
 POWER_PREFIX = "power-"
 
@@ -56,11 +57,11 @@ class PowerVmWorkflow:
         self._state = initial_state(input)
         self._publish(PowerStep.POWER)
         try:
-            done = await _pve(VmLifeActivities.power_vm, input)
+            done = await vm_life_step(VmLifeActivities.power_vm, input)
         except ActivityError as err:
             failure, message = _failure(err)
             self._end(failure.status, message)
-            raise ApplicationError(message, _reason(err), type=failure.value, non_retryable=True) from None
+            raise ApplicationError(message, innermost_reason(err), type=failure.value, non_retryable=True) from None
         self._state.vm_name, self._state.node = done.vm_name, done.node
         self._end(200, MSG_POWER_DONE)
         return dataclasses.replace(done, task_id=task_id)
