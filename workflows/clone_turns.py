@@ -13,7 +13,7 @@ from workflows.create_from_box import CreateFromBoxWorkflow
 async def tell_slot_granted(client: Client, task_id: str) -> bool:
     """Signal the run of `task_id` that it holds a clone slot now. False if there is no such run or it has
     ended (the server answers NOT_FOUND for both): its slot is to be freed. Other errors are raised."""
-    handle = client.get_workflow_handle_for(CreateFromBoxWorkflow.run, task_id)
+    handle = client.get_workflow_handle(task_id)
     try:
         await handle.signal(CreateFromBoxWorkflow.clone_slot_granted)
     except RPCError as exc:
