@@ -7,10 +7,11 @@ Plain dataclasses with defaults on every field added later, so that old historie
 No side effects and no heavy imports: workflow code imports this module.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
+from payloads_life import *  # noqa: F403  (deletion and power payloads, kept apart for the module's size)
 from pve.ownership import OWNER_MARK as OWNER_MARK  # re-exported for tests/test_chaos.py
 
 # --------------------------------------------------------------------- the seed's messages
@@ -107,6 +108,8 @@ class CreateFromBoxInput:
     storage: str | None = None  # None: DEFAULT_STORAGE
     # Set by the REST API: past this instant the run gives up admission and creates nothing.
     admit_by: datetime | None = None
+    ssh_keys: list[str] = field(default_factory=list)  # the request's sshKeys, added to the box's cloud-init
+    start: bool | None = None  # the request's start; None: the box's
 
 
 @dataclass
@@ -131,6 +134,7 @@ class Step(StrEnum):
     ADMISSION = "admission"
     CLONE = "clone"
     CONFIGURE = "configure"
+    START = "start"  # the VM is started, then its address awaited (a box's or the request's `start`)
     CLEANUP = "cleanup"
     DONE = "done"
 
@@ -147,6 +151,43 @@ class TaskState:
     result_code: int | None = None
     result_message: str | None = None
     kind: str = "create"  # the task's workflow: create or delete (TaskKind)
+    # A creation's: what the guest agent reported (IPv4 first, loopback and link-local left out).
+    ip_addresses: list[str] = field(default_factory=list)
+
+
+class TaskKind(StrEnum):
+    CREATE = "create"
+    DELETE = "delete"
+    POWER = "power"
+
+
+# ------------------------------------------------------------------------------ a box's options
+
+
+@dataclass
+class CloudInit:
+    user: str | None = None
+    ssh_keys: list[str] = field(default_factory=list)
+    ipconfig0: str | None = None  # PVE's format: ip=dhcp, ip=CIDR,gw=IP, ip6=...
+    nameserver: str | None = None
+
+
+@dataclass
+class Network:
+    bridge: str | None = None
+    vlan: int | None = None
+
+
+@dataclass
+class BoxOptions:
+    """What makes the box's VMs ready to use (boxctl load); the defaults: a box that names none."""
+
+    start: bool = False
+    wait_for_ip_seconds: int = 0
+    cloud_init: CloudInit | None = None
+    pool: str | None = None
+    tags: list[str] = field(default_factory=list)
+    network: Network | None = None
 
 
 # ---------------------------------------------------------------------------- activities
@@ -188,6 +229,7 @@ class Admitted:
     template: TemplateRef  # where PVE has the template now
     facts: TemplateFacts
     vmid: int
+    box: BoxOptions = field(default_factory=BoxOptions)  # the box's options, read at admission
 
 
 @dataclass
@@ -211,6 +253,7 @@ class CloneInput:
     name: str
     target: str
     storage: str
+    pool: str | None = None  # the PVE pool the new VM joins (the box's)
 
 
 @dataclass
@@ -241,6 +284,17 @@ class ConfigureInput:
     disk_key: str
     disk_gb: int
     template_disk_gb: int
+    box: BoxOptions = field(default_factory=BoxOptions)  # its cloud-init, tags and network are written
+    ssh_keys: list[str] = field(default_factory=list)  # the request's, beside the box's
+    storage: str | None = None  # where a cloud-init drive goes (the clone's storage)
+
+
+@dataclass
+class AddressWatch:
+    """Wait up to `seconds` (counted from the first attempt) for the guest agent to report an address."""
+
+    vm: VmRef
+    seconds: int
 
 
 @dataclass
@@ -255,137 +309,4 @@ class FinishInput:
     disk_gb: int
     box_id: str | None = None  # what GET vms shows; None in histories from before it was kept
     storage: str | None = None
-
-
-# ------------------------------------------------------------------------------ a VM's deletion
-
-MSG_DELETION_STARTED = "VM deletion started"
-MSG_DELETED = "VM deleted successfully"
-MSG_DELETE_FAILED = "Failed to delete VM"
-MSG_VM_NOT_FOUND = "VM not found"
-MSG_VM_BEING_CREATED = "VM is still being created"
-MSG_VM_NOT_THE_SERVICES = "VM on PVE is not the one this service created"
-
-
-class TaskKind(StrEnum):
-    CREATE = "create"
-    DELETE = "delete"
-    POWER = "power"
-
-
-class DeleteStep(StrEnum):
-    STOP = "stop"
-    DESTROY = "destroy"
-    DONE = "done"
-
-
-class DeletionFailure(StrEnum):
-    """ApplicationError types a deletion fails with, and the result_code each one ends with."""
-
-    VM_NOT_FOUND = "VmNotFound"  # not (or no longer) one of the owner's VMs
-    BEING_CREATED = "VmBeingCreated"  # its creation still runs
-    # The VMID holds a VM without the creation's marker: never touched, nothing freed.
-    NOT_THE_SERVICES = "VmNotTheServices"
-    DELETE_FAILED = "DeleteFailed"
-
-    @property
-    def status(self) -> int:
-        return _DELETION_STATUS.get(self, 500)
-
-
-_DELETION_STATUS = {
-    DeletionFailure.VM_NOT_FOUND: 404,
-    DeletionFailure.BEING_CREATED: 409,
-    DeletionFailure.NOT_THE_SERVICES: 409,
-}
-
-
-@dataclass
-class DeleteVmInput:
-    username: str  # the VM's owner
-    vmid: int
-
-
-@dataclass
-class DeleteVmResult:
-    vmid: int
-    vm_name: str
-    node: str
-    task_id: str = ""
-
-
-@dataclass
-class DeletionRequest:
-    task_id: str  # the deletion's
-    username: str
-    vmid: int
-
-
-@dataclass
-class VmToDelete:
-    """The VM record a deletion acts on. `done`: this deletion had already marked it deleted (a repeat of a
-    run that succeeded), so PVE is not looked at again: its VMID may be someone else's by now."""
-
-    creation_task_id: str  # the task whose marker the VM on PVE must carry
-    vmid: int
-    node: str
-    vm_name: str
-    done: bool = False
-
-
-@dataclass
-class DeletionDone:
-    task_id: str  # the deletion's
-    creation_task_id: str
-
-
-# ------------------------------------------------------------------------------ a VM's power
-
-MSG_POWER_STARTED = "Power action started"
-MSG_POWER_DONE = "Power action done"
-MSG_POWER_FAILED = "Power action failed"
-MSG_VM_BEING_DELETED = "VM is being deleted"
-MSG_VM_NOT_RUNNING = "VM is not running"  # a reboot of a stopped VM
-
-
-class PowerAction(StrEnum):
-    START = "start"
-    SHUTDOWN = "shutdown"  # asks the guest (ACPI) to power off
-    STOP = "stop"  # pulls the plug
-    REBOOT = "reboot"
-
-
-class PowerStep(StrEnum):
-    POWER = "power"
-    DONE = "done"
-
-
-class PowerFailure(StrEnum):
-    """ApplicationError types a power action fails with (the first three as the deletion's), and its result_code."""
-
-    VM_NOT_FOUND = "VmNotFound"
-    BEING_CREATED = "VmBeingCreated"
-    NOT_THE_SERVICES = "VmNotTheServices"
-    BEING_DELETED = "VmBeingDeleted"
-    NOT_RUNNING = "VmNotRunning"
-    POWER_FAILED = "PowerFailed"
-
-    @property
-    def status(self) -> int:
-        return {PowerFailure.VM_NOT_FOUND: 404, PowerFailure.POWER_FAILED: 500}.get(self, 409)
-
-
-@dataclass
-class PowerVmInput:
-    username: str  # the VM's owner
-    vmid: int
-    action: str  # a PowerAction
-
-
-@dataclass
-class PowerVmResult:
-    vmid: int
-    action: str
-    node: str
-    vm_name: str = ""
-    task_id: str = ""
+    ip_addresses: list[str] = field(default_factory=list)

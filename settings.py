@@ -1,6 +1,7 @@
 """Configuration shared by every process: environment variables, or a .env file in the working directory."""
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,6 +56,11 @@ class Settings(BaseSettings):
     # Authenticated requests a minute per token, counted in the database so that every API process shares the
     # count; past it 429 with Retry-After. 0: no limit (the benchmark measures the service, not the limit).
     rate_limit_per_minute: int = Field(default=600, ge=0)
+
+    # The worker's Prometheus endpoint (the Temporal SDK's metrics and the service's, on one port); 0: off.
+    worker_metrics_port: int = Field(default=9464, ge=0, le=65535)
+    # text, or json: one JSON object a line, for a log collector (logs.py).
+    log_format: Literal["text", "json"] = "text"
 
     def require_pve_user(self) -> str:
         """The PVE user, for what talks to PVE (the worker, `boxctl reconcile`); the API needs none."""

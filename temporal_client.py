@@ -7,12 +7,20 @@ user, so a production frontend takes only clients that prove who they are (mTLS,
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
 from temporalio.client import Client
-from temporalio.service import TLSConfig
+from temporalio.common import SearchAttributeKey
+from temporalio.runtime import Runtime
+from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
 from settings import Settings, SettingsError
+
+log = logging.getLogger("temporal")
 
 
 def _read(variable: str, path: str) -> bytes | None:
@@ -37,9 +45,10 @@ def temporal_tls(settings: Settings) -> TLSConfig | None:
     return TLSConfig(client_cert=cert, client_private_key=key, server_root_ca_cert=ca)
 
 
-async def connect_temporal(settings: Settings) -> Client:
+async def connect_temporal(settings: Settings, runtime: Runtime | None = None) -> Client:
     """A client of the settings' Temporal namespace. Raises SettingsError for unusable TLS settings, and what
-    `Client.connect` raises when the server cannot be reached."""
+    `Client.connect` raises when the server cannot be reached. `runtime`: the worker's, whose telemetry exports
+    the SDK's metrics (and the service's, through its meter); None: the SDK's default runtime."""
     api_key = settings.temporal_api_key.get_secret_value() or None
     return await Client.connect(
         settings.temporal_address,
@@ -47,4 +56,34 @@ async def connect_temporal(settings: Settings) -> Client:
         # None: the SDK's own rule, TLS exactly when an API key is given (an API key never goes out in clear).
         tls=temporal_tls(settings),
         api_key=api_key,
+        runtime=runtime,
     )
+
+
+async def ensure_search_attributes(
+    client: Client, namespace: str, keys: Sequence[SearchAttributeKey] | None = None
+) -> None:
+    """Register the custom search attributes (`keys`, by default the workflows') the server does not know yet.
+    The API and the worker each call it as they start: whichever comes first, runs are started with (and upsert)
+    attributes the server knows."""
+    if keys is None:
+        # Imported here: the workflows package imports this module (start_deletion_now connects to Temporal).
+        from workflows.search_attributes import SEARCH_ATTRIBUTES
+
+        keys = SEARCH_ATTRIBUTES
+    existing = await client.operator_service.list_search_attributes(ListSearchAttributesRequest(namespace=namespace))
+    missing = {
+        key.name: IndexedValueType.ValueType(key.indexed_value_type)
+        for key in keys
+        if key.name not in existing.custom_attributes
+    }
+    if missing:
+        try:
+            await client.operator_service.add_search_attributes(
+                AddSearchAttributesRequest(namespace=namespace, search_attributes=missing)
+            )
+        except RPCError as exc:
+            # Another process starting at the same moment registered them first.
+            if exc.status != RPCStatusCode.ALREADY_EXISTS and "already exists" not in str(exc):
+                raise
+        log.info("registered search attributes %s", sorted(missing))

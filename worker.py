@@ -6,30 +6,27 @@ import asyncio
 import functools
 import logging
 import signal
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from sqlalchemy import Engine
-from temporalio.api.enums.v1 import IndexedValueType
-from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
 from temporalio.client import Client
-from temporalio.common import SearchAttributeKey
-from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.admission import AdmissionActivities
 from activities.db import DbActivities
+from activities.metrics import metrics_runtime, pve_error_counter, report_clone_slot_waiting
 from activities.pve import PveActivities
 from activities.vm_life import VmLifeActivities
 from db.clone_slots import Limits
 from db.engine import make_engine
 from db.schema import SchemaError, require_current
+from logs import configure_logging
 from pve.client import PveClient
 from settings import Settings, SettingsError, get_settings
-from temporal_client import connect_temporal
-from workflows import SEARCH_ATTRIBUTES, CreateFromBoxWorkflow, DeleteVmWorkflow, PowerVmWorkflow
+from temporal_client import connect_temporal, ensure_search_attributes
+from workflows import CreateFromBoxWorkflow, DeleteVmWorkflow, PowerVmWorkflow
 from workflows.clone_turns import tell_slot_granted
 
 log = logging.getLogger("worker")
@@ -38,28 +35,6 @@ log = logging.getLogger("worker")
 # while a PVE or database call is under way: waiting for long PVE tasks happens between activity attempts.
 ACTIVITY_THREADS = 64
 PROJECT_MODULES = ("workflows", "payloads", "activities", "db", "pve")
-
-
-async def ensure_search_attributes(
-    client: Client, namespace: str, keys: Sequence[SearchAttributeKey] = SEARCH_ATTRIBUTES
-) -> None:
-    """Register the workflow's custom search attributes if the server does not know them yet."""
-    existing = await client.operator_service.list_search_attributes(ListSearchAttributesRequest(namespace=namespace))
-    missing = {
-        key.name: IndexedValueType.ValueType(key.indexed_value_type)
-        for key in keys
-        if key.name not in existing.custom_attributes
-    }
-    if missing:
-        try:
-            await client.operator_service.add_search_attributes(
-                AddSearchAttributesRequest(namespace=namespace, search_attributes=missing)
-            )
-        except RPCError as exc:
-            # Another worker starting at the same moment registered them first.
-            if exc.status != RPCStatusCode.ALREADY_EXISTS and "already exists" not in str(exc):
-                raise
-        log.info("registered search attributes %s", sorted(missing))
 
 
 def build_worker(
@@ -91,6 +66,8 @@ def build_worker(
             pve_activities.await_task,
             pve_activities.await_clone_by_lock,
             pve_activities.configure_vm,
+            pve_activities.start_vm,
+            pve_activities.vm_addresses,
             pve_activities.destroy_vm,
             vm_life.begin_deletion,
             vm_life.stop_for_deletion,
@@ -115,18 +92,26 @@ def build_worker(
 
 
 async def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
+    configure_logging(settings.log_format)
     engine = make_engine(settings.database_url)
     # Before it takes any run: a worker on tables of another schema version, without its PVE user or with
     # unreadable Temporal TLS files would fail the runs it takes; it refuses to start instead, saying why.
     try:
         require_current(engine)
-        pve = PveClient(settings)
-        client = await connect_temporal(settings)
+        runtime = metrics_runtime(settings.worker_metrics_port) if settings.worker_metrics_port else None
+        pve = PveClient(settings, pve_error_counter(runtime.metric_meter) if runtime else None)
+        client = await connect_temporal(settings, runtime)
     except (SettingsError, SchemaError) as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None
+    except ValueError as exc:  # the SDK's "Failed starting Prometheus exporter": the port is taken
+        log.error("metrics on port %s: %s", settings.worker_metrics_port, exc)
+        raise SystemExit(1) from None
+    background: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references to tasks
+    if runtime is not None:
+        log.info("metrics on http://0.0.0.0:%s/metrics", settings.worker_metrics_port)
+        background.add(asyncio.create_task(report_clone_slot_waiting(engine, runtime.metric_meter)))
     await ensure_search_attributes(client, settings.temporal_namespace)
     with ThreadPoolExecutor(max_workers=ACTIVITY_THREADS) as executor:
         worker = build_worker(
@@ -144,6 +129,8 @@ async def main() -> None:
         async with worker:
             log.info("worker polling task queue %r on %s", settings.temporal_task_queue, settings.temporal_address)
             await stop.wait()
+        for task in background:
+            task.cancel()
         log.info("worker stopped")
 
 

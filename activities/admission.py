@@ -4,6 +4,7 @@ three: the POST waits for it, and every step between activities costs a turn of 
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 from temporalio import activity
@@ -11,7 +12,18 @@ from temporalio.exceptions import ApplicationError
 
 from activities.db import DbActivities
 from activities.pve import PveActivities
-from payloads import MSG_UNAVAILABLE, AdmitInput, Admitted, Failure, InspectInput, TemplateRef
+from db.box_options import BoxSettings
+from payloads import (
+    MSG_UNAVAILABLE,
+    AdmitInput,
+    Admitted,
+    BoxOptions,
+    CloudInit,
+    Failure,
+    InspectInput,
+    Network,
+    TemplateRef,
+)
 
 
 class AdmissionActivities:
@@ -26,7 +38,12 @@ class AdmissionActivities:
         ask = req.request
         registered = self.db.template_of(ask.username, ask.box_id)
         facts = self.pve.inspect_template(
-            InspectInput(template=registered, target=ask.target, storage=ask.storage, disk_gb=ask.disk_gb)
+            InspectInput(
+                template=TemplateRef(node=registered.node, vmid=registered.vmid),
+                target=ask.target,
+                storage=ask.storage,
+                disk_gb=ask.disk_gb,
+            )
         )
         template = TemplateRef(node=facts.node, vmid=registered.vmid)
         if ask.admit_by is not None and datetime.now(UTC) > ask.admit_by:
@@ -34,4 +51,16 @@ class AdmissionActivities:
             # own clock stands still while its local activities run.
             raise ApplicationError(MSG_UNAVAILABLE, type=Failure.UNAVAILABLE.value, non_retryable=True)
         vmid = self.db.reserve(req.task_id, ask, facts.free_ranges)
-        return Admitted(template=template, facts=facts, vmid=vmid)
+        return Admitted(template=template, facts=facts, vmid=vmid, box=box_options(registered.box))
+
+
+def box_options(box: BoxSettings) -> BoxOptions:
+    """The box's options as the workflow reads them (the database's form is db/'s own)."""
+    return BoxOptions(
+        start=box.start,
+        wait_for_ip_seconds=box.wait_for_ip_seconds,
+        cloud_init=CloudInit(**asdict(box.cloud_init)) if box.cloud_init is not None else None,
+        pool=box.pool,
+        tags=list(box.tags),
+        network=Network(**asdict(box.network)) if box.network is not None else None,
+    )

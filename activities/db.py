@@ -18,7 +18,6 @@ from payloads import (
     Failure,
     FinishInput,
     ReassignInput,
-    TemplateRef,
 )
 
 
@@ -47,11 +46,11 @@ class DbActivities:
 
     # ----------------------------------------------------- admission's steps (called by AdmissionActivities)
 
-    def template_of(self, username: str, box_id: str) -> TemplateRef:
-        """The box's template, if the user may use it (the API checked this too, before starting the run)."""
+    def template_of(self, username: str, box_id: str) -> boxes.TemplateVm:
+        """The box's template and options, if the user may use it (the API checked this too, before starting the
+        run); AdmissionActivities turns them into payloads."""
         with _refusals():
-            vm = boxes.template_for(self.engine, username, box_id)
-        return TemplateRef(node=vm.node, vmid=vm.vmid)
+            return boxes.template_for(self.engine, username, box_id)
 
     def reserve(self, task_id: str, ask: CreateFromBoxInput, free_ranges: list[list[int]]) -> int:
         """Hold the quota and a VMID for the task; returns the VMID."""
@@ -79,7 +78,15 @@ class DbActivities:
     @activity.defn
     def commit_creation(self, done: FinishInput) -> None:
         vm = quota.CreatedVm(
-            done.task_id, done.username, done.vmid, done.node, done.name, _size(done), done.box_id, done.storage
+            done.task_id,
+            done.username,
+            done.vmid,
+            done.node,
+            done.name,
+            _size(done),
+            done.box_id,
+            done.storage,
+            done.ip_addresses,
         )
         quota.commit(self.engine, vm)
 

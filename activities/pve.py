@@ -5,6 +5,7 @@ repair tool (`reconcile/`) uses too."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from payloads import (
     SERVICE_TAG,
     VM_NOT_OURS,
     VMID_TAKEN,
+    AddressWatch,
     CloneInput,
     CloneStarted,
     ConfigureInput,
@@ -33,6 +35,8 @@ from payloads import (
     TemplateFacts,
     VmRef,
 )
+from pve import vm_options
+from pve.agent import addresses
 from pve.client import PveClient, PveError, PveUnavailable
 from pve.disks import boot_disk
 from pve.ownership import is_owned_by, vm_description
@@ -48,6 +52,10 @@ CLONE_INLINE_WAIT = 3.0
 SHORT_TASK_WAIT = 60.0
 # A template's boot disk key, cached per worker: templates do not change their disk layout in passing.
 TEMPLATE_DISK_TTL = 300.0
+# The guest agent answers errors until the guest has booted and started it: looked at again after 1 s, then
+# further apart, at most every 5 s.
+AGENT_FIRST_PAUSE = 1.0
+AGENT_MAX_PAUSE = 5.0
 
 
 @contextmanager
@@ -200,6 +208,8 @@ class PveActivities:
             }
             if req.target != req.template.node:
                 params["target"] = req.target
+            if req.pool:
+                params["pool"] = req.pool  # PVE adds the VM to the pool once the clone ends
             try:
                 upid = str(self.pve.post(f"nodes/{req.template.node}/qemu/{req.template.vmid}/clone", **params))
             except PveError as exc:
@@ -258,20 +268,18 @@ class PveActivities:
 
     @activity.defn
     def configure_vm(self, req: ConfigureInput) -> None:
-        """Set cores and memory, tag the VM, and grow the boot disk, on this task's VM only. Each write carries
-        the digest of the config whose marker was checked just before, so PVE refuses it if the config changed
-        since: a VM that vanished and whose VMID someone else took is never configured. Each write is absolute,
-        so a retry is safe."""
+        """Set cores, memory, tags, network and cloud-init in one write, then grow the boot disk, on this task's
+        VM only. Each write carries the digest of the config whose marker was checked just before, so PVE
+        refuses it if the config changed since: a VM that vanished and whose VMID someone else took is never
+        configured. Each write is absolute (the tags a union with what the VM has), so a retry is safe."""
         with self._heartbeats.during(), final_errors_as(Failure.CONFIGURE_FAILED):
-            # PUT is PVE's synchronous form: it answers once the change is written, with no task to watch
-            # (POST .../config would answer a UPID to await). A stopped VM takes cores and memory at once.
-            upid = self.pve.put(
-                f"nodes/{req.node}/qemu/{req.vmid}/config",
-                cores=req.cpu_cores,
-                memory=req.memory_mb,
-                tags=SERVICE_TAG,
-                digest=self._own_config_digest(req.task_id, req.node, req.vmid),
-            )
+            config = self._own_config(req.task_id, req.node, req.vmid)
+            params = self._settings_for(req, config)
+            # PUT is PVE's synchronous form: it answers once the change is written (a stopped VM takes cores and
+            # memory at once). A write that adds a drive allocates a volume, for which PVE recommends its
+            # asynchronous form, POST, whose task is awaited. Either may answer a UPID, or null.
+            write = self.pve.post if any(vm_options.DRIVE_KEY.fullmatch(key) for key in params) else self.pve.put
+            upid = write(f"nodes/{req.node}/qemu/{req.vmid}/config", **params, digest=config.get("digest"))
             if upid:
                 wait_until_done(self.pve, str(upid), SHORT_TASK_WAIT)
             if req.disk_gb > req.template_disk_gb:
@@ -282,10 +290,63 @@ class PveActivities:
                     f"nodes/{req.node}/qemu/{req.vmid}/resize",
                     disk=req.disk_key,
                     size=f"{req.disk_gb}G",
-                    digest=self._own_config_digest(req.task_id, req.node, req.vmid),
+                    digest=self._own_config(req.task_id, req.node, req.vmid).get("digest"),
                 )
                 if upid:
                     wait_until_done(self.pve, str(upid), SHORT_TASK_WAIT)
+
+    def _settings_for(self, req: ConfigureInput, config: dict[str, Any]) -> dict[str, Any]:
+        """The config write: cores, memory, and what makes the VM ready (pve.vm_options.ready_settings)."""
+        box = req.box
+        ready = vm_options.ready_settings(
+            config,
+            tags=[*box.tags, SERVICE_TAG],
+            network=dataclasses.asdict(box.network) if box.network else {},
+            cloud_init=dataclasses.asdict(box.cloud_init) if box.cloud_init else None,
+            ssh_keys=req.ssh_keys,
+            storage=req.storage or self.default_storage,
+        )
+        if ready is None:
+            raise PveError(400, f"VM {req.vmid} has no free IDE or SCSI slot for a cloud-init drive")
+        return {"cores": req.cpu_cores, "memory": req.memory_mb, **ready}
+
+    # ------------------------------------------------------------------------- start
+
+    @activity.defn
+    def start_vm(self, ref: VmRef) -> None:
+        """Start this task's VM and await PVE's task. Running already (an earlier attempt's start): nothing."""
+        with self._heartbeats.during(), final_errors_as(Failure.CONFIGURE_FAILED):
+            self._own_config(ref.task_id, ref.node, ref.vmid)
+            path = f"nodes/{ref.node}/qemu/{ref.vmid}/status"
+            if self.pve.get(f"{path}/current").get("status") == "running":
+                return
+            upid = self.pve.post(f"{path}/start")
+            if upid:
+                wait_until_done(self.pve, str(upid), SHORT_TASK_WAIT)
+
+    @activity.defn
+    def vm_addresses(self, req: AddressWatch) -> list[str]:
+        """The addresses the guest agent reports, asked until one comes or `req.seconds` have passed since the
+        first attempt was scheduled (then none: an address that does not come is no failure). Until the guest
+        has booted, the agent answers errors: those are expected, and asked again, further apart."""
+        deadline = activity.info().scheduled_time.timestamp() + req.seconds
+        vm = req.vm
+        with self._heartbeats.during():
+            if not vm_options.agent_enabled(self._own_config(vm.task_id, vm.node, vm.vmid).get("agent")):
+                return []  # the template does not enable the agent: nothing will ever answer
+            pause = AGENT_FIRST_PAUSE
+            while True:
+                try:
+                    answer = self.pve.get(f"nodes/{vm.node}/qemu/{vm.vmid}/agent/network-get-interfaces")
+                    found = addresses(answer.get("result") or [])
+                except (PveError, PveUnavailable) as exc:
+                    activity.logger.debug("guest agent of VM %s: %s", vm.vmid, exc)
+                    found = []
+                left = deadline - time.time()
+                if found or left <= 0:
+                    return found
+                time.sleep(min(pause, left))
+                pause = min(pause * 1.5, AGENT_MAX_PAUSE)
 
     # ---------------------------------------------------------------------------- cleanup
 
@@ -320,17 +381,16 @@ class PveActivities:
         self._template_disks[(node, vmid)] = (time.monotonic(), disk)
         return disk
 
-    def _own_config_digest(self, task_id: str, node: str, vmid: int) -> str | None:
-        """The digest of the VM's config, if the VM is this task's (pve.ownership's rule); a VM gone, or one
-        without the task's marker, is final for the step. A write made with this digest changes this very
-        config or nothing (PVE answers "file changed by other user? Try again", which is retried)."""
+    def _own_config(self, task_id: str, node: str, vmid: int) -> dict[str, Any]:
+        """The VM's config, if the VM is this task's (pve.ownership's rule); a VM gone, or one without the task's
+        marker, is final for the step. A write made with its `digest` changes this very config or nothing (PVE
+        answers "file changed by other user? Try again", which is retried)."""
         config = vm_config(self.pve, node, vmid)
         if config is None:
             raise vm_not_ours(f"VM {vmid} is gone from node {node}")
         if not is_owned_by(config.get("description"), task_id):
             raise vm_not_ours(f"VM {vmid} on node {node} is not task {task_id}'s: its description lacks the marker")
-        digest = config.get("digest")
-        return str(digest) if digest else None
+        return config
 
     def _owned_by(self, task_id: str, node: str, vmid: int) -> bool:
         """The VM's description carries this task's marker (pve.ownership's rule). A VM that vanished since it

@@ -28,7 +28,7 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
-from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
+from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -38,8 +38,8 @@ from api.task_state import STATE_MEMO
 from db.boxes import template_for
 from db.quota import Refused
 from payloads import MSG_CLONE_FAILED, MSG_UNAVAILABLE, Admission, CreateFromBoxInput, TaskState, status_of
-from workflows import CreateFromBoxWorkflow
-from workflows.create_from_box import OWNER
+from workflows import CreateFromBoxWorkflow, search_attributes
+from workflows.metadata import creation_details, creation_summary
 
 log = logging.getLogger("api")
 
@@ -83,7 +83,10 @@ class Admitter:
             # The owner and the task's state from the start, not from when a worker first runs it: a run that no
             # worker has picked up yet is listed by GET tasks, shown by GET tasks/{task_id} and can be cancelled.
             memo={**request_memo(input), STATE_MEMO: dataclasses.asdict(initial_state(input))},
-            search_attributes=TypedSearchAttributes([SearchAttributePair(OWNER, input.username)]),
+            search_attributes=search_attributes.at_start(input.username, box_id=input.box_id, node=input.target),
+            # What the Web UI lists the run by, instead of its id alone.
+            static_summary=creation_summary(input),
+            static_details=creation_details(input),
         )
         try:
             return await asyncio.wait_for(

@@ -14,6 +14,7 @@ from api.errors import TEMPORAL_UNAVAILABLE, ApiError
 from api.task_state import Task, owned_task
 from db.rate_limits import count_request
 from db.tokens import Caller, lookup
+from logs import bind
 from settings import Settings
 
 UNAUTHORIZED = "Missing or invalid Bearer token"
@@ -53,12 +54,14 @@ def current_caller(
     revoked), after counting the request against the token's rate limit (429 past it).
 
     A plain `def`: FastAPI runs it on its thread pool, so the database round trips never block the event loop.
-    The caller is also left on `request.state.caller`, for what reports on a refused request (audit lines)."""
+    The caller is also left on `request.state.caller`, for what reports on a refused request (audit lines), and
+    bound to the request's log context."""
     scheme, _, token = (authorization or "").partition(" ")
     caller = lookup(engine, token.strip()) if scheme.lower() == "bearer" and token.strip() else None
     if caller is None:
         raise ApiError(401, UNAUTHORIZED)
     request.state.caller = caller
+    bind(user=caller.username)
     limit = settings.rate_limit_per_minute
     if limit:
         retry_after = count_request(engine, caller.token_hash, limit)
@@ -81,6 +84,7 @@ CurrentUser = Annotated[str, Depends(current_user)]
 
 async def get_owned_task(task_id: str, username: CurrentUser, client: TemporalDep) -> Task:
     """The task named in the path, if the caller started it; 404 otherwise."""
+    bind(task_id=task_id)
     return await owned_task(client, task_id, username)
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from pydantic_core import PydanticCustomError
 
+from db.box_options import ssh_key_problem
 from payloads import Admission, CreateFromBoxInput, PowerAction
 
 PositiveInt = Annotated[StrictInt, Field(gt=0, le=2**31 - 1)]
@@ -28,7 +29,7 @@ NO_CONTROL_CHARACTERS_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
 IDEMPOTENCY_KEY_PATTERN = rf"^{IDEMPOTENCY_KEY.pattern}$"
 
 # The validation errors raised here, whose message completes "'<field>' ...".
-OWN_ERRORS = {"control_characters", "printable_ascii"}
+OWN_ERRORS = {"control_characters", "printable_ascii", "ssh_keys"}
 
 
 def _no_control_characters(value: str) -> str:
@@ -50,6 +51,25 @@ Identifier = Annotated[
     AfterValidator(_no_control_characters),
 ]
 
+
+def _ssh_keys(value: object) -> list[str]:
+    # Checked whole, so that the 400 names `sshKeys` (not an index) and says which key is wrong.
+    if not isinstance(value, list):
+        raise PydanticCustomError("ssh_keys", "must be a list of public keys")
+    for index, key in enumerate(value):
+        if (problem := ssh_key_problem(key)) is not None:
+            raise PydanticCustomError("ssh_keys", "item {index} {problem}", {"index": index, "problem": problem})
+    return value
+
+
+# OpenSSH public key lines (`ssh-ed25519 AAAA... comment`), by the rule `boxctl load` checks a box's keys with: a
+# key PVE would refuse at configure, after the clone, is refused here instead.
+SshKeys = Annotated[
+    list[str],
+    BeforeValidator(_ssh_keys),
+    Field(json_schema_extra={"items": {"type": "string", "pattern": NO_CONTROL_CHARACTERS_PATTERN}}),
+]
+
 # PVE's rule for VM names (format `dns-name`): dot-separated labels of letters, digits and hyphens that start
 # and end with a letter or digit. Matched whole (fullmatch, \Z): `$` would also match before a final newline.
 VM_NAME = re.compile(r"(?=.{1,128}\Z)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*")
@@ -67,6 +87,8 @@ class CreateFromBoxRequest(BaseModel):
     memory_mb: PositiveInt = Field(alias="memorySize")
     disk_gb: PositiveInt = Field(alias="diskSize")
     storage: Identifier | None = None
+    ssh_keys: SshKeys = Field(default=[], alias="sshKeys", description="public keys added to the box's cloud-init")
+    start: StrictBool | None = Field(default=None, description="start the VM once configured; null: as the box says")
 
     def to_input(self, username: str, default_storage: str) -> CreateFromBoxInput:
         return CreateFromBoxInput(
@@ -78,6 +100,8 @@ class CreateFromBoxRequest(BaseModel):
             memory_mb=self.memory_mb,
             disk_gb=self.disk_gb,
             storage=self.storage or default_storage,
+            ssh_keys=list(self.ssh_keys),
+            start=self.start,
         )
 
 
@@ -112,7 +136,8 @@ class TaskStateData(BaseModel):
     status: TaskStatus
     kind: str = Field(description="the task's workflow: create, delete or power", examples=["create"])
     step: str = Field(
-        description="a creation: admission, clone, configure, cleanup or done; a deletion: stop, destroy or done; "
+        description="a creation: admission, clone, configure, start, cleanup or done; "
+        "a deletion: stop, destroy or done; "
         "a power action: power or done"
     )
     vmid: str | None = Field(description="known once the request is admitted", examples=["106"])
@@ -122,6 +147,12 @@ class TaskStateData(BaseModel):
     result_message: str | None
     started_at: str | None = Field(description="UTC, to the second", examples=["2026-11-27T10:00:00Z"])
     finished_at: str | None = Field(description="null while the run goes on")
+    ip_addresses: list[str] | None = Field(
+        default=None,
+        description="a creation's: the addresses its guest agent reported, IPv4 first, loopback and link-local "
+        "left out (empty until one came, or when the VM is not started); null for other tasks",
+        examples=[["192.0.2.10"]],
+    )
 
 
 class CreateAnswer(Envelope[AdmissionData]):
@@ -198,15 +229,20 @@ class QuotaAnswer(Envelope[QuotaData]):
     """The caller's compute resource plan and how much of it is used."""
 
 
+class NetworkData(BaseModel):
+    bridge: str | None = Field(description="the bridge net0 is on; null: the template's")
+    vlan: int | None = Field(description="net0's VLAN tag; null: the template's")
+
+
 class BoxData(BaseModel):
     id: str
     name: str
     template: str = Field(description="the template's name")
-    start: bool = Field(description="whether a VM made from it is started")
-    cloud_init: bool = Field(description="true when the box sets cloud-init")
-    pool: str | None
-    tags: list[str]
-    network: dict[str, str | int] | None = Field(description="bridge and VLAN tag of net0, when set")
+    start: bool = Field(description="whether a VM made from it is started (a request's `start` overrides it)")
+    cloud_init: bool = Field(description="true when the box sets cloud-init (its keys and user are not shown)")
+    pool: str | None = Field(description="the PVE pool its VMs join")
+    tags: list[str] = Field(description="PVE tags its VMs get, beside the template's and pve-boxes")
+    network: NetworkData | None = Field(description="net0's bridge and VLAN tag, when the box sets them")
 
 
 class BoxesData(BaseModel):

@@ -15,7 +15,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.errors import TEMPORAL_UNAVAILABLE, ApiError
 from api.schemas import TaskStateData, TaskStatus
-from payloads import TaskState
+from payloads import TaskKind, TaskState
 from workflows import CreateFromBoxWorkflow, DeleteVmWorkflow, PowerVmWorkflow
 from workflows.create_from_box import OWNER
 
@@ -100,6 +100,7 @@ def state_data(task: Task) -> TaskStateData:
         result_message=state.result_message,
         started_at=iso(task.description.start_time),
         finished_at=iso(task.description.close_time),
+        ip_addresses=list(state.ip_addresses) if state.kind == TaskKind.CREATE else None,
     )
 
 

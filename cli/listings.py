@@ -7,6 +7,7 @@ from typing import Any
 from sqlmodel import col, select
 
 from cli import open_engine
+from db.box_options import BoxSettings
 from db.engine import session
 from db.models import Box, Plan, Reservation, SessionToken, Template, TemplateUser, User, Vm
 
@@ -82,10 +83,29 @@ def cmd_boxes(_args: argparse.Namespace) -> None:
         template_ids = set(db.exec(select(Template.id)).all())
     rows = [
         # A box may name a template that is not defined; using it answers 404, so say so here.
-        [b.id, b.name, b.template_id if b.template_id in template_ids else f"{b.template_id} (undefined)"]
+        [
+            b.id,
+            b.name,
+            b.template_id if b.template_id in template_ids else f"{b.template_id} (undefined)",
+            *box_options(BoxSettings.of(b)),
+        ]
         for b in boxes
     ]
-    print(table(["ID", "NAME", "TEMPLATE"], rows))
+    print(table(["ID", "NAME", "TEMPLATE", "START", "CLOUD-INIT", "POOL", "TAGS", "NETWORK"], rows))
+
+
+def box_options(box: BoxSettings) -> list[str | None]:
+    """The options compactly: `yes, ip 300s`, `ubuntu, 2 keys, ip=dhcp, dns 192.0.2.53`, `vmbr1 vlan 42`."""
+    start = ("yes" + (f", ip {box.wait_for_ip_seconds}s" if box.wait_for_ip_seconds else "")) if box.start else "no"
+    ci = box.cloud_init
+    cloud_init = None
+    if ci is not None:
+        keys = f"{len(ci.ssh_keys)} key" + ("" if len(ci.ssh_keys) == 1 else "s")
+        dns = f"dns {ci.nameserver}" if ci.nameserver else None
+        cloud_init = ", ".join(part for part in (ci.user, keys, ci.ipconfig0, dns) if part)
+    net = box.network
+    network = " ".join(p for p in (net.bridge, f"vlan {net.vlan}" if net.vlan else None) if p) if net else None
+    return [start, cloud_init, box.pool, ",".join(box.tags) or None, network or None]
 
 
 def cmd_vms(args: argparse.Namespace) -> None:

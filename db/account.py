@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlmodel import col, or_, select
 
+from db.box_options import BoxSettings
 from db.engine import session
 from db.models import Box, Plan, Template, TemplateUser, User
 from db.quota import Refused, Usage, usage_of
@@ -36,6 +37,7 @@ class UsableBox:
     id: str
     name: str
     template_name: str
+    options: BoxSettings
 
 
 def boxes_for(engine: Engine, username: str) -> list[UsableBox]:
@@ -49,4 +51,7 @@ def boxes_for(engine: Engine, username: str) -> list[UsableBox]:
         .order_by(col(Box.id))
     )
     with session(engine) as db:
-        return [UsableBox(id=box.id, name=box.name, template_name=template.name) for box, template in db.exec(query)]
+        return [
+            UsableBox(id=box.id, name=box.name, template_name=template.name, options=BoxSettings.of(box))
+            for box, template in db.exec(query)
+        ]

@@ -2,10 +2,11 @@
 in the contract's order. Written once, used twice: the API answers these refusals without starting a run, and
 admission checks them again for runs that no API stands in front of (child workflows, resets)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
+from db.box_options import BoxSettings
 from db.engine import session
 from db.models import Box, Template, TemplateUser
 from db.quota import Refused
@@ -16,11 +17,12 @@ from payloads import MSG_BOX_NOT_FOUND, MSG_FORBIDDEN, MSG_TEMPLATE_NOT_FOUND, F
 class TemplateVm:
     node: str
     vmid: int
+    box: BoxSettings = field(default_factory=BoxSettings)  # what makes the VM ready to use
 
 
 def template_for(engine: Engine, username: str, box_id: str) -> TemplateVm:
-    """The box's template VM, if `username` may use it; Refused (box 404, template 404, permission 403)
-    otherwise."""
+    """The box's template VM and the box's options, if `username` may use it; Refused (box 404, template 404,
+    permission 403) otherwise."""
     if "\x00" in box_id:
         # No box can have this id, and PostgreSQL refuses the string outright (an error the caller would
         # retry until its deadline): answer what it is.
@@ -34,4 +36,4 @@ def template_for(engine: Engine, username: str, box_id: str) -> TemplateVm:
             raise Refused(Failure.TEMPLATE_NOT_FOUND, MSG_TEMPLATE_NOT_FOUND)
         if not template.public and db.get(TemplateUser, (template.id, username)) is None:
             raise Refused(Failure.FORBIDDEN, MSG_FORBIDDEN)
-        return TemplateVm(node=template.node, vmid=template.vmid)
+        return TemplateVm(node=template.node, vmid=template.vmid, box=BoxSettings.of(box))

@@ -25,6 +25,7 @@ from pydantic_core import ErrorDetails
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
+from db.box_options import BoxOptionsIn
 from db.engine import session
 from db.models import Box, Plan, SessionToken, Template, TemplateUser, User
 from db.tokens import MIN_TOKEN_LENGTH, as_utc, token_hash
@@ -133,7 +134,7 @@ class TemplateIn(_Strict):
     allowed_users: list[Name] = []
 
 
-class BoxIn(_Strict):
+class BoxIn(BoxOptionsIn):  # start, cloud_init, pool, tags, network, ... (db/box_options.py)
     id: Name
     name: Name
     template: Name  # may name a template that is not defined: the box is kept
@@ -372,6 +373,6 @@ def load_admin_data(engine: Engine, data: Any) -> LoadReport:
             report.templates.add(outcome)
 
         for b in parsed.boxes:
-            values = {"id": b.id, "name": b.name, "template_id": b.template}
+            values = {"id": b.id, "name": b.name, "template_id": b.template, **b.columns()}
             report.boxes.add(_upsert(db, Box, "id", values))
     return report

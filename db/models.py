@@ -3,8 +3,9 @@
 import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
-from sqlalchemy import JSON, Column, Index, text
+from sqlalchemy import JSON, Column, Index, false, text
 from sqlmodel import Field, SQLModel
 
 
@@ -66,6 +67,14 @@ class Box(SQLModel, table=True):
     name: str
     # Not a foreign key: a box may name a template that is not (or no longer) defined.
     template_id: str
+    # What makes its VMs ready to use (db/box_options.py). The server defaults are a box without options: the
+    # boxes of a database made before them. The nested ones are JSON, as db/box_options.py's models dump them.
+    start: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
+    wait_for_ip_seconds: int = Field(default=0, sa_column_kwargs={"server_default": text("0")})
+    cloud_init: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    pool: str | None = None
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False, server_default=text("'[]'")))
+    network: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
 
 class ReservationState(StrEnum):

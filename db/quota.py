@@ -3,7 +3,7 @@
 Every function here is idempotent for its task id, because Temporal may run an activity more than once.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import CompoundSelect, Engine, func, text, union
 from sqlmodel import col, select
@@ -47,6 +47,7 @@ class CreatedVm:
     size: Size
     box_id: str | None = None
     storage: str | None = None
+    ip_addresses: list[str] = field(default_factory=list)  # what its guest agent reported
 
 
 @dataclass
@@ -193,6 +194,7 @@ def commit(engine: Engine, vm: CreatedVm) -> None:
                     disk_gb=vm.size.disk_gb,
                     box_id=vm.box_id,
                     storage=vm.storage,
+                    ip_addresses=list(vm.ip_addresses),
                 )
             )
         reservation = db.get(Reservation, vm.task_id)

@@ -23,7 +23,7 @@ def make_fake(args: argparse.Namespace) -> FakePve:
     """The seeded fake cluster, not yet listening."""
     pve = FakePve(user=args.user, password=args.password, host=args.host, port=args.port)
     pve.time_scale = args.time_scale
-    seed(pve)
+    seed(pve, boot_seconds=args.guest_boot_seconds)
     return pve
 
 
@@ -55,6 +55,12 @@ def arguments(description: str, time_scale: float) -> argparse.ArgumentParser:
     parser.add_argument("--password", default="secret")
     parser.add_argument("--time-scale", type=float, default=time_scale, help="real seconds per PVE second")
     parser.add_argument("--ca-out", required=True, help="where to write the CA certificate clients verify with")
+    parser.add_argument(
+        "--guest-boot-seconds",
+        type=float,
+        default=1.0,
+        help="real seconds from a VM's start until its guest agent answers (and reports its address)",
+    )
     return parser
 
 

@@ -75,6 +75,10 @@ def demo_request(api: str) -> None:
         time.sleep(0.25)
     print(f"\n$ GET {api}/api/v1/vm/manage/tasks/{task_id}   (ended after {time.monotonic() - started:.2f} s)")
     print(json.dumps(state, indent=2))
+    # The demo box starts its VM and waits for the guest agent to report its address.
+    addresses = state.get("ip_addresses")
+    shown = ", ".join(map(str, addresses)) if isinstance(addresses, list) and addresses else "none reported"
+    print(f"\nVM {state.get('vmid')} is running; its address, as its guest agent reports it: {shown}")
 
 
 def main() -> int:

@@ -247,6 +247,10 @@ class Stack:
         return self.spawn("fakepve", command, ready_port=ready_port or port)
 
     def worker(self, env: dict[str, str], name: str = "worker") -> Proc:
+        """A worker; its metrics (unless WORKER_METRICS_PORT is 0) on a free port, so that two workers of a stack
+        never ask for the same one (a worker whose port is taken refuses to start)."""
+        if env.get("WORKER_METRICS_PORT", "0") != "0":
+            env = {**env, "WORKER_METRICS_PORT": str(free_port())}
         return self.spawn(name, [sys.executable, "worker.py"], env, ready_log=WORKER_READY)
 
     def api(self, env: dict[str, str], port: int, name: str = "api") -> Proc:

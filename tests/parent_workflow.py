@@ -3,10 +3,9 @@ re-imports the module a workflow is defined in)."""
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError, ChildWorkflowError
+from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from workflows import CreateFromBoxInput, CreateFromBoxResult, CreateFromBoxWorkflow
@@ -22,7 +21,9 @@ class ParentWorkflow:
                 input,
                 id=f"{workflow.info().workflow_id}-vm",
                 task_queue=task_queue,
-                execution_timeout=timedelta(minutes=5),
+                # As the README says: a child is cancelled (and cleans up) when the parent closes, never
+                # terminated; and no execution timeout, which would terminate it mid-clone.
+                parent_close_policy=ParentClosePolicy.REQUEST_CANCEL,
             )
         except ChildWorkflowError as err:
             assert isinstance(err.cause, ApplicationError)

@@ -416,6 +416,7 @@ def test_cli_token_issue(tmp_path: Path, db_path: Path, capsys: pytest.CaptureFi
 def test_cli_listings(tmp_path: Path, db_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = example()
     data["boxes"].append({"id": "b-orphan", "name": "Orphan", "template": "tpl-none"})
+    data["boxes"].append(ready_box())
     assert boxctl.main(["load", write_json(tmp_path, data)]) == 0
     engine = make_engine(f"sqlite:///{db_path}")
     with session(engine) as db, db.begin():
@@ -460,14 +461,32 @@ def test_cli_listings(tmp_path: Path, db_path: Path, capsys: pytest.CaptureFixtu
         "no",
         "alice",
     ]
-    boxes = run("boxes")
-    assert "b-orphan" in boxes and "tpl-none (undefined)" in boxes
+    boxes = run("boxes").splitlines()
+    assert boxes[0].split() == ["ID", "NAME", "TEMPLATE", "START", "CLOUD-INIT", "POOL", "TAGS", "NETWORK"]
+    assert boxes[1].split("  ")[:3] == ["60d5ec49f1b2c8a1e4d3b2a1", "Ubuntu box", "tpl-ubuntu"]
+    assert boxes[1].split()[-5:] == ["no", "-", "-", "-", "-"]
+    assert "b-orphan" in boxes[2] and "tpl-none (undefined)" in boxes[2]
+    # The options compactly: the keys counted, never shown.
+    assert [c for c in boxes[3].split("  ") if c][3:] == [
+        "yes, ip 300s",
+        "ubuntu, 2 keys, ip=dhcp, dns 192.0.2.53",
+        "course-101",
+        "course-101,lab",
+        "vmbr1 vlan 42",
+    ]
     assert "clone-1" in run("vms")
     assert "clone-1" in run("vms", "--user", "alice")
     assert "clone-1" not in run("vms", "--user", "bob")
     assert "clone-2" in run("reservations")
     assert "clone-2" not in run("reservations", "--user", "alice")
     assert "held" in run("reservations", "--user", "bob")
+
+
+def ready_box() -> dict[str, Any]:
+    # Imported here: tests/test_box_options.py imports this module's EXAMPLE.
+    from tests.test_box_options import READY_BOX
+
+    return READY_BOX
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------------------

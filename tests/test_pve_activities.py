@@ -4,6 +4,7 @@ hit (a VM replaced between the activity's look and its write)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Any
@@ -15,7 +16,18 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.heartbeats import Heartbeats
 from activities.pve import PveActivities
-from payloads import VM_NOT_OURS, VMID_TAKEN, CloneInput, ConfigureInput, TemplateRef, VmRef
+from payloads import (
+    VM_NOT_OURS,
+    VMID_TAKEN,
+    BoxOptions,
+    CloneInput,
+    CloudInit,
+    ConfigureInput,
+    Network,
+    TemplateRef,
+    VmRef,
+)
+from pve.agent import addresses
 from pve.client import PveClient, PveUnavailable
 from pve.ownership import vm_description
 from settings import Settings
@@ -248,3 +260,53 @@ def test_one_slow_heartbeat_does_not_hold_up_the_others() -> None:
         thread.join()
     assert beats["quick"] >= 5  # about 9; one after another, the slow one would have let through 2
     assert 1 <= beats["slow"] <= 2  # and a heartbeat still under way is not sent again
+
+
+# ------------------------------------------------------------------------------ a VM ready to use
+
+
+def configured(pve: Any, activities: PveActivities, config: dict[str, str], **changes: Any) -> Any:
+    """The VM with `config` (and this task's marker) once configure_vm wrote a ready box's options to it."""
+    vm = pve.add_vm(100, "vm", node="pve2", config={"description": vm_description(TASK), **config})
+    box = BoxOptions(cloud_init=CloudInit(user="ubuntu"), tags=["web"], network=Network(vlan=7))
+    ActivityEnvironment().run(activities.configure_vm, dataclasses.replace(CONFIGURE, box=box, **changes))
+    return vm
+
+
+def test_a_vm_with_a_cloud_init_drive_gets_no_second_one_and_keeps_its_own_tags(
+    pve: Any, activities: PveActivities
+) -> None:
+    drive = "NFS:100/vm-100-cloudinit.qcow2,media=cdrom"
+    vm = configured(pve, activities, {"ide2": drive, "tags": "Web;team-a", "net0": "e1000=BC:24:11:00:00:09,tag=3"})
+    assert vm.config["ide2"] == drive
+    assert not [key for key in vm.config if key.startswith(("ide", "scsi", "sata")) and key != "ide2"]
+    assert vm.config["tags"] == "pve-boxes;team-a;Web"  # `web` is the template's `Web`: PVE compares without case
+    assert vm.config["net0"] == "e1000=BC:24:11:00:00:09,tag=7"  # only the VLAN asked for: the bridge as it was
+    assert [method for method, path, _ in pve.requests if path.endswith("/config") and method != "GET"] == ["PUT"]
+
+
+def test_a_cloud_init_drive_takes_the_first_free_slot_and_is_written_by_a_task(
+    pve: Any, activities: PveActivities
+) -> None:
+    vm = configured(pve, activities, {"ide2": "none,media=cdrom"}, storage="local-lvm")
+    assert vm.config["ide0"] == "local-lvm:cloudinit"
+    # A write that allocates a volume goes through PVE's asynchronous form, whose task is awaited.
+    assert [method for method, path, _ in pve.requests if path.endswith("/config") and method != "GET"] == ["POST"]
+
+
+def test_the_guest_agents_addresses_leave_out_loopback_and_link_local_and_put_ipv4_first() -> None:
+    interfaces: list[dict[str, Any]] = [
+        {"name": "lo", "ip-addresses": [{"ip-address": "127.0.0.1"}, {"ip-address": "::1"}]},
+        {
+            "name": "eth0",
+            "ip-addresses": [
+                {"ip-address": "fe80::be24:11ff:fe00:1%eth0"},
+                {"ip-address": "2001:db8::10"},
+                {"ip-address": "169.254.3.4"},
+                {"ip-address": "192.0.2.10"},
+            ],
+        },
+        {"name": "eth1", "ip-addresses": [{"ip-address": "198.51.100.7"}, {"ip-address": "192.0.2.10"}]},
+        {"name": "eth2"},
+    ]
+    assert addresses(interfaces) == ["192.0.2.10", "198.51.100.7", "2001:db8::10"]

@@ -19,6 +19,8 @@ PRODUCT = [
     "worker.py",
     "boxctl.py",
     "payloads.py",
+    "payloads_life.py",
+    "logs.py",
     "settings.py",
     "temporal_client.py",
 ]

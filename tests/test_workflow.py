@@ -21,14 +21,16 @@ from typing import Any
 
 import httpx
 import pytest
-from temporalio.client import Client, WorkflowHistory
+from sqlalchemy import Engine
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHistory
 from temporalio.worker import Replayer, Worker
 
 from payloads import MSG_BOX_NOT_FOUND, MSG_CLONE_FAILED, MSG_CONFIGURE_FAILED
 from settings import Settings
-from tests.conftest import created_vms, result_of
+from tests.conftest import created_vms, reservations, result_of
 from tests.factories import BOX, auth, body
 from tests.parent_workflow import ParentWorkflow
+from tests.waiting import until
 from workflows import CreateFromBoxInput, CreateFromBoxWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -63,6 +65,34 @@ async def test_runs_as_a_child_workflow(temporal: Client, settings: Settings, pv
     # storage None in the input: the worker's DEFAULT_STORAGE (NFS) was used.
     [vm] = created_vms(pve)
     assert vm.config["scsi0"].startswith("NFS:")
+
+
+@pytest.mark.usefixtures("worker")
+@pytest.mark.fakepve(time_scale=1)
+async def test_a_parent_terminated_mid_clone_has_its_child_cancelled_and_cleaned_up(
+    temporal: Client, settings: Settings, pve: Any, engine: Engine
+) -> None:
+    pve.add_ceph_storage("ceph")
+    pve.ceph_slow(4)  # the child is still cloning when its parent is terminated
+    parent_queue = f"parent-{uuid.uuid4().hex[:8]}"
+    parent_id = f"parent-{uuid.uuid4().hex[:8]}"
+    async with Worker(temporal, task_queue=parent_queue, workflows=[ParentWorkflow]):
+        parent = await temporal.start_workflow(
+            ParentWorkflow.run,
+            args=[child_input(storage="ceph"), settings.temporal_task_queue],
+            id=parent_id,
+            task_queue=parent_queue,
+        )
+        await until(lambda: len(created_vms(pve)) == 1)  # the clone is under way
+        # The parent closes without running any code of its own (as on a timeout): only the close policy
+        # (REQUEST_CANCEL, not the default TERMINATE) gets the child to clean up.
+        await parent.terminate()
+        child = temporal.get_workflow_handle(f"{parent_id}-vm")
+        with pytest.raises(WorkflowFailureError):
+            await asyncio.wait_for(child.result(), 60)
+        assert (await child.describe()).status == WorkflowExecutionStatus.CANCELED
+    assert created_vms(pve) == []
+    assert [r.state for r in reservations(engine)] == ["released"]
 
 
 # --------------------------------------------------------------------------------- replay

@@ -31,14 +31,19 @@ from payloads import (
     MSG_FORBIDDEN,
     MSG_TOTAL_LIMIT,
     MSG_UNAVAILABLE,
+    Admitted,
+    BoxOptions,
     CloneStarted,
     CreateFromBoxResult,
     Failure,
     Step,
 )
 from tests.fast_env import (
+    ADDRESS,
     ADMITTED_VMID,
     CLONE_UPID,
+    FACTS,
+    TEMPLATE,
     FakeActivities,
     Hold,
     TimeSkippingServer,
@@ -213,6 +218,10 @@ async def test_a_request_is_admitted_cloned_configured_and_recorded(runs: Runs, 
         "disk_key": "scsi0",
         "disk_gb": 20,
         "template_disk_gb": 10,
+        # A box without options: nothing more to write, the drive's storage the clone's.
+        "box": dataclasses.asdict(BoxOptions()),
+        "ssh_keys": [],
+        "storage": "NFS",
     }
     [record] = fakes.args("commit_creation")
     assert (record["username"], record["vmid"], record["node"], record["name"]) == (
@@ -525,3 +534,74 @@ async def test_a_configuration_error_that_outlasts_the_retry_budget_fails_the_ru
     assert fakes.names().count("configure_vm") > 5
     assert await run_time(handle) >= PVE_BUDGET / 2  # retried with back-off for most of the budget
     assert_undone(fakes, handle.id, ADMITTED_VMID)
+
+
+# ------------------------------------------------------------------------------------- a VM ready to use
+
+STARTED = [*CLONED, "configure_vm", "start_vm", "vm_addresses", "commit_creation"]
+
+
+def admitted_with(**options: Any) -> Admitted:
+    return Admitted(template=TEMPLATE, facts=FACTS, vmid=ADMITTED_VMID, box=BoxOptions(**options))
+
+
+async def test_a_box_that_starts_its_vms_starts_it_after_configuring_and_records_its_address(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    fakes.script("admit", admitted_with(start=True, wait_for_ip_seconds=120))
+    handle = await runs.start()
+
+    await handle.result()
+
+    assert fakes.names() == STARTED
+    [watch] = fakes.args("vm_addresses")
+    assert (watch["vm"]["vmid"], watch["seconds"]) == (ADMITTED_VMID, 120)
+    [record] = fakes.args("commit_creation")
+    assert record["ip_addresses"] == [ADDRESS]
+    state = await end_state(handle)
+    assert (state["step"], state["result_code"], state["ip_addresses"]) == (Step.DONE, 200, [ADDRESS])
+
+
+@pytest.mark.parametrize(
+    ("box_starts", "asked", "calls"),
+    [
+        (True, False, CREATED),  # the request's start overrides the box's
+        (False, True, [*CLONED, "configure_vm", "start_vm", "commit_creation"]),  # no wait for an address
+    ],
+)
+async def test_the_requests_start_overrides_the_boxs(
+    runs: Runs, fakes: FakeActivities, box_starts: bool, asked: bool, calls: list[str]
+) -> None:
+    fakes.script("admit", admitted_with(start=box_starts, wait_for_ip_seconds=0))
+    handle = await runs.start(start=asked)
+
+    await handle.result()
+
+    assert fakes.names() == calls
+    assert (await end_state(handle))["ip_addresses"] == []
+
+
+async def test_an_address_that_does_not_come_is_no_failure(runs: Runs, fakes: FakeActivities) -> None:
+    fakes.script("admit", admitted_with(start=True, wait_for_ip_seconds=30))
+    fakes.script("vm_addresses", vm_not_ours())  # whatever ends the wait, the VM is made
+    handle = await runs.start()
+
+    result = await handle.result()
+
+    assert result.vmid == ADMITTED_VMID
+    assert fakes.names() == STARTED
+    assert (await end_state(handle))["ip_addresses"] == []
+
+
+async def test_a_start_that_fails_is_a_configuration_failure_and_cleans_up(runs: Runs, fakes: FakeActivities) -> None:
+    fakes.script("admit", admitted_with(start=True, wait_for_ip_seconds=30))
+    fakes.script("start_vm", task_failed("start failed: QEMU exited with code 1"))
+    handle = await runs.start()
+
+    error = await failure_of(handle)
+
+    assert (error.type, error.message) == (Failure.CONFIGURE_FAILED.value, MSG_CONFIGURE_FAILED)
+    assert fakes.names() == [*CLONED, "configure_vm", "start_vm", *UNDONE]
+    assert_undone(fakes, handle.id, ADMITTED_VMID)
+    state = await end_state(handle)
+    assert (state["step"], state["result_code"], state["result_message"]) == (Step.DONE, 500, MSG_CONFIGURE_FAILED)

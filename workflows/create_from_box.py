@@ -19,12 +19,12 @@ from datetime import datetime, timedelta
 from typing import TypeVar
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from activities.admission import AdmissionActivities
     from activities.db import DbActivities
+    from activities.metrics import count_creation, record_clone, record_slot_wait
     from activities.pve import PveActivities
     from payloads import (
         MSG_CLONE_FAILED,
@@ -39,11 +39,9 @@ with workflow.unsafe.imports_passed_through():
         CloneInput,
         CloneSlotRequest,
         CloneStarted,
-        ConfigureInput,
         CreateFromBoxInput,
         CreateFromBoxResult,
         Failure,
-        FinishInput,
         InspectInput,
         PveTaskRef,
         ReassignInput,
@@ -52,6 +50,8 @@ with workflow.unsafe.imports_passed_through():
         VmRef,
         status_of,
     )
+    from workflows import search_attributes
+    from workflows.creation_steps import clone_input, configure_input, finish_input, start_and_address
     from workflows.policies import (
         CLEANUP_RETRY,
         CLONE_STARTS,
@@ -62,16 +62,15 @@ with workflow.unsafe.imports_passed_through():
         VMID_CHANGES,
         db_step,
         innermost_reason,
+        is_reset,
         pve_change,
         watch_clone,
     )
+    from workflows.search_attributes import OWNER, SEARCH_ATTRIBUTES, STEP
 
 T = TypeVar("T")
 
-# Custom search attributes, so operators can filter runs in the Web UI; worker.py registers them.
-OWNER = SearchAttributeKey.for_keyword("BoxOwner")
-STEP = SearchAttributeKey.for_keyword("BoxStep")
-SEARCH_ATTRIBUTES = (OWNER, STEP)
+__all__ = ["OWNER", "SEARCH_ATTRIBUTES", "STEP", "CreateFromBoxWorkflow"]  # the keys, for their older importers
 
 
 @workflow.defn
@@ -84,6 +83,7 @@ class CreateFromBoxWorkflow:
         self._cancelled = False
         self._clone_slot_granted = False
         self._vm = VmRef(task_id="", node="", vmid=0)
+        self._box_id = ""
 
     @workflow.update
     async def admission(self) -> Admission:
@@ -106,9 +106,15 @@ class CreateFromBoxWorkflow:
     @workflow.run
     async def run(self, input: CreateFromBoxInput) -> CreateFromBoxResult:
         task_id = workflow.info().workflow_id
+        self._box_id = input.box_id
+        # The caller's deadline applies to the first attempt only: a run reset by an operator (Web UI or
+        # `temporal workflow reset`) is a new run of the same chain, long past it, and is admitted anew.
+        if is_reset():
+            input = dataclasses.replace(input, admit_by=None)
         self._admit_by = input.admit_by
         self._state = TaskState(owner=input.username, vm_name=input.name, node=input.target)
         self._publish(Step.ADMISSION)
+        workflow.set_current_details("admitting: checking the box, template, PVE, plan and quota")
         try:
             admitted = await self._admit(input, task_id)
         except (Exception, asyncio.CancelledError) as err:  # not BaseException: eviction must pass through
@@ -117,6 +123,7 @@ class CreateFromBoxWorkflow:
             # Admission is the only phase before anything exists on PVE: give back what it may have held.
             await self._uncancellable(self._release(task_id))
             self._end(Step.DONE, status_of(refusal.type), refusal.message)
+            workflow.set_current_details(f"done: not admitted: {refusal.message}")
             await self._uncancellable(workflow.wait_condition(workflow.all_handlers_finished))
             self._raise_if_cancelled(err)
             raise refusal from None
@@ -124,12 +131,16 @@ class CreateFromBoxWorkflow:
         self._state.vmid = admitted.vmid
         self._admission = Admission(task_id=task_id, vmid=admitted.vmid, vm_name=input.name, node=input.target)
         self._vm = VmRef(task_id=task_id, node=input.target, vmid=admitted.vmid)
-        clone = CloneInput(task_id, admitted.template, admitted.vmid, input.name, input.target, admitted.facts.storage)
+        clone = clone_input(self._vm, input, admitted)
         await self._phase(Step.CLONE, self._clone_in_turn(clone, input), MSG_CLONE_FAILED, Failure.CLONE_FAILED)
-        await self._phase(
-            Step.CONFIGURE, self._configure(input, admitted), MSG_CONFIGURE_FAILED, Failure.CONFIGURE_FAILED
-        )
+        start = input.start if input.start is not None else admitted.box.start
+        configure = self._configure(input, admitted, record=not start)
+        await self._phase(Step.CONFIGURE, configure, MSG_CONFIGURE_FAILED, Failure.CONFIGURE_FAILED)
+        if start:  # a start that fails is a configuration that failed (the contract)
+            await self._phase(Step.START, self._start(input, admitted), MSG_CONFIGURE_FAILED, Failure.CONFIGURE_FAILED)
         self._end(Step.DONE, 200, MSG_CREATED)
+        count_creation("succeeded")
+        workflow.set_current_details("done")
         return CreateFromBoxResult(vmid=self._vm.vmid, vm_name=input.name, node=input.target, task_id=task_id)
 
     async def _phase(self, step: Step, work: Awaitable[None], message: str, failure: Failure) -> None:
@@ -144,6 +155,7 @@ class CreateFromBoxWorkflow:
         except (Exception, asyncio.CancelledError) as err:
             await self._compensate(self._vm)
             self._end(Step.DONE, 500, message)
+            workflow.set_current_details(f"done: {message}; VM {self._vm.vmid} destroyed, quota given back")
             self._raise_if_cancelled(err)
             raise ApplicationError(message, innermost_reason(err), type=failure.value) from None
 
@@ -156,6 +168,7 @@ class CreateFromBoxWorkflow:
             start_to_close_timeout=timedelta(seconds=30),
             schedule_to_close_timeout=self._admission_budget(PVE_BUDGET),
             retry_policy=PVE_RETRY,
+            summary=f"admit {input.name} for {input.username}",
         )
         # Past the deadline the caller has answered 503 and given the request up: it must create nothing.
         self._admission_budget(timedelta(0))
@@ -177,8 +190,11 @@ class CreateFromBoxWorkflow:
         """Wait for a clone slot on the node and storage, clone, and free the slot whatever happens."""
         slot = CloneSlotRequest(task_id=req.task_id, node=req.template.node, storage=req.storage)
         try:
+            waiting_since = workflow.now()
             await self._wait_for_clone_slot(slot)
+            cloning_since = record_slot_wait(waiting_since)
             await self._clone(req, input)
+            record_clone(cloning_since)
         except (Exception, asyncio.CancelledError):  # not `finally`: an evicted run must not act
             await self._release_clone_slot(req.task_id)
             raise
@@ -188,14 +204,21 @@ class CreateFromBoxWorkflow:
         """Take a free slot, or queue for one and sleep until the run that frees one hands it over (with a
         look every few minutes, in case that word was lost). Waiting costs nothing while it lasts."""
         self._clone_slot_granted = False
-        while not await db_step(DbActivities.try_clone_slot, slot):
+        where = f"{slot.node}/{slot.storage}"
+        while not await db_step(DbActivities.try_clone_slot, slot, summary=f"clone slot on {where}?"):
+            workflow.set_current_details(f"waiting for a clone slot on {where}")
             with contextlib.suppress(asyncio.TimeoutError):
-                await workflow.wait_condition(lambda: self._clone_slot_granted, timeout=SLOT_RECHECK)
+                await workflow.wait_condition(
+                    lambda: self._clone_slot_granted,
+                    timeout=SLOT_RECHECK,
+                    timeout_summary=f"look again for a clone slot on {where}",
+                )
             self._clone_slot_granted = False
 
     async def _release_clone_slot(self, task_id: str) -> None:
         """Free the slot; the activity tells the runs it is handed to (db.clone_slots.release_and_hand_over)."""
-        await self._uncancellable(db_step(DbActivities.release_clone_slot, task_id, CLEANUP_RETRY))
+        release = db_step(DbActivities.release_clone_slot, task_id, CLEANUP_RETRY, "free the clone slot")
+        await self._uncancellable(release)
 
     async def _clone(self, req: CloneInput, input: CreateFromBoxInput) -> None:
         vmid_changes = 0
@@ -213,26 +236,32 @@ class CreateFromBoxWorkflow:
                     continue
                 if _error_type(err) == PVE_TASK_FAILED_TRANSIENT and starts < CLONE_STARTS:
                     workflow.logger.warning("clone of VM %s failed on a lock; starting it again", req.vmid)
-                    await workflow.sleep(timedelta(seconds=5 * starts))
+                    workflow.set_current_details(f"VM {req.vmid}: clone failed on a PVE lock; starting it again")
+                    await workflow.sleep(timedelta(seconds=5 * starts), summary="back off before cloning again")
                     continue
                 raise
 
     async def _clone_once(self, req: CloneInput) -> None:
+        workflow.set_current_details(f"cloning VM {req.vmid} onto {req.target}")
         started = await self._start_clone(req)
         if started.finished:
             return
         if started.upid is not None:
-            await watch_clone(PveActivities.await_task, PveTaskRef(upid=started.upid))
+            workflow.set_current_details(f"cloning VM {req.vmid} onto {req.target}: watching PVE task {started.upid}")
+            await watch_clone(PveActivities.await_task, PveTaskRef(upid=started.upid), f"watch PVE task {started.upid}")
         else:
             await watch_clone(
-                PveActivities.await_clone_by_lock, VmRef(task_id=req.task_id, node=req.target, vmid=req.vmid)
+                PveActivities.await_clone_by_lock,
+                VmRef(task_id=req.task_id, node=req.target, vmid=req.vmid),
+                f"watch the clone lock of VM {req.vmid}",
             )
 
     async def _start_clone(self, req: CloneInput) -> CloneStarted:
         """Ask PVE for the clone. A cancellation that arrives meanwhile waits until the activity has ended: a
         request on its way may still make the VM, and a cleanup that looked before PVE had made it would leave
         it behind. (If PVE keeps failing, that includes the activity's retries, up to PVE_BUDGET.)"""
-        request = asyncio.ensure_future(pve_change(PveActivities.start_clone, req, timedelta(seconds=90)))
+        clone = pve_change(PveActivities.start_clone, req, timedelta(seconds=90), f"clone VM {req.vmid}")
+        request = asyncio.ensure_future(clone)
         try:
             return await asyncio.shield(request)
         except asyncio.CancelledError:
@@ -248,9 +277,12 @@ class CreateFromBoxWorkflow:
             start_to_close_timeout=timedelta(seconds=60),
             schedule_to_close_timeout=PVE_BUDGET,
             retry_policy=PVE_RETRY,
+            summary=f"VMID {req.vmid} taken outside the service: free VMIDs",
         )
         vmid = await db_step(
-            DbActivities.reassign_vmid, ReassignInput(task_id=req.task_id, free_ranges=facts.free_ranges)
+            DbActivities.reassign_vmid,
+            ReassignInput(task_id=req.task_id, free_ranges=facts.free_ranges),
+            summary="take another VMID",
         )
         workflow.logger.warning("VMID %s was taken outside the service; the VM will be %s", req.vmid, vmid)
         self._vm = VmRef(task_id=req.task_id, node=req.target, vmid=vmid)
@@ -260,36 +292,26 @@ class CreateFromBoxWorkflow:
 
     # ---------------------------------------------------------------------------- configure
 
-    async def _configure(self, input: CreateFromBoxInput, admitted: Admitted) -> None:
+    async def _configure(self, input: CreateFromBoxInput, admitted: Admitted, record: bool) -> None:
         vm = self._vm
-        configure = ConfigureInput(
-            task_id=vm.task_id,
-            node=vm.node,
-            vmid=vm.vmid,
-            cpu_cores=input.cpu_cores,
-            memory_mb=input.memory_mb,
-            disk_key=admitted.facts.disk_key,
-            disk_gb=input.disk_gb,
-            template_disk_gb=admitted.facts.disk_gb,
-        )
+        workflow.set_current_details(f"configuring VM {vm.vmid}")
+        configure = configure_input(vm, input, admitted)
         # configure_vm wrote to the VM only while it carried this task's marker. The record that follows asks PVE
         # nothing more: it touches only the database, and a VM that vanishes after configure is the same as one
         # deleted by hand after success (the repair tool marks it deleted; anything under its VMID without the
         # marker is reported, and neither a deletion nor the repair tool acts on it).
-        await pve_change(PveActivities.configure_vm, configure, timedelta(minutes=3))
-        done = FinishInput(
-            vm.task_id,
-            input.username,
-            vm.vmid,
-            vm.node,
-            input.name,
-            input.cpu_cores,
-            input.memory_mb,
-            input.disk_gb,
-            box_id=input.box_id,
-            storage=admitted.facts.storage,
-        )
-        await db_step(DbActivities.commit_creation, done)
+        await pve_change(PveActivities.configure_vm, configure, timedelta(minutes=3), f"configure VM {vm.vmid}")
+        if record:
+            await self._record(input, admitted)
+
+    async def _start(self, input: CreateFromBoxInput, admitted: Admitted) -> None:
+        self._state.ip_addresses = await start_and_address(self._vm, admitted.box.wait_for_ip_seconds)
+        self._publish(Step.START)
+        await self._record(input, admitted)
+
+    async def _record(self, input: CreateFromBoxInput, admitted: Admitted) -> None:
+        done = finish_input(self._vm, input, admitted, self._state.ip_addresses)
+        await db_step(DbActivities.commit_creation, done, summary=f"record VM {self._vm.vmid}")
 
     # ---------------------------------------------------------------------------- undo
 
@@ -297,6 +319,7 @@ class CreateFromBoxWorkflow:
         """Undo, in reverse order: the VM (if it exists and is this task's), then the quota. A cancellation
         that arrives meanwhile waits until the undo is done."""
         self._publish(Step.CLEANUP)
+        workflow.set_current_details(f"cleaning up VM {vm.vmid}: destroying it, then giving the quota back")
         await self._uncancellable(
             workflow.execute_activity_method(
                 PveActivities.destroy_vm,
@@ -304,12 +327,13 @@ class CreateFromBoxWorkflow:
                 start_to_close_timeout=timedelta(minutes=3),
                 heartbeat_timeout=PVE_HEARTBEAT,
                 retry_policy=CLEANUP_RETRY,
+                summary=f"destroy VM {vm.vmid} if it is this task's",
             )
         )
         await self._uncancellable(self._release(vm.task_id))
 
     async def _release(self, task_id: str) -> None:
-        await db_step(DbActivities.release_quota, task_id, CLEANUP_RETRY)
+        await db_step(DbActivities.release_quota, task_id, CLEANUP_RETRY, "give the quota back")
 
     async def _uncancellable(self, step: Awaitable[T]) -> T:
         """Await `step` to its end even if the run is cancelled meanwhile; the cancellation is kept for later."""
@@ -323,8 +347,10 @@ class CreateFromBoxWorkflow:
                 self._cancelled = True
 
     def _raise_if_cancelled(self, err: BaseException) -> None:
-        """A cancelled run ends as cancelled (after its cleanup), not as failed."""
-        if self._cancelled or is_cancelled_exception(err):
+        """A cancelled run ends as cancelled (after its cleanup), not as failed; either end is counted here."""
+        cancelled = self._cancelled or is_cancelled_exception(err)
+        count_creation("cancelled" if cancelled else "failed")
+        if cancelled:
             raise asyncio.CancelledError()
 
     # ---------------------------------------------------------------------------- state
@@ -332,7 +358,10 @@ class CreateFromBoxWorkflow:
     def _publish(self, step: Step) -> None:
         self._state.step = step.value
         workflow.upsert_memo({"state": dataclasses.asdict(self._state)})
-        workflow.upsert_search_attributes([OWNER.value_set(self._state.owner), STEP.value_set(step.value)])
+        state = self._state
+        workflow.upsert_search_attributes(
+            search_attributes.current(state.owner, step.value, box_id=self._box_id, node=state.node, vmid=state.vmid)
+        )
 
     def _end(self, step: Step, code: int, message: str) -> None:
         self._state.result_code = code

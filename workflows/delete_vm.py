@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.client import Client
-from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
+from temporalio.common import RetryPolicy, WorkflowIDConflictPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.service import RPCError
 
@@ -42,7 +42,8 @@ with workflow.unsafe.imports_passed_through():
     )
     from settings import Settings
     from temporal_client import connect_temporal
-    from workflows.create_from_box import OWNER, STEP
+    from workflows import search_attributes
+    from workflows.metadata import deletion_details, deletion_summary
     from workflows.policies import CLEANUP_RETRY, DB_RETRY, DB_TIMEOUT, innermost_reason, pve_change
 
 T = TypeVar("T")
@@ -102,7 +103,10 @@ class DeleteVmWorkflow:
     def _publish(self, step: DeleteStep) -> None:
         self._state.step = step.value
         workflow.upsert_memo({"state": dataclasses.asdict(self._state)})
-        workflow.upsert_search_attributes([OWNER.value_set(self._state.owner), STEP.value_set(step.value)])
+        state = self._state
+        workflow.upsert_search_attributes(
+            search_attributes.current(state.owner, step.value, node=state.node, vmid=state.vmid)
+        )
 
     def _end(self, code: int, message: str) -> None:
         self._state.result_code = code
@@ -166,8 +170,10 @@ async def start_deletion(client: Client, task_queue: str, engine: Engine, vm: Vm
             task_queue=task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             memo={"state": dataclasses.asdict(initial_state(input))},
-            # From the start, so that GET tasks lists it before a worker has picked it up.
-            search_attributes=TypedSearchAttributes([SearchAttributePair(OWNER, input.username)]),
+            # From the start, so that GET tasks lists it (and operators find it) before a worker has picked it up.
+            search_attributes=search_attributes.at_start(input.username, node=vm.node, vmid=vm.vmid),
+            static_summary=deletion_summary(input, vm.name),
+            static_details=deletion_details(input, vm.name, vm.node),
         )
     except RPCError:
         if vm.deleting_task_id != task_id:

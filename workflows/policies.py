@@ -65,17 +65,25 @@ SLOT_RECHECK = timedelta(minutes=5)  # a waiting run looks at the queue this oft
 # Database steps take milliseconds: local activities (no round trip through the server), with these options.
 @overload
 def db_step(
-    activity: Callable[[DbActivities, A], Awaitable[T]], arg: A, retry_policy: RetryPolicy = DB_RETRY
+    activity: Callable[[DbActivities, A], Awaitable[T]],
+    arg: A,
+    retry_policy: RetryPolicy = DB_RETRY,
+    summary: str | None = None,
 ) -> Awaitable[T]: ...
 @overload
-def db_step(activity: Callable[[DbActivities, A], T], arg: A, retry_policy: RetryPolicy = DB_RETRY) -> Awaitable[T]: ...
-def db_step(activity: Callable[[DbActivities, A], Any], arg: A, retry_policy: RetryPolicy = DB_RETRY) -> Awaitable[Any]:
+def db_step(
+    activity: Callable[[DbActivities, A], T], arg: A, retry_policy: RetryPolicy = DB_RETRY, summary: str | None = None
+) -> Awaitable[T]: ...
+def db_step(
+    activity: Callable[[DbActivities, A], Any], arg: A, retry_policy: RetryPolicy = DB_RETRY, summary: str | None = None
+) -> Awaitable[Any]:
+    """`summary`: the step's one line in the Web UI's event history."""
     return workflow.execute_local_activity_method(
-        activity, arg, start_to_close_timeout=DB_TIMEOUT, retry_policy=retry_policy
+        activity, arg, start_to_close_timeout=DB_TIMEOUT, retry_policy=retry_policy, summary=summary
     )
 
 
-def watch_clone(activity: Callable[[PveActivities, A], None], arg: A) -> Awaitable[None]:
+def watch_clone(activity: Callable[[PveActivities, A], None], arg: A, summary: str) -> Awaitable[None]:
     """Wait for the clone to end: each attempt is one look at PVE, the retry policy spaces them."""
     return workflow.execute_activity_method(
         activity,
@@ -83,12 +91,15 @@ def watch_clone(activity: Callable[[PveActivities, A], None], arg: A) -> Awaitab
         start_to_close_timeout=timedelta(seconds=30),
         schedule_to_close_timeout=CLONE_TIMEOUT,
         retry_policy=POLL_RETRY,
+        summary=summary,
     )
 
 
-def pve_change(activity: Callable[[Any, A], T], arg: A, start_to_close_timeout: timedelta) -> Awaitable[T]:
+def pve_change(
+    activity: Callable[[Any, A], T], arg: A, start_to_close_timeout: timedelta, summary: str | None = None
+) -> Awaitable[T]:
     """A step that changes PVE (of any workflow): it heartbeats while PVE works, so a killed worker is noticed in
-    seconds, and transient errors are retried for PVE_BUDGET."""
+    seconds, and transient errors are retried for PVE_BUDGET. `summary`: its line in the Web UI."""
     return workflow.execute_activity_method(
         activity,
         arg,
@@ -96,6 +107,7 @@ def pve_change(activity: Callable[[Any, A], T], arg: A, start_to_close_timeout: 
         heartbeat_timeout=PVE_HEARTBEAT,
         schedule_to_close_timeout=PVE_BUDGET,
         retry_policy=PVE_RETRY,
+        summary=summary,
     )
 
 
@@ -104,3 +116,10 @@ def innermost_reason(err: BaseException) -> str:
     while isinstance(err, ActivityError) and err.cause is not None:
         err = err.cause
     return str(err)
+
+
+def is_reset() -> bool:
+    """True in a run an operator reset: it has a run id of its own, but keeps the first run's
+    first_execution_run_id (seen on the dev server; no continue-as-new or workflow retry makes another run here)."""
+    info = workflow.info()
+    return info.run_id != info.first_execution_run_id

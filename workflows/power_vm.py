@@ -30,8 +30,9 @@ with workflow.unsafe.imports_passed_through():
         TaskKind,
         TaskState,
     )
-    from workflows.create_from_box import OWNER, STEP
+    from workflows import search_attributes
     from workflows.delete_vm import vm_life_step
+    from workflows.metadata import power_details, power_summary
     from workflows.policies import innermost_reason
 
 POWER_PREFIX = "power-"
@@ -69,7 +70,10 @@ class PowerVmWorkflow:
     def _publish(self, step: PowerStep) -> None:
         self._state.step = step.value
         workflow.upsert_memo({"state": dataclasses.asdict(self._state)})
-        workflow.upsert_search_attributes([OWNER.value_set(self._state.owner), STEP.value_set(step.value)])
+        state = self._state
+        workflow.upsert_search_attributes(
+            search_attributes.current(state.owner, step.value, node=state.node, vmid=state.vmid)
+        )
 
     def _end(self, code: int, message: str) -> None:
         self._state.result_code = code
@@ -111,5 +115,8 @@ async def start_power(client: Client, task_queue: str, vm: VmRecord, action: str
         id=task_id,
         task_queue=task_queue,
         memo={"state": dataclasses.asdict(initial_state(input, vm))},
+        search_attributes=search_attributes.at_start(input.username, node=vm.node, vmid=vm.vmid),
+        static_summary=power_summary(input),
+        static_details=power_details(input, vm.name, vm.node),
     )
     return task_id

@@ -9,7 +9,17 @@ from fastapi import APIRouter
 from api.deps import UNAUTHORIZED, CurrentUser, EngineDep
 from api.errors import ApiError, error_responses
 from api.routes.vm_manage import one_of
-from api.schemas import BoxData, BoxesAnswer, BoxesData, Limits, QuotaAnswer, QuotaData, Totals, Used
+from api.schemas import (
+    BoxData,
+    BoxesAnswer,
+    BoxesData,
+    Limits,
+    NetworkData,
+    QuotaAnswer,
+    QuotaData,
+    Totals,
+    Used,
+)
 from db.account import boxes_for, quota_of
 from db.quota import Refused
 from payloads import MSG_PLAN_NOT_FOUND
@@ -52,18 +62,16 @@ def get_quota(username: CurrentUser, engine: EngineDep) -> QuotaAnswer:
     responses=error_responses({401: one_of(UNAUTHORIZED)}),
 )
 def get_boxes(username: CurrentUser, engine: EngineDep) -> BoxesAnswer:
-    # Boxes carry nothing yet that makes a VM ready to use (start, cloud-init, pool, tags, network): each is
-    # answered as unset, in the contract's shape.
     boxes = [
         BoxData(
             id=box.id,
             name=box.name,
             template=box.template_name,
-            start=False,
-            cloud_init=False,
-            pool=None,
-            tags=[],
-            network=None,
+            start=box.options.start,
+            cloud_init=box.options.cloud_init is not None,
+            pool=box.options.pool,
+            tags=box.options.tags,
+            network=NetworkData(bridge=net.bridge, vlan=net.vlan) if (net := box.options.network) else None,
         )
         for box in boxes_for(engine, username)
     ]

@@ -1,0 +1,93 @@
+"""CreateFromBoxWorkflow's steps after admission: the inputs of the clone, configure and record steps, built from
+the request and its admission, and the `start` step: start the VM, then wait for the guest agent to report its
+address. A start that fails fails the step (the creation is then cleaned up); an address that does not come in
+time is no failure: the VM is made, and its task shows no address."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, is_cancelled_exception
+
+with workflow.unsafe.imports_passed_through():
+    from activities.pve import PveActivities
+    from payloads import (
+        AddressWatch,
+        Admitted,
+        CloneInput,
+        ConfigureInput,
+        CreateFromBoxInput,
+        FinishInput,
+        VmRef,
+    )
+    from workflows.policies import PVE_BUDGET, PVE_HEARTBEAT, PVE_RETRY, innermost_reason, pve_change
+
+# A start is one short PVE task; PVE's own start timeout is 30 s for most guests.
+START_TIMEOUT = timedelta(minutes=2)
+# Beyond the wait itself: the activity's last look at the agent, and room for a worker's death and a retry.
+ADDRESS_MARGIN = timedelta(seconds=60)
+
+
+def clone_input(vm: VmRef, input: CreateFromBoxInput, admitted: Admitted) -> CloneInput:
+    template, storage = admitted.template, admitted.facts.storage
+    return CloneInput(vm.task_id, template, vm.vmid, input.name, vm.node, storage, pool=admitted.box.pool)
+
+
+def configure_input(vm: VmRef, input: CreateFromBoxInput, admitted: Admitted) -> ConfigureInput:
+    return ConfigureInput(
+        task_id=vm.task_id,
+        node=vm.node,
+        vmid=vm.vmid,
+        cpu_cores=input.cpu_cores,
+        memory_mb=input.memory_mb,
+        disk_key=admitted.facts.disk_key,
+        disk_gb=input.disk_gb,
+        template_disk_gb=admitted.facts.disk_gb,
+        box=admitted.box,
+        ssh_keys=input.ssh_keys,
+        storage=admitted.facts.storage,
+    )
+
+
+def finish_input(vm: VmRef, input: CreateFromBoxInput, admitted: Admitted, ip_addresses: list[str]) -> FinishInput:
+    return FinishInput(
+        vm.task_id,
+        input.username,
+        vm.vmid,
+        vm.node,
+        input.name,
+        input.cpu_cores,
+        input.memory_mb,
+        input.disk_gb,
+        box_id=input.box_id,
+        storage=admitted.facts.storage,
+        ip_addresses=ip_addresses,
+    )
+
+
+async def start_and_address(vm: VmRef, wait_seconds: int) -> list[str]:
+    """Start `vm` (this task's: the activity checks its marker), then, with `wait_seconds` > 0, the addresses the
+    guest agent reports within that time (empty if none came)."""
+    workflow.set_current_details(f"starting VM {vm.vmid}")
+    await pve_change(PveActivities.start_vm, vm, START_TIMEOUT, f"start VM {vm.vmid}")
+    if wait_seconds <= 0:
+        return []
+    workflow.set_current_details(f"VM {vm.vmid} started: waiting up to {wait_seconds} s for its address")
+    wait = timedelta(seconds=wait_seconds)
+    try:
+        return await workflow.execute_activity_method(
+            PveActivities.vm_addresses,
+            AddressWatch(vm=vm, seconds=wait_seconds),
+            # The activity counts the wait from its first attempt: a retry after a worker's death waits the rest.
+            start_to_close_timeout=wait + ADDRESS_MARGIN,
+            schedule_to_close_timeout=wait + PVE_BUDGET,
+            heartbeat_timeout=PVE_HEARTBEAT,
+            retry_policy=PVE_RETRY,
+            summary=f"wait up to {wait_seconds} s for the address of VM {vm.vmid}",
+        )
+    except ActivityError as err:
+        if is_cancelled_exception(err):
+            raise
+        workflow.logger.warning("VM %s: no address from its guest agent: %s", vm.vmid, innermost_reason(err))
+        return []
