@@ -148,7 +148,6 @@ class TaskStateData(BaseModel):
     started_at: str | None = Field(description="UTC, to the second", examples=["2026-11-27T10:00:00Z"])
     finished_at: str | None = Field(description="null while the run goes on")
     ip_addresses: list[str] | None = Field(
-        default=None,
         description="a creation's: the addresses its guest agent reported, IPv4 first, loopback and link-local "
         "left out (empty until one came, or when the VM is not started); null for other tasks",
         examples=[["192.0.2.10"]],

@@ -15,7 +15,7 @@ from tests.factories import auth, body
 
 CREATE = ("/api/v1/vm/manage/createFromBoxTemplate", "post")
 TASK = ("/api/v1/vm/manage/tasks/{task_id}", "get")
-JSON_TYPES = {"string": str, "integer": int, "null": type(None), "object": dict}
+JSON_TYPES = {"string": str, "integer": int, "null": type(None), "object": dict, "array": list}
 
 
 @pytest.fixture(scope="module")
