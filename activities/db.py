@@ -65,9 +65,12 @@ class DbActivities:
             return quota.reassign_vmid(self.engine, req.task_id, req.free_ranges)
 
     @activity.defn
-    def try_clone_slot(self, req: CloneSlotRequest) -> bool:
-        """Take a clone slot if one is free now, else queue for one."""
-        return clone_slots.acquire(self.engine, req.task_id, req.node, req.storage, self.clone_limits)
+    def try_clone_slot(self, req: CloneSlotRequest) -> int:
+        """Take a clone slot if one is free now (0), else queue for one: the task's place in the line (1: next)."""
+        if clone_slots.acquire(self.engine, req.task_id, req.node, req.storage, self.clone_limits):
+            return 0
+        # Only a run that has to wait pays for this look (operators see it in the run's current details).
+        return max(1, clone_slots.place_in_line(self.engine, req.task_id))
 
     @activity.defn
     async def release_clone_slot(self, task_id: str) -> list[str]:

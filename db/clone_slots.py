@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, func, text
+from sqlalchemy import Engine, and_, func, or_, text
 from sqlmodel import Session, col, select
 
 from db.engine import session
@@ -56,6 +56,27 @@ def acquire(engine: Engine, task_id: str, node: str, storage: str, limits: Limit
         if queued is None:
             db.add(CloneWaiter(task_id=task_id, node=node, storage=storage))
         return False
+
+
+def place_in_line(engine: Engine, task_id: str) -> int:
+    """The task's place in the queue (1: next), counting the waiters queued before it for the same node or the
+    same storage; 0 if it is not queued. For operators: a waiting run shows it in its current details."""
+    with session(engine) as db:
+        me = db.get(CloneWaiter, task_id)
+        if me is None:
+            return 0
+        ahead = db.exec(
+            select(func.count())
+            .select_from(CloneWaiter)
+            .where(
+                or_(col(CloneWaiter.node) == me.node, col(CloneWaiter.storage) == me.storage),
+                or_(
+                    col(CloneWaiter.queued_at) < me.queued_at,
+                    and_(col(CloneWaiter.queued_at) == me.queued_at, col(CloneWaiter.task_id) < me.task_id),
+                ),
+            )
+        ).one()
+        return int(ahead) + 1
 
 
 def release(engine: Engine, task_id: str, limits: Limits) -> list[str]:

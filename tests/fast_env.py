@@ -239,7 +239,7 @@ class FakeActivities:
 
     @activity.defn(name="try_clone_slot")
     async def try_clone_slot(self, req: Any) -> Any:
-        return await self._answer("try_clone_slot", req, lambda: True)
+        return await self._answer("try_clone_slot", req, lambda: 0)  # 0: the run holds a slot; N: it is Nth in line
 
     @activity.defn(name="release_clone_slot")
     async def release_clone_slot(self, req: Any) -> Any:

@@ -99,3 +99,14 @@ async def test_a_hand_over_cut_short_tells_the_same_receiver_when_repeated(engin
 
     assert await clone_slots.release_and_hand_over(engine, "a", LIMITS, tell) == ["b"]
     assert told == ["b"]
+
+
+def test_a_waiting_task_knows_its_place_in_the_line(engine: Engine) -> None:
+    limits = clone_slots.Limits(per_node=1, per_storage=0)
+    assert clone_slots.acquire(engine, "holder", "pve1", "NFS", limits)
+    assert not clone_slots.acquire(engine, "first", "pve1", "NFS", limits)
+    assert not clone_slots.acquire(engine, "second", "pve1", "ceph", limits)  # the same node: behind "first"
+    places = [clone_slots.place_in_line(engine, t) for t in ("holder", "first", "second", "unknown")]
+    assert places == [0, 1, 2, 0]
+    clone_slots.release(engine, "holder", limits)  # hands the slot to "first"
+    assert [clone_slots.place_in_line(engine, t) for t in ("first", "second")] == [0, 1]

@@ -97,7 +97,9 @@ async def test_a_vmid_replaced_after_a_collision_moves_vm_id(
     assert second["vmid"] == "101"
     await until_found(temporal, second["task_id"], "VmId = 101")
     # The second waits for the first's clone slot, and says so; meanwhile someone makes VM 101 by hand.
-    assert await current_details(temporal, second["task_id"]) == "waiting for a clone slot on pve1/ceph"
+    assert (
+        await current_details(temporal, second["task_id"]) == "waiting for a clone slot on pve1/ceph, number 1 in line"
+    )
     pve.add_vm(101, "made-by-hand", node="pve2")
     await result_of(temporal, first["task_id"])
     assert (await result_of(temporal, second["task_id"])).vmid == 102

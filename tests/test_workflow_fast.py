@@ -376,7 +376,7 @@ async def test_a_clone_that_keeps_failing_on_a_lock_fails_after_a_few_starts_and
 async def test_a_waiting_run_whose_hand_over_was_lost_looks_again_after_the_recheck_interval(
     runs: Runs, fakes: FakeActivities
 ) -> None:
-    fakes.script("try_clone_slot", False)  # no slot free; nobody will say when one is
+    fakes.script("try_clone_slot", 1)  # no slot free (first in line); nobody will say when one is
     began = time.monotonic()
     handle = await runs.start()
 
@@ -388,7 +388,7 @@ async def test_a_waiting_run_whose_hand_over_was_lost_looks_again_after_the_rech
 
 
 async def test_a_hand_over_signal_wakes_a_waiting_run_at_once(runs: Runs, fakes: FakeActivities) -> None:
-    fakes.script("try_clone_slot", False)
+    fakes.script("try_clone_slot", 1)
     handle = await runs.start()
     await until(lambda: "try_clone_slot" in fakes.names())
 
@@ -424,7 +424,7 @@ async def test_a_run_cancelled_during_admission_answers_unavailable_and_gives_ba
 async def test_a_run_cancelled_while_waiting_for_a_clone_slot_leaves_the_queue_and_gives_back_its_quota(
     runs: Runs, fakes: FakeActivities
 ) -> None:
-    fakes.always("try_clone_slot", False)
+    fakes.always("try_clone_slot", 1)
     handle = await runs.start()
     await until(lambda: "try_clone_slot" in fakes.names())
 

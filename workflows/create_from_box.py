@@ -205,8 +205,8 @@ class CreateFromBoxWorkflow:
         look every few minutes, in case that word was lost). Waiting costs nothing while it lasts."""
         self._clone_slot_granted = False
         where = f"{slot.node}/{slot.storage}"
-        while not await db_step(DbActivities.try_clone_slot, slot, summary=f"clone slot on {where}?"):
-            workflow.set_current_details(f"waiting for a clone slot on {where}")
+        while place := await db_step(DbActivities.try_clone_slot, slot, summary=f"clone slot on {where}?"):
+            workflow.set_current_details(f"waiting for a clone slot on {where}, number {place} in line")
             with contextlib.suppress(asyncio.TimeoutError):
                 await workflow.wait_condition(
                     lambda: self._clone_slot_granted,
