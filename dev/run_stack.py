@@ -126,7 +126,7 @@ def main() -> int:
 The stack is up (logs in {LOGS}):
   REST API docs     {api}/docs
   Temporal Web UI   http://localhost:{UI_PORT}
-  Admin CLI         PVE_PASSWORD=secret PVE_CA_FILE=var/fakepve-ca.pem .venv/bin/boxctl reconcile
+  Admin CLI         PVE_USER=root@pam PVE_PASSWORD=secret PVE_CA_FILE=var/fakepve-ca.pem .venv/bin/boxctl reconcile
   Try it:
     curl -s -X POST {api}/api/v1/vm/manage/createFromBoxTemplate \\
       -H 'Authorization: Bearer {DEMO_TOKEN}' -H 'Content-Type: application/json' \\
