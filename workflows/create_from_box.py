@@ -64,6 +64,7 @@ with workflow.unsafe.imports_passed_through():
         innermost_reason,
         is_reset,
         pve_change,
+        to_the_end,
         watch_clone,
     )
     from workflows.search_attributes import OWNER, SEARCH_ATTRIBUTES, STEP
@@ -337,14 +338,10 @@ class CreateFromBoxWorkflow:
 
     async def _uncancellable(self, step: Awaitable[T]) -> T:
         """Await `step` to its end even if the run is cancelled meanwhile; the cancellation is kept for later."""
-        task = asyncio.ensure_future(step)
-        while True:
-            try:
-                return await asyncio.shield(task)
-            except asyncio.CancelledError:
-                if task.done():
-                    return task.result()
-                self._cancelled = True
+        return await to_the_end(step, self._keep_cancellation)
+
+    def _keep_cancellation(self) -> None:
+        self._cancelled = True
 
     def _raise_if_cancelled(self, err: BaseException) -> None:
         """A cancelled run ends as cancelled (after its cleanup), not as failed; either end is counted here."""

@@ -44,7 +44,7 @@ with workflow.unsafe.imports_passed_through():
     from temporal_client import connect_temporal
     from workflows import search_attributes
     from workflows.metadata import deletion_details, deletion_summary
-    from workflows.policies import CLEANUP_RETRY, DB_RETRY, DB_TIMEOUT, innermost_reason, pve_change
+    from workflows.policies import CLEANUP_RETRY, DB_RETRY, DB_TIMEOUT, innermost_reason, pve_change, to_the_end
 
 T = TypeVar("T")
 A = TypeVar("A")
@@ -120,14 +120,7 @@ def initial_state(input: DeleteVmInput) -> TaskState:
 
 async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
     """Await `work` to its end even if the run is cancelled meanwhile."""
-    task = asyncio.ensure_future(work)
-    while True:
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                return task.result()
-            workflow.logger.warning("a deletion is not cancelled halfway; it goes on to its end")
+    return await to_the_end(work, lambda: workflow.logger.warning("a deletion is not cancelled halfway"))
 
 
 def _db(activity: Callable[[VmLifeActivities, A], T], arg: A, retry_policy: RetryPolicy = DB_RETRY) -> Awaitable[T]:

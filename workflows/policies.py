@@ -3,6 +3,7 @@ and the call shapes used more than once."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, TypeVar, overload
@@ -123,3 +124,16 @@ def is_reset() -> bool:
     first_execution_run_id (seen on the dev server; no continue-as-new or workflow retry makes another run here)."""
     info = workflow.info()
     return info.run_id != info.first_execution_run_id
+
+
+async def to_the_end(step: Awaitable[T], on_cancel: Callable[[], None]) -> T:
+    """Await `step` to its end even if the run is cancelled meanwhile (a step that changed the world must finish,
+    or its undo would miss it); `on_cancel` hears of each cancellation that arrived meanwhile."""
+    task = asyncio.ensure_future(step)
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                return task.result()
+            on_cancel()
