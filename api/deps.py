@@ -59,7 +59,8 @@ def current_caller(
     scheme, _, token = (authorization or "").partition(" ")
     caller = lookup(engine, token.strip()) if scheme.lower() == "bearer" and token.strip() else None
     if caller is None:
-        raise ApiError(401, UNAUTHORIZED)
+        # HTTP asks a 401 to name the scheme it wants.
+        raise ApiError(401, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
     request.state.caller = caller
     bind(user=caller.username)
     limit = settings.rate_limit_per_minute

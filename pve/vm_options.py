@@ -16,6 +16,11 @@ CLOUDINIT_SLOTS = ("ide2", *(f"ide{n}" for n in (0, 1, 3)), *(f"scsi{n}" for n i
 DRIVE_KEY = re.compile(r"(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0")
 
 
+def tags_of(value: Any) -> set[str]:
+    """The tags of a VM's `tags` value (config or cluster resource), lower-cased as PVE compares them."""
+    return {t for t in TAG_SEPARATORS.split(str(value or "").lower()) if t}
+
+
 def tag_list(template_tags: str | None, *more: Iterable[str]) -> str:
     """The template's own tags with `more` added, each once (PVE compares tags without case), sorted as PVE
     shows them."""

@@ -4,7 +4,6 @@ running at the same time from looking like drift (see the package's docstring)."
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any, TypeVar
@@ -19,12 +18,12 @@ from db.models import HELD, CloneSlot, CloneWaiter, Reservation, Vm
 from payloads import SERVICE_TAG
 from pve.client import PveClient, PveError, PveUnavailable
 from pve.ownership import task_of
+from pve.vm_options import tags_of
 from pve.vms import guests, vm_config
 from reconcile.drift import NOT_FOUND, RUNNING, HeldReservation, Observed, PveVm, VmRecord, WorkflowState
 
 T = TypeVar("T")
 
-TAG_SEPARATORS = re.compile(r"[;, ]+")
 # Parallel Temporal describes and PVE config reads.
 CONCURRENCY = 8
 
@@ -58,7 +57,7 @@ async def workflow_state(temporal: Client, task_id: str) -> WorkflowState:
 
 
 def _tags(resource: dict[str, Any]) -> set[str]:
-    return {t for t in TAG_SEPARATORS.split(str(resource.get("tags") or "").lower()) if t}
+    return tags_of(resource.get("tags"))
 
 
 def as_record(vm: Vm) -> VmRecord:

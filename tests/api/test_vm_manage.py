@@ -310,6 +310,7 @@ async def test_requests_without_a_valid_token_get_401(api: httpx.AsyncClient, he
     ):
         assert response.status_code == 401
         assert response.json() == {"code": 401, "message": "Missing or invalid Bearer token", "data": None}
+        assert response.headers["www-authenticate"] == "Bearer"
 
 
 async def test_unknown_route_answers_in_the_envelope(api: httpx.AsyncClient) -> None:
