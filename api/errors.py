@@ -9,12 +9,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.schemas import OWN_ERRORS, ErrorAnswer
 
 log = logging.getLogger("api")
 
+DATABASE_UNAVAILABLE = "Service unavailable: the database cannot be reached, try again later"
 TEMPORAL_UNAVAILABLE = "Service unavailable: the workflow service cannot be reached, try again later"
 
 
@@ -103,6 +105,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Starlette's own headers stay (a 405's `Allow`, which HTTP requires).
         return envelope(exc.status_code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(request: Request, exc: OperationalError) -> JSONResponse:
+        # The database cannot be reached (or is restarting): the server's trouble, and it may clear.
+        log.warning("database unavailable in %s %s: %s", request.method, request.url.path, exc.orig)
+        return envelope(503, DATABASE_UNAVAILABLE)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -159,7 +159,7 @@ class CreateAnswer(Envelope[AdmissionData]):
 
 
 class TaskAnswer(Envelope[TaskStateData]):
-    """The state of a task: a creation or a deletion."""
+    """The state of a task: a creation, a deletion or a power action."""
 
 
 class ErrorAnswer(Envelope[None]):

@@ -70,7 +70,7 @@ async def find_task(client: Client, task_id: str) -> Task | None:
 
 
 async def owned_task(client: Client, task_id: str, username: str) -> Task:
-    """The task `task_id` (a creation or a deletion) if it is `username`'s; anyone else's task, another
+    """The task `task_id` (a creation, a deletion or a power action) if it is `username`'s; anyone else's task, another
     workflow's run and an unknown id are all the same 404, so that task ids reveal nothing."""
     try:
         task = await find_task(client, task_id)

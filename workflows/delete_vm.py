@@ -114,8 +114,16 @@ class DeleteVmWorkflow:
         self._publish(DeleteStep.DONE)
 
 
-def initial_state(input: DeleteVmInput) -> TaskState:
-    return TaskState(owner=input.username, kind=TaskKind.DELETE.value, step=DeleteStep.STOP.value, vmid=input.vmid)
+def initial_state(input: DeleteVmInput, vm_name: str = "", node: str = "") -> TaskState:
+    """The task's state before a worker has read the VM's record (the API knows the name and node already)."""
+    return TaskState(
+        owner=input.username,
+        kind=TaskKind.DELETE.value,
+        step=DeleteStep.STOP.value,
+        vmid=input.vmid,
+        vm_name=vm_name,
+        node=node,
+    )
 
 
 async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
@@ -162,7 +170,7 @@ async def start_deletion(client: Client, task_queue: str, engine: Engine, vm: Vm
             id=task_id,
             task_queue=task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            memo={"state": dataclasses.asdict(initial_state(input))},
+            memo={"state": dataclasses.asdict(initial_state(input, vm.name, vm.node))},
             # From the start, so that GET tasks lists it (and operators find it) before a worker has picked it up.
             search_attributes=search_attributes.at_start(input.username, node=vm.node, vmid=vm.vmid),
             static_summary=deletion_summary(input, vm.name),

@@ -20,7 +20,9 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.db import DbActivities
 from api.app import create_app
 from api.deps import get_temporal
+from api.errors import DATABASE_UNAVAILABLE
 from db.clone_slots import Limits
+from db.engine import make_engine
 from payloads import MSG_BOX_NOT_FOUND, MSG_CREATED, MSG_FORBIDDEN, MSG_TEMPLATE_NOT_FOUND
 from settings import Settings
 from tests.api.test_vm_manage import CREATE, INVALID_NAME_PREFIX, assert_nothing_left
@@ -346,3 +348,19 @@ async def test_a_method_a_route_does_not_take_is_405_with_allow_in_the_envelope(
     response = await api.request("PUT", "/api/v1/vm/manage/tasks/x", headers=auth())
     assert (response.status_code, response.json()["code"]) == (405, 405)
     assert response.headers["allow"] == "GET"
+
+
+async def test_a_database_that_cannot_be_reached_is_a_503_not_a_500(settings: Settings) -> None:
+    # The contract's 503 is for the server's trouble that may clear; a bare 500 is outside the documented answers.
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as api,
+    ):
+        app.state.engine = make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
+        for response in (
+            await api.post(CREATE, json=body(), headers=auth()),
+            await api.get("/api/v1/vm/manage/vms", headers=auth()),
+        ):
+            assert response.status_code == 503, response.text
+            assert response.json() == {"code": 503, "message": DATABASE_UNAVAILABLE, "data": None}
