@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session
 from temporalio.client import Client
 from temporalio.service import RPCError
 
@@ -104,14 +105,22 @@ async def release_reservation(finding: Finding, temporal: Client, engine: Engine
     return "released" if released else "no longer held"
 
 
+def _locked_vm(db: Session, task_id: str) -> Vm | None:
+    """The task's VM row as it is now that its owner's usage is locked (what counts against a plan changes only
+    under that lock)."""
+    vm = db.get(Vm, task_id)
+    if vm is not None:
+        quota.lock_user(db, vm.username)
+        db.refresh(vm)
+    return vm
+
+
 def _set_deleted(engine: Engine, finding: Finding, deleted: bool, action: str) -> bool:
     """Mark the task's VM row deleted (or not), with its audit row in the same transaction."""
     with session(engine) as db, db.begin():
-        vm = db.get(Vm, finding.task_id)
+        vm = _locked_vm(db, finding.task_id)
         if vm is None:
             return False
-        quota.lock_user(db, vm.username)
-        db.refresh(vm)
         if (vm.deleted_at is not None) == deleted:
             return False
         vm.deleted_at = utcnow() if deleted else None
@@ -141,11 +150,9 @@ def _settle_deletion(engine: Engine, finding: Finding, gone: bool, action: str) 
     its record is marked deleted, keeping the deletion's mark as a deletion that ends well leaves it (a reset
     of that run then finds its work done); the VM still there, the mark is cleared."""
     with session(engine) as db, db.begin():
-        vm = db.get(Vm, finding.task_id)
+        vm = _locked_vm(db, finding.task_id)
         if vm is None:
             return False
-        quota.lock_user(db, vm.username)
-        db.refresh(vm)
         if vm.deleted_at is not None or vm.deleting_task_id != finding.deletion:
             return False  # finished, or taken over by a deletion begun since
         if gone:

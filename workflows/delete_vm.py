@@ -101,17 +101,20 @@ class DeleteVmWorkflow:
             raise ApplicationError(message, innermost_reason(err), type=failure.value, non_retryable=True) from None
 
     def _publish(self, step: DeleteStep) -> None:
-        self._state.step = step.value
-        workflow.upsert_memo({"state": dataclasses.asdict(self._state)})
-        state = self._state
-        workflow.upsert_search_attributes(
-            search_attributes.current(state.owner, step.value, node=state.node, vmid=state.vmid)
-        )
+        publish_task_state(self._state, step.value)
 
     def _end(self, code: int, message: str) -> None:
         self._state.result_code = code
         self._state.result_message = message
         self._publish(DeleteStep.DONE)
+
+
+def publish_task_state(state: TaskState, step: str) -> None:
+    """Where the API and operators read a VM-life task (a deletion, a power action): its memo and its search
+    attributes."""
+    state.step = step
+    workflow.upsert_memo({"state": dataclasses.asdict(state)})
+    workflow.upsert_search_attributes(search_attributes.current(state.owner, step, node=state.node, vmid=state.vmid))
 
 
 def initial_state(input: DeleteVmInput, vm_name: str = "", node: str = "") -> TaskState:

@@ -31,7 +31,7 @@ with workflow.unsafe.imports_passed_through():
         TaskState,
     )
     from workflows import search_attributes
-    from workflows.delete_vm import vm_life_step
+    from workflows.delete_vm import publish_task_state, vm_life_step
     from workflows.metadata import power_details, power_summary
     from workflows.policies import innermost_reason
 
@@ -68,12 +68,7 @@ class PowerVmWorkflow:
         return dataclasses.replace(done, task_id=task_id)
 
     def _publish(self, step: PowerStep) -> None:
-        self._state.step = step.value
-        workflow.upsert_memo({"state": dataclasses.asdict(self._state)})
-        state = self._state
-        workflow.upsert_search_attributes(
-            search_attributes.current(state.owner, step.value, node=state.node, vmid=state.vmid)
-        )
+        publish_task_state(self._state, step.value)
 
     def _end(self, code: int, message: str) -> None:
         self._state.result_code = code
