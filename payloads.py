@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
+from payloads_lab import *  # noqa: F403  (a lab's payloads, kept apart for the module's size)
+from payloads_lab import LabVm
 from payloads_life import *  # noqa: F403  (deletion and power payloads, kept apart for the module's size)
 from pve.ownership import OWNER_MARK as OWNER_MARK  # re-exported for tests/test_chaos.py
 
@@ -150,15 +152,17 @@ class TaskState:
     node: str = ""
     result_code: int | None = None
     result_message: str | None = None
-    kind: str = "create"  # the task's workflow: create or delete (TaskKind)
+    kind: str = "create"  # the task's workflow (TaskKind)
     # A creation's: what the guest agent reported (IPv4 first, loopback and link-local left out).
     ip_addresses: list[str] = field(default_factory=list)
+    vms: list[LabVm] = field(default_factory=list)  # a lab's VMs and their states
 
 
 class TaskKind(StrEnum):
     CREATE = "create"
     DELETE = "delete"
     POWER = "power"
+    LAB = "lab"
 
 
 # ------------------------------------------------------------------------------ a box's options
@@ -243,6 +247,7 @@ class CloneSlotRequest:
     task_id: str
     node: str  # the node whose PVE worker runs the clone (the template's)
     storage: str  # the storage the clone writes to
+    owner: str = ""  # whose creation: turns are fair between owners ("" in runs started before it was sent)
 
 
 @dataclass

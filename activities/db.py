@@ -57,6 +57,11 @@ class DbActivities:
         with _refusals():
             return quota.reserve(self.engine, task_id, ask.username, _size(ask), free_ranges)
 
+    def reserve_lab(self, task_ids: list[str], ask: CreateFromBoxInput, free_ranges: list[list[int]]) -> list[int]:
+        """Hold the quota and a VMID for each of a lab's creations, all or nothing; returns the VMIDs."""
+        with _refusals():
+            return quota.reserve_all(self.engine, task_ids, ask.username, _size(ask), free_ranges)
+
     # ------------------------------------------------------------------------------------ activities
 
     @activity.defn
@@ -67,7 +72,7 @@ class DbActivities:
     @activity.defn
     def try_clone_slot(self, req: CloneSlotRequest) -> int:
         """Take a clone slot if one is free now (0), else queue for one: the task's place in the line (1: next)."""
-        if clone_slots.acquire(self.engine, req.task_id, req.node, req.storage, self.clone_limits):
+        if clone_slots.acquire(self.engine, req.task_id, req.node, req.storage, self.clone_limits, req.owner):
             return 0
         # Only a run that has to wait pays for this look (operators see it in the run's current details).
         return max(1, clone_slots.place_in_line(self.engine, req.task_id))

@@ -1,16 +1,22 @@
-"""Clone slots: how many full clones run at once per node and per storage, with a first-come queue of the
-creations waiting for one. A freed slot is handed to the oldest waiter that fits, in the same transaction,
-so that a waiting run can sleep until it is told instead of asking again and again. Atomic across workers
-and API processes (BEGIN IMMEDIATE on SQLite, a transaction-scoped advisory lock on PostgreSQL).
+"""Clone slots: how many full clones run at once per node and per storage, and the queue of the creations
+waiting for one, with fair turns between owners. A freed slot goes, in the same transaction, to the waiting
+owner with the fewest clones running against the waiter's node or storage (ties: the one waiting longest for a
+turn, then the waiter queued first; see `_hand_over`), so that one user's single creation gets the next slot
+before the rest of another user's lab; a waiting run can then sleep until it is told instead of asking again
+and again. Atomic across workers and API processes (BEGIN
+IMMEDIATE on SQLite, a transaction-scoped advisory lock on PostgreSQL).
 
 `release_and_hand_over` is the one way to free a slot and tell its receivers: the workflow's
 `release_clone_slot` activity and the repair tool both use it."""
 
 import asyncio
+import heapq
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import Engine, and_, func, or_, text
 from sqlmodel import Session, col, select
@@ -38,11 +44,11 @@ class Limits:
         return not (self.per_storage and _count(db, CloneSlot.storage == storage) >= self.per_storage)
 
 
-def acquire(engine: Engine, task_id: str, node: str, storage: str, limits: Limits) -> bool:
+def acquire(engine: Engine, task_id: str, node: str, storage: str, limits: Limits, owner: str = "") -> bool:
     """Take a slot for task_id's clone (from `node`, the template's, onto `storage`) if one is free, else queue
-    the task (once). True if the task holds a slot, perhaps handed over earlier. A newcomer cannot overtake
-    the queue: a release hands freed capacity to the waiters at once, so there is none left over while
-    someone who fits is waiting."""
+    the task (once) under its owner. True if the task holds a slot, perhaps handed over earlier. A newcomer
+    cannot overtake the queue: a release hands freed capacity to the waiters at once, so there is none left
+    over while someone who fits is waiting."""
     with _locked(engine) as db:
         if db.get(CloneSlot, task_id) is not None:
             _forget_grant(db, task_id)  # the slot it was handed is taken up: no need to tell it again
@@ -51,41 +57,69 @@ def acquire(engine: Engine, task_id: str, node: str, storage: str, limits: Limit
         if limits.fit(db, node, storage):
             if queued is not None:
                 db.delete(queued)
-            db.add(CloneSlot(task_id=task_id, node=node, storage=storage))
+            db.add(CloneSlot(task_id=task_id, node=node, storage=storage, owner=owner))
             return True
         if queued is None:
-            db.add(CloneWaiter(task_id=task_id, node=node, storage=storage))
+            db.add(CloneWaiter(task_id=task_id, node=node, storage=storage, owner=owner))
+        elif owner and not queued.owner:
+            queued.owner = owner  # queued before owners were kept: its place stays, its turns become fair
         return False
 
 
 def place_in_line(engine: Engine, task_id: str) -> int:
-    """The task's place in the queue (1: next), counting the waiters queued before it for the same node or the
-    same storage; 0 if it is not queued. For operators: a waiting run shows it in its current details."""
+    """The task's place in the queue (1: next), 0 if it is not queued: an estimate for operators (a waiting
+    run shows it in its current details), from three grouped queries whatever the queue's length.
+
+    It counts the waiters for the same node or the same storage that fair turns would serve first if no clone
+    ended meanwhile: those of the task's owner queued before it, then, of each other owner, as many as it
+    takes for that owner to reach the clones the task's owner will be running when the task's turn comes (one
+    more if that owner's oldest waiter is older; the hand-over's tie-break by last turn is left out). Running
+    clones are counted against this task's node or storage for every owner, the hand-over counts them against
+    each waiter's own."""
     with session(engine) as db:
         me = db.get(CloneWaiter, task_id)
         if me is None:
             return 0
-        ahead = db.exec(
+        here = or_(col(CloneWaiter.node) == me.node, col(CloneWaiter.storage) == me.storage)
+        running = dict(
+            db.exec(
+                select(CloneSlot.owner, func.count())
+                .where(or_(col(CloneSlot.node) == me.node, col(CloneSlot.storage) == me.storage))
+                .group_by(col(CloneSlot.owner))
+            ).all()
+        )
+        mine_ahead = db.exec(
             select(func.count())
             .select_from(CloneWaiter)
             .where(
-                or_(col(CloneWaiter.node) == me.node, col(CloneWaiter.storage) == me.storage),
+                here,
+                col(CloneWaiter.owner) == me.owner,
                 or_(
                     col(CloneWaiter.queued_at) < me.queued_at,
                     and_(col(CloneWaiter.queued_at) == me.queued_at, col(CloneWaiter.task_id) < me.task_id),
                 ),
             )
         ).one()
-        return int(ahead) + 1
+        others = db.exec(
+            select(CloneWaiter.owner, func.count(), func.min(CloneWaiter.queued_at))
+            .where(here, col(CloneWaiter.owner) != me.owner)
+            .group_by(col(CloneWaiter.owner))
+        ).all()
+        level = running.get(me.owner, 0) + int(mine_ahead)  # the owner's clones here when the task's turn comes
+        ahead = int(mine_ahead)
+        for owner, waiting, oldest in others:
+            ahead += min(int(waiting), max(0, level - running.get(owner, 0) + (oldest < me.queued_at)))
+        return ahead + 1
 
 
 def release(engine: Engine, task_id: str, limits: Limits) -> list[str]:
-    """Give up the task's slot (and its place in the queue); hand the freed capacity to the oldest waiters
-    that fit. Returns the task ids this task has handed a slot to and that have not taken it up yet, to be
-    told so: a repeat of the release (a local activity runs again when a worker died before its answer was
-    recorded) names them again. Callers that tell runs use `release_and_hand_over`."""
+    """Give up the task's slot (and its place in the queue); hand the freed capacity out in fair turns (the
+    module's docstring). Returns the task ids this task has handed a slot to and that have not taken it up
+    yet, to be told so: a repeat of the release (a local activity runs again when a worker died before its
+    answer was recorded) names them again. Callers that tell runs use `release_and_hand_over`."""
     with _locked(engine) as db:
-        for row in (db.get(CloneSlot, task_id), db.get(CloneWaiter, task_id)):
+        slot, waiter = db.get(CloneSlot, task_id), db.get(CloneWaiter, task_id)
+        for row in (slot, waiter):
             if row is not None:
                 db.delete(row)
         _forget_grant(db, task_id)
@@ -97,14 +131,7 @@ def release(engine: Engine, task_id: str, limits: Limits) -> list[str]:
                 .order_by(col(CloneGrant.granted_at), col(CloneGrant.task_id))
             ).all()
         )
-        for waiter in db.exec(select(CloneWaiter).order_by(col(CloneWaiter.queued_at))).all():
-            if limits.fit(db, waiter.node, waiter.storage):
-                db.delete(waiter)
-                db.add(CloneSlot(task_id=waiter.task_id, node=waiter.node, storage=waiter.storage))
-                db.add(CloneGrant(task_id=waiter.task_id, granted_by=task_id))
-                db.flush()
-                granted.append(waiter.task_id)
-        return granted
+        return granted + _hand_over(db, limits, task_id, slot.owner if slot is not None else None)
 
 
 async def release_and_hand_over(
@@ -129,6 +156,89 @@ async def release_and_hand_over(
                 log.warning("run %s has ended; freeing the clone slot it was given", receiver)
                 to_free.append(receiver)
     return told
+
+
+class _Running:
+    """The clone slots held, counted in the ways the hand-over asks about them, and kept current as it grants;
+    with each owner's last turn, as a sortable rank: never (no slot held), the newest slot's start, or a
+    slot freed or granted in this hand-over (later ones rank later)."""
+
+    def __init__(self, slots: Iterable[tuple[str, str, str, datetime]]) -> None:
+        self.node: Counter[str] = Counter()
+        self.storage: Counter[str] = Counter()
+        self.owner_node: Counter[tuple[str, str]] = Counter()
+        self.owner_storage: Counter[tuple[str, str]] = Counter()
+        self.owner_both: Counter[tuple[str, str, str]] = Counter()
+        self.last_turn: dict[str, tuple[int, datetime | int]] = {}
+        for owner, node, storage, acquired_at in slots:
+            self.add(owner, node, storage)
+            self.last_turn[owner] = max(self.last_turn.get(owner, (1, acquired_at)), (1, acquired_at))
+        self.turns = 0
+
+    def add(self, owner: str, node: str, storage: str) -> None:
+        self.node[node] += 1
+        self.storage[storage] += 1
+        self.owner_node[owner, node] += 1
+        self.owner_storage[owner, storage] += 1
+        self.owner_both[owner, node, storage] += 1
+
+    def had_turn(self, owner: str) -> None:
+        self.turns += 1
+        self.last_turn[owner] = (2, self.turns)
+
+    def fit(self, limits: Limits, node: str, storage: str) -> bool:
+        """As Limits.fit, without asking the database again."""
+        if limits.per_node and self.node[node] >= limits.per_node:
+            return False
+        return not (limits.per_storage and self.storage[storage] >= limits.per_storage)
+
+    def turn(self, waiter: CloneWaiter) -> tuple[int, tuple[int, datetime | int], datetime, str]:
+        """The waiter's order in the hand-over, lowest first."""
+        owner, node, storage = waiter.owner, waiter.node, waiter.storage
+        # The owner's clones on the node or the storage (one on both counts once).
+        running = (
+            self.owner_node[owner, node] + self.owner_storage[owner, storage] - self.owner_both[owner, node, storage]
+        )
+        return running, self.last_turn.get(owner, (0, 0)), waiter.queued_at, waiter.task_id
+
+
+def _hand_over(db: Session, limits: Limits, granted_by: str, freed_by: str | None) -> list[str]:
+    """Grant the free capacity, one slot at a time, to the waiter that fits whose owner has the fewest clones
+    running on its node or storage. Ties go to the owner whose last turn is oldest (none held, or its newest
+    slot the oldest; `freed_by`, the owner of the slot just freed, has had its turn), then to the waiter
+    queued first: were the queue's age the only tie-break, the owner whose clone just ended would win every
+    tie with its lab's older waiters, and a third owner would wait for one of the labs to end. One query for
+    the slots, one for the waiters, whatever the queue's length: the waiters of one owner for one node and
+    storage form a line served in order, so each turn looks only at the head of each line, kept in a heap."""
+    running = _Running(db.exec(select(CloneSlot.owner, CloneSlot.node, CloneSlot.storage, CloneSlot.acquired_at)).all())
+    if freed_by is not None:
+        running.had_turn(freed_by)
+    lines: dict[tuple[str, str, str], deque[CloneWaiter]] = {}
+    for waiter in db.exec(select(CloneWaiter).order_by(col(CloneWaiter.queued_at), col(CloneWaiter.task_id))).all():
+        lines.setdefault((waiter.owner, waiter.node, waiter.storage), deque()).append(waiter)
+    # The heads of the lines, lowest turn first. A turn only grows as slots are granted, so an entry whose
+    # turn has grown is put back with its new one; a line that no longer fits never will in this hand-over.
+    heads = [(running.turn(line[0]), n, key) for n, (key, line) in enumerate(lines.items())]
+    heapq.heapify(heads)
+    granted: list[str] = []
+    while heads:
+        turn, n, key = heapq.heappop(heads)
+        waiter = lines[key][0]
+        if not running.fit(limits, waiter.node, waiter.storage):
+            continue
+        if (now := running.turn(waiter)) != turn:
+            heapq.heappush(heads, (now, n, key))
+            continue
+        lines[key].popleft()
+        db.delete(waiter)
+        db.add(CloneSlot(task_id=waiter.task_id, node=waiter.node, storage=waiter.storage, owner=waiter.owner))
+        db.add(CloneGrant(task_id=waiter.task_id, granted_by=granted_by))
+        running.add(*key)
+        running.had_turn(waiter.owner)
+        granted.append(waiter.task_id)
+        if lines[key]:
+            heapq.heappush(heads, (running.turn(lines[key][0]), n, key))
+    return granted
 
 
 def _forget_grant(db: Session, task_id: str) -> None:

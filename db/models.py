@@ -142,15 +142,18 @@ class CloneSlot(SQLModel, table=True):
     node: str = Field(index=True)
     storage: str = Field(index=True)
     acquired_at: datetime = Field(default_factory=utcnow)
+    # Whose creation: turns are fair between owners (db.clone_slots). '' for rows made before owners were kept.
+    owner: str = Field(default="", sa_column_kwargs={"server_default": ""})
 
 
 class CloneWaiter(SQLModel, table=True):
-    """A creation waiting for a clone slot, first come first served."""
+    """A creation waiting for a clone slot; a freed slot goes to the owner with the fewest clones running there."""
 
     task_id: str = Field(primary_key=True)
     node: str
     storage: str
     queued_at: datetime = Field(default_factory=utcnow, index=True)
+    owner: str = Field(default="", sa_column_kwargs={"server_default": ""})
 
 
 class CloneGrant(SQLModel, table=True):

@@ -94,6 +94,7 @@ class Observed:
     records: dict[str, VmRecord]  # every Vm row by task id, read after the workflows
     vms_checked: int = 0  # qemu VMs on PVE whose config was read
     clone_slots: list[str] = field(default_factory=list)  # tasks holding a clone slot or queued for one
+    clone_slot_owners: dict[str, str] = field(default_factory=dict)  # their owners, where known
     # The state of the reservation (held, committed, released) of each task asked about, read after the
     # workflows; a task without one is missing.
     reservations: dict[str, str] = field(default_factory=dict)
@@ -138,7 +139,8 @@ class Finding:
                 "held, but its workflow is not running"
             )
         elif self.kind is Kind.STALE_CLONE_SLOT:
-            text = f"stale clone slot of task {self.task_id}: held or queued, but its workflow is not running"
+            whose = f" ({self.username})" if self.username else ""  # none on slots taken before owners were kept
+            text = f"stale clone slot of task {self.task_id}{whose}: held or queued, but its workflow is not running"
         elif self.kind is Kind.VANISHED_VM:
             text = (
                 f"VM {self.vmid} on {self.node} (task {self.task_id}, {self.username}) is gone from PVE "
@@ -281,10 +283,11 @@ def find_drift(observed: Observed, max_destroy: int = 5) -> Drift:
 
     for task_id in sorted(set(observed.clone_slots)):
         ended = evidence(task_id, success_too=True)
+        owner = observed.clone_slot_owners.get(task_id, "")
         if ended is None:
-            left(task_id, f"the clone slot of task {task_id} (held or queued for) is")
+            left(task_id, f"the clone slot of task {task_id} ({f'{owner}, ' if owner else ''}held or queued for) is")
             continue
-        drift.findings.append(Finding(Kind.STALE_CLONE_SLOT, task_id, reason=ended))
+        drift.findings.append(Finding(Kind.STALE_CLONE_SLOT, task_id, username=owner, reason=ended))
 
     on_pve = {(vm.vmid, vm.task_id) for vm in observed.pve_vms}
     for record in sorted(observed.records_before, key=lambda r: (r.vmid, r.task_id)):

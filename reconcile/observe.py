@@ -69,9 +69,11 @@ def _read_records(engine: Engine) -> list[VmRecord]:
         return [as_record(vm) for vm in db.exec(select(Vm)).all()]
 
 
-def _read_clone_slots(engine: Engine) -> list[str]:
+def _read_clone_slots(engine: Engine) -> dict[str, str]:
+    """The tasks holding a clone slot or queued for one: their owners."""
     with session(engine) as db:
-        return [*db.exec(select(CloneSlot.task_id)).all(), *db.exec(select(CloneWaiter.task_id)).all()]
+        slots = db.exec(select(CloneSlot.task_id, CloneSlot.owner)).all()
+        return dict([*slots, *db.exec(select(CloneWaiter.task_id, CloneWaiter.owner)).all()])
 
 
 def reservation_states(engine: Engine, task_ids: Iterable[str]) -> dict[str, str]:
@@ -154,7 +156,8 @@ async def observe(pve: PveClient, temporal: Client, engine: Engine) -> Observed:
         workflows=dict(zip(asked, states, strict=True)),
         records=records,
         vms_checked=len(candidates),
-        clone_slots=slots,
+        clone_slots=list(slots),
+        clone_slot_owners=slots,
         reservations=reservations,
         present=present,
     )

@@ -104,6 +104,11 @@ def test_database_made_before_migrations_is_upgraded_with_every_row_kept(
         assert differences(connection, SQLModel.metadata) == []
     assert boxctl.main(["reservations", "--user", "alice"]) == 0
     assert "clone-running" in capsys.readouterr().out
+    # 0005: slots and waiters from before owners were kept belong to no one in particular.
+    assert sqlite_rows(before_alembic, {"cloneslot": ["owner"], "clonewaiter": ["owner"]}) == {
+        "cloneslot": [("",)],
+        "clonewaiter": [("",)],
+    }
 
 
 @pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
@@ -171,6 +176,9 @@ def test_postgresql_database_made_before_migrations_is_upgraded_with_every_row_k
 
     assert state(engine)[0] == head()
     assert baseline_rows(engine) == rows
+    with engine.connect() as connection:
+        owners = [connection.execute(sa.text(f"SELECT owner FROM {t}")).all() for t in ("cloneslot", "clonewaiter")]
+    assert owners == [[("",)], [("",)]]  # 0005: rows from before owners were kept
     with engine.connect() as connection:
         assert differences(connection, SQLModel.metadata) == []
 

@@ -999,6 +999,23 @@ def test_a_stale_clone_slot_needs_the_same_evidence_a_completed_run_included() -
     assert warning.startswith("the clone slot of task clone-b-1 (held or queued for) is left alone: ")
 
 
+def test_a_stale_clone_slot_names_its_owner() -> None:
+    drift = find_drift(
+        observed(
+            clone_slots=["clone-a-1", "clone-b-1", "clone-c-1"],
+            clone_slot_owners={"clone-a-1": "alice", "clone-b-1": "bob", "clone-c-1": ""},  # c: queued before 0005
+            workflows={"clone-a-1": WorkflowState("completed"), "clone-b-1": NOT_FOUND, "clone-c-1": NOT_FOUND},
+            reservations={"clone-b-1": HELD, "clone-c-1": RELEASED},
+        )
+    )
+    lines = [f.line() for f in drift.findings]
+    assert lines[0].startswith("stale clone slot of task clone-a-1 (alice): held or queued")
+    assert lines[1].startswith("stale clone slot of task clone-c-1: held or queued")
+    assert [f.username for f in drift.findings] == ["alice", ""]  # the audit row's user
+    [warning] = drift.warnings
+    assert warning.startswith("the clone slot of task clone-b-1 (bob, held or queued for) is left alone: ")
+
+
 def test_refusals() -> None:
     vms = [PveVm(150 + i, "pve2", "leak", "stopped", f"clone-x-{i}") for i in range(3)]
     failed = {vm.task_id: WorkflowState("failed") for vm in vms}

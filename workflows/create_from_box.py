@@ -60,6 +60,7 @@ with workflow.unsafe.imports_passed_through():
         PVE_RETRY,
         SLOT_RECHECK,
         VMID_CHANGES,
+        admission_refusal,
         db_step,
         innermost_reason,
         is_reset,
@@ -119,7 +120,7 @@ class CreateFromBoxWorkflow:
         try:
             admitted = await self._admit(input, task_id)
         except (Exception, asyncio.CancelledError) as err:  # not BaseException: eviction must pass through
-            refusal = self._as_refusal(err)
+            refusal = admission_refusal(err)
             self._refusal = refusal  # answers the admission update
             # Admission is the only phase before anything exists on PVE: give back what it may have held.
             await self._uncancellable(self._release(task_id))
@@ -189,7 +190,7 @@ class CreateFromBoxWorkflow:
 
     async def _clone_in_turn(self, req: CloneInput, input: CreateFromBoxInput) -> None:
         """Wait for a clone slot on the node and storage, clone, and free the slot whatever happens."""
-        slot = CloneSlotRequest(task_id=req.task_id, node=req.template.node, storage=req.storage)
+        slot = CloneSlotRequest(task_id=req.task_id, node=req.template.node, storage=req.storage, owner=input.username)
         try:
             waiting_since = workflow.now()
             await self._wait_for_clone_slot(slot)
@@ -364,18 +365,6 @@ class CreateFromBoxWorkflow:
         self._state.result_code = code
         self._state.result_message = message
         self._publish(step)
-
-    @staticmethod
-    def _as_refusal(err: Exception | asyncio.CancelledError) -> ApplicationError:
-        """The seed's words for an admission that did not go through."""
-        cause = err.cause if isinstance(err, ActivityError) else err
-        if isinstance(cause, ApplicationError) and cause.type in {f.value for f in Failure}:
-            return ApplicationError(cause.message, type=cause.type, non_retryable=True)
-        if is_cancelled_exception(err):
-            # Cancelled before anything was made: the REST API gave the request up (and answered 503).
-            return ApplicationError(MSG_UNAVAILABLE, "cancelled during admission", type=Failure.UNAVAILABLE.value)
-        # PVE or the database did not answer in time, or its retries ran out.
-        return ApplicationError(MSG_UNAVAILABLE, innermost_reason(err), type=Failure.UNAVAILABLE.value)
 
 
 def _error_type(err: ActivityError) -> str | None:
