@@ -16,6 +16,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.admission import AdmissionActivities
 from activities.db import DbActivities
+from activities.lab import LabActivities
 from activities.metrics import metrics_runtime, pve_error_counter, report_clone_slot_waiting
 from activities.pve import PveActivities
 from activities.vm_life import VmLifeActivities
@@ -26,7 +27,7 @@ from logs import configure_logging
 from pve.client import PveClient
 from settings import Settings, SettingsError, get_settings
 from temporal_client import connect_temporal, ensure_search_attributes
-from workflows import CreateFromBoxWorkflow, DeleteVmWorkflow, PowerVmWorkflow
+from workflows import CreateFromBoxWorkflow, DeleteVmWorkflow, LabWorkflow, PowerVmWorkflow
 from workflows.clone_turns import tell_slot_granted
 
 log = logging.getLogger("worker")
@@ -49,13 +50,17 @@ def build_worker(
     db_activities = DbActivities(engine, clone_limits, functools.partial(tell_slot_granted, client))
     pve_activities = PveActivities(pve, settings.default_storage)
     admission = AdmissionActivities(db_activities, pve_activities)
+    lab = LabActivities(db_activities, pve_activities)
     vm_life = VmLifeActivities(pve, engine)
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[CreateFromBoxWorkflow, DeleteVmWorkflow, PowerVmWorkflow],
+        workflows=[CreateFromBoxWorkflow, DeleteVmWorkflow, PowerVmWorkflow, LabWorkflow],
         activities=[
             admission.admit,
+            lab.admit_lab,
+            lab.retry_target,
+            lab.release_lab,
             db_activities.reassign_vmid,
             db_activities.try_clone_slot,
             db_activities.release_clone_slot,

@@ -37,9 +37,19 @@ from api.idempotency import RunChanged, request_memo
 from api.task_state import STATE_MEMO
 from db.boxes import template_for
 from db.quota import Refused
-from payloads import MSG_CLONE_FAILED, MSG_UNAVAILABLE, Admission, CreateFromBoxInput, TaskState, status_of
-from workflows import CreateFromBoxWorkflow, search_attributes
-from workflows.metadata import creation_details, creation_summary
+from payloads import (
+    MSG_CLONE_FAILED,
+    MSG_UNAVAILABLE,
+    Admission,
+    CreateFromBoxInput,
+    LabAdmission,
+    LabInput,
+    TaskKind,
+    TaskState,
+    status_of,
+)
+from workflows import CreateFromBoxWorkflow, LabWorkflow, search_attributes
+from workflows.metadata import creation_details, creation_summary, lab_details, lab_summary
 
 log = logging.getLogger("api")
 
@@ -55,10 +65,10 @@ def initial_state(input: CreateFromBoxInput) -> TaskState:
     return TaskState(owner=input.username, vm_name=input.name, node=input.target)
 
 
-def new_task_id(box_id: str) -> str:
-    """clone-<box>-<ms>-<random>: readable in the Web UI, unique without coordination."""
+def new_task_id(box_id: str, prefix: str = "clone") -> str:
+    """clone-<box>-<ms>-<random> (lab-... for a lab): readable in the Web UI, unique without coordination."""
     box = re.sub(r"[^A-Za-z0-9_.-]", "_", box_id)[:64]
-    return f"clone-{box}-{int(time.time() * 1000)}-{secrets.token_hex(3)}"
+    return f"{prefix}-{box}-{int(time.time() * 1000)}-{secrets.token_hex(3)}"
 
 
 class Admitter:
@@ -72,8 +82,8 @@ class Admitter:
         """Start the run `task_id` and wait for its admission; 503 (and nothing created, ever) if that takes
         longer than the admission timeout. WorkflowAlreadyStartedError if a run of that id is open. A request
         refused by the box, template or permission check answers without a run."""
-        await self.precheck(input)
-        input.admit_by = datetime.now(UTC) + timedelta(seconds=self.timeout)
+        await self.precheck(input.username, input.box_id)
+        input.admit_by = self.deadline()
         start = WithStartWorkflowOperation(
             CreateFromBoxWorkflow.run,
             input,
@@ -88,11 +98,33 @@ class Admitter:
             static_summary=creation_summary(input),
             static_details=creation_details(input),
         )
+        return await self._start_and_wait(task_id, CreateFromBoxWorkflow.admission, start)
+
+    async def admit_lab(self, task_id: str, input: LabInput) -> LabAdmission:
+        """As `admit`, for a lab: its LabWorkflow answers once every VM of it is admitted."""
+        await self.precheck(input.username, input.box_id)
+        input.admit_by = self.deadline()
+        state = TaskState(owner=input.username, vm_name=input.name, kind=TaskKind.LAB.value)
+        start = WithStartWorkflowOperation(
+            LabWorkflow.run,
+            input,
+            id=task_id,
+            task_queue=self.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            memo={**request_memo(input), STATE_MEMO: dataclasses.asdict(state)},
+            search_attributes=search_attributes.at_start(input.username, box_id=input.box_id),
+            static_summary=lab_summary(input),
+            static_details=lab_details(input),
+        )
+        return await self._start_and_wait(task_id, LabWorkflow.admission, start)
+
+    def deadline(self) -> datetime:
+        return datetime.now(UTC) + timedelta(seconds=self.timeout)
+
+    async def _start_and_wait(self, task_id: str, update: Any, start: WithStartWorkflowOperation[Any, Any]) -> Any:
         try:
             return await asyncio.wait_for(
-                self.client.execute_update_with_start_workflow(
-                    CreateFromBoxWorkflow.admission, start_workflow_operation=start
-                ),
+                self.client.execute_update_with_start_workflow(update, start_workflow_operation=start),
                 self.timeout + ADMISSION_GRACE_SECONDS,
             )
         except WorkflowUpdateFailedError as exc:
@@ -107,20 +139,21 @@ class Admitter:
             await give_up(self.client, task_id)
             raise ApiError(503, MSG_UNAVAILABLE) from exc
 
-    async def precheck(self, input: CreateFromBoxInput) -> None:
+    async def precheck(self, username: str, box_id: str) -> None:
         """The checks admission starts with that need no PVE, in the same order and by the same function
         (db.boxes.template_for); the run checks them again, for it may be started by others than this API."""
         try:
-            await asyncio.to_thread(template_for, self.engine, input.username, input.box_id)
+            await asyncio.to_thread(template_for, self.engine, username, box_id)
         except Refused as exc:
             raise ApiError(exc.failure.status, exc.message) from exc
 
-    async def join(self, task_id: str) -> Admission:
-        """Wait for the admission of the run `task_id`, which an earlier request started. That request gives
-        the run up if it is not admitted in time; this one only answers 503."""
+    async def join(self, task_id: str, update: Any = CreateFromBoxWorkflow.admission) -> Any:
+        """Wait for the admission of the run `task_id` (`update`: its workflow's admission update), which an
+        earlier request started. That request gives the run up if it is not admitted in time; this one only
+        answers 503."""
         try:
             return await asyncio.wait_for(
-                self.client.get_workflow_handle(task_id).execute_update(CreateFromBoxWorkflow.admission),
+                self.client.get_workflow_handle(task_id).execute_update(update),
                 self.timeout + ADMISSION_GRACE_SECONDS,
             )
         except WorkflowUpdateFailedError as exc:

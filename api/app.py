@@ -15,7 +15,7 @@ from api.audit import RequestLog
 from api.body_limit import BodyLimit
 from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, RequestMetrics
-from api.routes import account, tasks, vm_manage, vms
+from api.routes import account, labs, tasks, vm_manage, vms
 from api.temporal import TemporalConnection
 from db.engine import make_engine
 from db.schema import require_current
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     app.include_router(metrics.router)
     app.include_router(vm_manage.router)
+    app.include_router(labs.router)
     app.include_router(tasks.router)
     app.include_router(vms.router)
     app.include_router(account.router)

@@ -7,14 +7,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from api.errors import ApiError
 from api.task_state import Task, find_task
-from payloads import MSG_CLONE_FAILED, MSG_UNAVAILABLE, Admission, CreateFromBoxInput
+from payloads import MSG_CLONE_FAILED, MSG_UNAVAILABLE, Admission, CreateFromBoxInput, LabAdmission, LabInput
+from workflows import LabWorkflow
 
 if TYPE_CHECKING:  # api.admission records request_memo() on every run it starts
     from api.admission import Admitter
@@ -22,22 +24,24 @@ if TYPE_CHECKING:  # api.admission records request_memo() on every run it starts
 MSG_KEY_REUSED = "This Idempotency-Key was already used with a different request"
 # The memo key under which a run keeps the digest of the request that started it.
 REQUEST_MEMO = "request"
+A = TypeVar("A")
 # Looks at the key's run, each after a concurrent repeat started it between our look and our own start.
 ATTEMPTS = 3
 
 
-def keyed_task_id(username: str, key: str) -> str:
-    """The same user and Idempotency-Key always name the same run, whichever API process is asked."""
-    return "clone-k" + hashlib.sha256(f"{username}\0{key}".encode()).hexdigest()[:32]
+def keyed_task_id(username: str, key: str, prefix: str = "clone") -> str:
+    """The same user and Idempotency-Key always name the same run, whichever API process is asked (`lab` for a
+    lab: a key used for a VM and for a lab names two runs)."""
+    return f"{prefix}-k" + hashlib.sha256(f"{username}\0{key}".encode()).hexdigest()[:32]
 
 
-def request_digest(input: CreateFromBoxInput) -> str:
+def request_digest(input: CreateFromBoxInput | LabInput) -> str:
     fields = dataclasses.asdict(input)
     fields.pop("admit_by")  # set anew by each attempt
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def request_memo(input: CreateFromBoxInput) -> dict[str, str]:
+def request_memo(input: CreateFromBoxInput | LabInput) -> dict[str, str]:
     return {REQUEST_MEMO: request_digest(input)}
 
 
@@ -48,6 +52,26 @@ class RunChanged(Exception):
 async def admit_once(admitter: Admitter, task_id: str, input: CreateFromBoxInput) -> Admission:
     """Admit under an Idempotency-Key (`task_id` from keyed_task_id): the first request starts the run; a
     repeat of it gets the first answer; the same key with another request is refused."""
+    return await _once(admitter, task_id, input, admitter.admit, admitter.join, first_answer)  # type: ignore[arg-type]
+
+
+async def admit_lab_once(admitter: Admitter, task_id: str, input: LabInput) -> LabAdmission:
+    """admit_once for a lab."""
+
+    async def join(task_id: str) -> LabAdmission:
+        return await admitter.join(task_id, LabWorkflow.admission)  # type: ignore[no-any-return]
+
+    return await _once(admitter, task_id, input, admitter.admit_lab, join, first_lab_answer)  # type: ignore[arg-type]
+
+
+async def _once(
+    admitter: Admitter,
+    task_id: str,
+    input: CreateFromBoxInput | LabInput,
+    admit: Callable[[str, Any], Awaitable[A]],
+    join: Callable[[str], Awaitable[A]],
+    answer: Callable[[Task], A],
+) -> A:
     digest = request_digest(input)
     for _ in range(ATTEMPTS):
         try:
@@ -57,17 +81,17 @@ async def admit_once(admitter: Admitter, task_id: str, input: CreateFromBoxInput
         if task is None or given_up(task):
             # Nothing was created under this key (or the earlier attempt answered 503): start afresh.
             try:
-                return await admitter.admit(task_id, input)
+                return await admit(task_id, input)
             except WorkflowAlreadyStartedError:
                 continue  # a concurrent repeat started it first: answer what it answers
         if task.memo.get(REQUEST_MEMO) != digest:
             raise ApiError(422, MSG_KEY_REUSED)
         if not task.ended:
             try:
-                return await admitter.join(task_id)
+                return await join(task_id)
             except RunChanged:
                 continue  # it ended while we asked: the next look reads its first answer
-        return first_answer(task)
+        return answer(task)
     raise ApiError(503, MSG_UNAVAILABLE)
 
 
@@ -75,7 +99,7 @@ def given_up(task: Task) -> bool:
     """The run ended unadmitted because its request answered 503, or before a worker ever ran it (its state is
     still the one the API started it with: no VMID, no result)."""
     state = task.state
-    return task.ended and (state is None or (state.vmid is None and state.result_code in (None, 503)))
+    return task.ended and (state is None or (state.vmid is None and not state.vms and state.result_code in (None, 503)))
 
 
 def first_answer(task: Task) -> Admission:
@@ -84,4 +108,13 @@ def first_answer(task: Task) -> Admission:
     assert state is not None, "an ended run without a state is given up"
     if state.vmid is not None:
         return Admission(task_id=task.id, vmid=state.vmid, vm_name=state.vm_name, node=state.node)
+    raise ApiError(state.result_code or 500, state.result_message or MSG_CLONE_FAILED)
+
+
+def first_lab_answer(task: Task) -> LabAdmission:
+    """first_answer for a lab: its VMs as its state lists them now (a retried VM under its new task id)."""
+    state = task.state
+    assert state is not None, "an ended run without a state is given up"
+    if state.vms:
+        return LabAdmission(task_id=task.id, vms=[dataclasses.replace(vm, status="running") for vm in state.vms])
     raise ApiError(state.result_code or 500, state.result_message or MSG_CLONE_FAILED)

@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 
 from db.box_options import ssh_key_problem
-from payloads import Admission, CreateFromBoxInput, PowerAction
+from payloads import MAX_LAB_VMS, Admission, CreateFromBoxInput, LabAdmission, LabInput, LabVm, PowerAction
 
 PositiveInt = Annotated[StrictInt, Field(gt=0, le=2**31 - 1)]
 NonEmpty = Annotated[StrictStr, Field(min_length=1, max_length=255)]
@@ -105,6 +105,42 @@ class CreateFromBoxRequest(BaseModel):
         )
 
 
+class LabRequest(BaseModel):
+    # As createFromBoxTemplate's body: an unknown field is a 400 naming it.
+    model_config = ConfigDict(extra="forbid", validate_by_name=False, validate_by_alias=True)
+
+    box_id: Identifier
+    name: StrictStr = Field(description="the VMs are named <name>-01 .. <name>-NN")
+    count: StrictInt = Field(ge=1, le=MAX_LAB_VMS)
+    targets: list[Identifier] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="the nodes to spread the VMs over; omitted: every online node",
+    )
+    cpu_cores: PositiveInt = Field(alias="cpuCores")
+    memory_mb: PositiveInt = Field(alias="memorySize")
+    disk_gb: PositiveInt = Field(alias="diskSize")
+    storage: Identifier | None = None
+    ssh_keys: SshKeys = Field(default=[], alias="sshKeys", description="public keys added to the box's cloud-init")
+    start: StrictBool | None = Field(default=None, description="start the VMs once configured; null: as the box says")
+
+    def to_input(self, username: str, default_storage: str) -> LabInput:
+        return LabInput(
+            username=username,
+            box_id=self.box_id,
+            name=self.name,
+            count=self.count,
+            cpu_cores=self.cpu_cores,
+            memory_mb=self.memory_mb,
+            disk_gb=self.disk_gb,
+            targets=list(self.targets) if self.targets else None,
+            storage=self.storage or default_storage,
+            ssh_keys=list(self.ssh_keys),
+            start=self.start,
+        )
+
+
 def valid_vm_name(name: str) -> bool:
     return VM_NAME.fullmatch(name) is not None
 
@@ -131,14 +167,35 @@ class AdmissionData(BaseModel):
         return cls(task_id=admission.task_id, vm_name=admission.vm_name, vmid=str(admission.vmid))
 
 
+class LabVmData(BaseModel):
+    vm_name: str
+    vmid: str | None = Field(description="null while a VM tried again has not been admitted", examples=["106"])
+    node: str
+    task_id: str = Field(description="its creation's task id (a new one when it was tried again)")
+
+    @classmethod
+    def of(cls, vm: LabVm) -> LabVmData:
+        return cls(
+            vm_name=vm.vm_name, vmid=str(vm.vmid) if vm.vmid is not None else None, node=vm.node, task_id=vm.task_id
+        )
+
+
+class LabVmState(LabVmData):
+    status: TaskStatus = Field(description="its creation's")
+
+    @classmethod
+    def of(cls, vm: LabVm) -> LabVmState:
+        return cls(**LabVmData.of(vm).model_dump(), status=vm.status)  # type: ignore[arg-type]
+
+
 class TaskStateData(BaseModel):
     task_id: str
     status: TaskStatus
-    kind: str = Field(description="the task's workflow: create, delete or power", examples=["create"])
+    kind: str = Field(description="the task's workflow: create, delete, power or lab", examples=["create"])
     step: str = Field(
         description="a creation: admission, clone, configure, start, cleanup or done; "
         "a deletion: stop, destroy or done; "
-        "a power action: power or done"
+        "a power action: power or done; a lab: admission, vms or done"
     )
     vmid: str | None = Field(description="known once the request is admitted", examples=["106"])
     vm_name: str
@@ -152,6 +209,7 @@ class TaskStateData(BaseModel):
         "left out (empty until one came, or when the VM is not started); null for other tasks",
         examples=[["192.0.2.10"]],
     )
+    vms: list[LabVmState] | None = Field(description="a lab's VMs and their states; null for other tasks")
 
 
 class CreateAnswer(Envelope[AdmissionData]):
@@ -160,6 +218,19 @@ class CreateAnswer(Envelope[AdmissionData]):
 
 class TaskAnswer(Envelope[TaskStateData]):
     """The state of a task: a creation, a deletion or a power action."""
+
+
+class LabAdmissionData(BaseModel):
+    task_id: str = Field(description="the lab's task id; GET tasks/{task_id} follows it", examples=["lab-..."])
+    vms: list[LabVmData]
+
+    @classmethod
+    def of(cls, admission: LabAdmission) -> LabAdmissionData:
+        return cls(task_id=admission.task_id, vms=[LabVmData.of(vm) for vm in admission.vms])
+
+
+class LabAnswer(Envelope[LabAdmissionData]):
+    """The lab is admitted: every VM's name, VMID and node are fixed, and each is being created under its task."""
 
 
 class ErrorAnswer(Envelope[None]):
@@ -172,6 +243,15 @@ class ErrorAnswer(Envelope[None]):
 class DeletionData(BaseModel):
     task_id: str = Field(description="the deletion's task id; GET tasks/{task_id} follows it", examples=["delete-..."])
     vmid: str = Field(examples=["106"])
+
+
+class LabDeletionData(BaseModel):
+    task_id: str = Field(description="the lab's task id", examples=["lab-..."])
+    deletions: list[DeletionData]
+
+
+class LabDeleteAnswer(Envelope[LabDeletionData]):
+    """The deletion of every VM of the lab started (or runs), one task each."""
 
 
 class DeleteAnswer(Envelope[DeletionData]):

@@ -14,14 +14,14 @@ from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.errors import TEMPORAL_UNAVAILABLE, ApiError
-from api.schemas import TaskStateData, TaskStatus
-from payloads import TaskKind, TaskState
-from workflows import CreateFromBoxWorkflow, DeleteVmWorkflow, PowerVmWorkflow
+from api.schemas import LabVmState, TaskStateData, TaskStatus
+from payloads import LabVm, TaskKind, TaskState
+from workflows import CreateFromBoxWorkflow, DeleteVmWorkflow, LabWorkflow, PowerVmWorkflow
 from workflows.create_from_box import OWNER
 
 TASK_NOT_FOUND = "Task not found"
 # The workflows whose runs are a user's tasks (GET tasks/{task_id}); any other run under an id is no task.
-TASK_WORKFLOWS = frozenset(w.__name__ for w in (CreateFromBoxWorkflow, DeleteVmWorkflow, PowerVmWorkflow))
+TASK_WORKFLOWS = frozenset(w.__name__ for w in (CreateFromBoxWorkflow, DeleteVmWorkflow, PowerVmWorkflow, LabWorkflow))
 # The memo key under which the workflow publishes its TaskState.
 STATE_MEMO = "state"
 STATUS: dict[WorkflowExecutionStatus, TaskStatus] = {
@@ -45,7 +45,11 @@ class Task:
     @cached_property
     def state(self) -> TaskState | None:
         """None until the run has published its state (a run that no worker has picked up yet)."""
-        return TaskState(**self.memo[STATE_MEMO]) if STATE_MEMO in self.memo else None
+        if STATE_MEMO not in self.memo:
+            return None
+        state = TaskState(**self.memo[STATE_MEMO])
+        state.vms = [LabVm(**vm) if isinstance(vm, dict) else vm for vm in state.vms]  # the memo holds JSON
+        return state
 
     @property
     def ended(self) -> bool:
@@ -70,8 +74,8 @@ async def find_task(client: Client, task_id: str) -> Task | None:
 
 
 async def owned_task(client: Client, task_id: str, username: str) -> Task:
-    """The task `task_id` (a creation, a deletion or a power action) if it is `username`'s; anyone else's task, another
-    workflow's run and an unknown id are all the same 404, so that task ids reveal nothing."""
+    """The task `task_id` (a creation, a deletion, a power action or a lab) if it is `username`'s; anyone else's
+    task, another workflow's run and an unknown id are all the same 404, so that task ids reveal nothing."""
     try:
         task = await find_task(client, task_id)
     except RPCError as exc:
@@ -101,6 +105,7 @@ def state_data(task: Task) -> TaskStateData:
         started_at=iso(task.description.start_time),
         finished_at=iso(task.description.close_time),
         ip_addresses=list(state.ip_addresses) if state.kind == TaskKind.CREATE else None,
+        vms=[LabVmState.of(vm) for vm in state.vms] if state.kind == TaskKind.LAB else None,
     )
 
 

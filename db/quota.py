@@ -126,23 +126,7 @@ def reserve(engine: Engine, task_id: str, username: str, size: Size, free_ranges
         existing = db.get(Reservation, task_id)
         if existing is not None and existing.state != RELEASED and existing.vmid is not None:
             return existing.vmid  # a retry of a reservation made (or committed) already
-        plan = db.get(Plan, user.plan_id) if user is not None and user.plan_id else None
-        if plan is None:
-            raise Refused(Failure.PLAN_NOT_FOUND, MSG_PLAN_NOT_FOUND)
-        if (
-            size.cores > plan.per_vm_cores
-            or size.memory_mb > plan.per_vm_memory_mb
-            or size.disk_gb > plan.per_vm_disk_gb
-        ):
-            raise Refused(Failure.PER_VM_LIMIT, MSG_PER_VM_LIMIT)
-        used = usage_of(db, username)
-        if (
-            used.cores + size.cores > plan.total_cores
-            or used.memory_mb + size.memory_mb > plan.total_memory_mb
-            or used.disk_gb + size.disk_gb > plan.total_disk_gb
-            or (plan.total_vms is not None and used.vms + 1 > plan.total_vms)
-        ):
-            raise Refused(Failure.TOTAL_LIMIT, MSG_TOTAL_LIMIT)
+        _check_plan(db, user, username, size, count=1)
         # The lock every user's creations share, taken last: a retry and a refusal never wait for it, and it is
         # held only for the VMID pick and the insert (until the commit).
         _lock_vmids(db)
@@ -151,17 +135,62 @@ def reserve(engine: Engine, task_id: str, username: str, size: Size, free_ranges
             # Released by a cleanup, and now the run goes on again (reset from the Web UI): hold it anew.
             db.delete(existing)
             db.flush()
-        db.add(
-            Reservation(
-                task_id=task_id,
-                username=username,
-                cores=size.cores,
-                memory_mb=size.memory_mb,
-                disk_gb=size.disk_gb,
-                vmid=vmid,
-            )
-        )
+        db.add(_held(task_id, username, size, vmid))
         return vmid
+
+
+def reserve_all(
+    engine: Engine, task_ids: list[str], username: str, size: Size, free_ranges: list[list[int]]
+) -> list[int]:
+    """A lab's admission: hold the quota and a VMID for each of `task_ids` (VMs of one size), all or nothing,
+    in one transaction; every VM is checked against the per-VM limits and their sum against the totals.
+    Returns the VMIDs in the order of `task_ids`. A repeat (the activity ran again) returns the same VMIDs."""
+    with session(engine) as db, db.begin():
+        user = lock_user(db, username)
+        rows = db.exec(select(Reservation).where(col(Reservation.task_id).in_(task_ids))).all()
+        vmids = {r.task_id: r.vmid for r in rows if r.state != RELEASED and r.vmid is not None}
+        missing = [task_id for task_id in task_ids if task_id not in vmids]
+        if missing:
+            # Those held already (a repeat) count in the usage; the rest are checked and held now.
+            _check_plan(db, user, username, size, count=len(missing))
+            for released in (r for r in rows if r.task_id in missing):
+                db.delete(released)  # released by a cleanup, and the lab runs again (reset): held anew
+            db.flush()
+            _lock_vmids(db)
+            for task_id in missing:
+                vmids[task_id] = pick_vmid(db, free_ranges)
+                db.add(_held(task_id, username, size, vmids[task_id]))
+                db.flush()  # the next pick sees this VMID as given out
+        return [vmids[task_id] for task_id in task_ids]  # type: ignore[misc]
+
+
+def _check_plan(db, user: User | None, username: str, size: Size, count: int) -> None:  # type: ignore[no-untyped-def]
+    """Refused unless `count` VMs of `size` fit the user's plan: each within the per-VM limits, all of them
+    with what the user has and has in flight within the totals (the seed's order: plan, per VM, totals)."""
+    plan = db.get(Plan, user.plan_id) if user is not None and user.plan_id else None
+    if plan is None:
+        raise Refused(Failure.PLAN_NOT_FOUND, MSG_PLAN_NOT_FOUND)
+    if size.cores > plan.per_vm_cores or size.memory_mb > plan.per_vm_memory_mb or size.disk_gb > plan.per_vm_disk_gb:
+        raise Refused(Failure.PER_VM_LIMIT, MSG_PER_VM_LIMIT)
+    used = usage_of(db, username)
+    if (
+        used.cores + count * size.cores > plan.total_cores
+        or used.memory_mb + count * size.memory_mb > plan.total_memory_mb
+        or used.disk_gb + count * size.disk_gb > plan.total_disk_gb
+        or (plan.total_vms is not None and used.vms + count > plan.total_vms)
+    ):
+        raise Refused(Failure.TOTAL_LIMIT, MSG_TOTAL_LIMIT)
+
+
+def _held(task_id: str, username: str, size: Size, vmid: int) -> Reservation:
+    return Reservation(
+        task_id=task_id,
+        username=username,
+        cores=size.cores,
+        memory_mb=size.memory_mb,
+        disk_gb=size.disk_gb,
+        vmid=vmid,
+    )
 
 
 def reassign_vmid(engine: Engine, task_id: str, free_ranges: list[list[int]]) -> int:

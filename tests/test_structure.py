@@ -20,6 +20,7 @@ PRODUCT = [
     "boxctl.py",
     "payloads.py",
     "payloads_life.py",
+    "payloads_lab.py",
     "logs.py",
     "settings.py",
     "temporal_client.py",

@@ -4,6 +4,7 @@ child:
 from workflows import CreateFromBoxWorkflow, CreateFromBoxInput
 from workflows import DeleteVmWorkflow, DeleteVmInput
 from workflows import PowerVmWorkflow, PowerVmInput
+from workflows import LabWorkflow, LabInput
 """
 
 from temporalio import workflow
@@ -15,12 +16,15 @@ with workflow.unsafe.imports_passed_through():
         CreateFromBoxResult,
         DeleteVmInput,
         DeleteVmResult,
+        LabInput,
+        LabResult,
         PowerVmInput,
         PowerVmResult,
     )
 
 from workflows.create_from_box import SEARCH_ATTRIBUTES, CreateFromBoxWorkflow
 from workflows.delete_vm import DeleteVmWorkflow
+from workflows.lab import LabWorkflow
 from workflows.power_vm import PowerVmWorkflow
 
 __all__ = [
@@ -31,6 +35,9 @@ __all__ = [
     "DeleteVmInput",
     "DeleteVmResult",
     "DeleteVmWorkflow",
+    "LabInput",
+    "LabResult",
+    "LabWorkflow",
     "PowerVmInput",
     "PowerVmResult",
     "PowerVmWorkflow",

@@ -6,7 +6,7 @@ No heavy imports: workflow code imports this module."""
 
 from __future__ import annotations
 
-from payloads import CreateFromBoxInput, DeleteVmInput, PowerVmInput
+from payloads import CreateFromBoxInput, DeleteVmInput, LabInput, PowerVmInput
 
 
 def creation_summary(input: CreateFromBoxInput) -> str:
@@ -25,6 +25,30 @@ def creation_details(input: CreateFromBoxInput) -> str:
             "box": input.box_id,
             "name": input.name,
             "target": input.target,
+            "storage": input.storage or "the default",
+            "cores": input.cpu_cores,
+            "memory": f"{input.memory_mb} MB",
+            "disk": f"{input.disk_gb} GB",
+        }
+    )
+
+
+def lab_summary(input: LabInput) -> str:
+    """e.g. "lab web x 12 · alice · box ubuntu → pve1, pve2 · 2 cores, 2048 MB, 20 GB each"."""
+    where = ", ".join(input.targets) if input.targets else "every online node"
+    return (
+        f"lab {input.name} x {input.count} · {input.username} · box {input.box_id} → {where} · "
+        f"{input.cpu_cores} cores, {input.memory_mb} MB, {input.disk_gb} GB each"
+    )
+
+
+def lab_details(input: LabInput) -> str:
+    return _markdown(
+        {
+            "owner": input.username,
+            "box": input.box_id,
+            "names": f"{input.name}-01 .. ({input.count} VMs)",
+            "targets": ", ".join(input.targets) if input.targets else "every online node",
             "storage": input.storage or "the default",
             "cores": input.cpu_cores,
             "memory": f"{input.memory_mb} MB",

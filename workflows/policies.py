@@ -10,12 +10,12 @@ from typing import Any, TypeVar, overload
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from activities.db import DbActivities
     from activities.pve import PveActivities
-    from payloads import PVE_TASK_FAILED, PVE_TASK_FAILED_TRANSIENT, VM_NOT_OURS, VMID_TAKEN, Failure
+    from payloads import MSG_UNAVAILABLE, PVE_TASK_FAILED, PVE_TASK_FAILED_TRANSIENT, VM_NOT_OURS, VMID_TAKEN, Failure
 
 T = TypeVar("T")
 A = TypeVar("A")
@@ -117,6 +117,18 @@ def innermost_reason(err: BaseException) -> str:
     while isinstance(err, ActivityError) and err.cause is not None:
         err = err.cause
     return str(err)
+
+
+def admission_refusal(err: BaseException) -> ApplicationError:
+    """The seed's words for an admission that did not go through (a creation's or a lab's)."""
+    cause = err.cause if isinstance(err, ActivityError) else err
+    if isinstance(cause, ApplicationError) and cause.type in {f.value for f in Failure}:
+        return ApplicationError(cause.message, type=cause.type, non_retryable=True)
+    if is_cancelled_exception(err):
+        # Cancelled before anything was made: the REST API gave the request up (and answered 503).
+        return ApplicationError(MSG_UNAVAILABLE, "cancelled during admission", type=Failure.UNAVAILABLE.value)
+    # PVE or the database did not answer in time, or its retries ran out.
+    return ApplicationError(MSG_UNAVAILABLE, innermost_reason(err), type=Failure.UNAVAILABLE.value)
 
 
 def is_reset() -> bool:

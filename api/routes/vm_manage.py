@@ -9,6 +9,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
 from pydantic import AfterValidator
+from sqlalchemy import Engine
+from temporalio.client import Client
 
 from api.admission import Admitter, new_task_id
 from api.body_limit import MSG_BODY_TOO_LARGE
@@ -36,6 +38,7 @@ from payloads import (
     MSG_TOTAL_LIMIT,
     MSG_UNAVAILABLE,
 )
+from settings import Settings
 
 router = APIRouter(prefix="/api/v1/vm/manage", tags=["vm manage"])
 
@@ -52,6 +55,10 @@ IdempotencyKey = Annotated[
     ),
     AfterValidator(printable_key),
 ]
+
+
+def admitter_for(client: Client, engine: Engine, settings: Settings) -> Admitter:
+    return Admitter(client, engine, settings.temporal_task_queue, settings.admission_timeout_seconds)
 
 
 def one_of(*messages: str) -> str:
@@ -90,7 +97,7 @@ async def create_from_box_template(
     if not valid_vm_name(body.name):
         raise ApiError(400, MSG_INVALID_NAME)
     input = body.to_input(username, settings.default_storage)
-    admitter = Admitter(client, engine, settings.temporal_task_queue, settings.admission_timeout_seconds)
+    admitter = admitter_for(client, engine, settings)
     if idempotency_key is None:
         admission = await admitter.admit(new_task_id(body.box_id), input)
     else:

@@ -1,0 +1,103 @@
+"""A lab's activities: its admission (every VM checked and held at once, all or nothing) and the choice of a
+node for a VM tried again. Local activities: the POST waits for the first, and both take milliseconds."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.db import DbActivities, refuse
+from activities.pve import PveActivities
+from db import quota
+from payloads import (
+    MSG_PVE_NOT_READY,
+    MSG_UNAVAILABLE,
+    CreateFromBoxInput,
+    Failure,
+    InspectInput,
+    LabAdmitInput,
+    LabAdmitted,
+    LabInput,
+    LabVm,
+    RetryTargetInput,
+    TemplateRef,
+    lab_vm_names,
+)
+from pve.placement import online_nodes, other_target, spread
+
+
+def lab_task_ids(lab_task_id: str, count: int) -> list[str]:
+    """The creations' task ids: the lab's, numbered as the VMs' names are (`lab-...-01`)."""
+    return [f"{lab_task_id}-{name.rsplit('-', 1)[1]}" for name in lab_vm_names("vm", count)]
+
+
+class LabActivities:
+    def __init__(self, db: DbActivities, pve: PveActivities):
+        self.db = db
+        self.pve = pve
+
+    @activity.defn
+    def admit_lab(self, req: LabAdmitInput) -> LabAdmitted:
+        """The checks of one creation, in the same order, for every target the lab uses; then the VMs placed
+        over them and the quota and a VMID held for each, in one transaction. Safe to repeat (the reservations
+        are keyed by the creations' task ids)."""
+        ask = req.request
+        registered = self.db.template_of(ask.username, ask.box_id)
+        free_mb = online_nodes(self.pve.pve.get("cluster/resources"))
+        targets = list(dict.fromkeys(ask.targets)) if ask.targets else sorted(free_mb)
+        if not targets:
+            raise refuse(Failure.PVE_NOT_READY, f"{MSG_PVE_NOT_READY}: no PVE node is online")
+        facts = None
+        for target in targets:  # the template, then each target node, its storage and the disk size
+            facts = self.pve.inspect_template(
+                InspectInput(
+                    template=TemplateRef(node=registered.node, vmid=registered.vmid),
+                    target=target,
+                    storage=ask.storage,
+                    disk_gb=ask.disk_gb,
+                )
+            )
+        assert facts is not None
+        if ask.admit_by is not None and datetime.now(UTC) > ask.admit_by:
+            # The caller has answered 503 and given the request up (see AdmissionActivities.admit).
+            raise ApplicationError(MSG_UNAVAILABLE, type=Failure.UNAVAILABLE.value, non_retryable=True)
+        task_ids = lab_task_ids(req.task_id, ask.count)
+        vmids = self.db.reserve_lab(task_ids, creation_input(ask, "", targets[0]), facts.free_ranges)
+        nodes = spread(ask.count, targets, free_mb, ask.memory_mb)
+        names = lab_vm_names(ask.name, ask.count)
+        return LabAdmitted(
+            vms=[
+                LabVm(vm_name=name, vmid=vmid, node=node, task_id=task_id)
+                for name, vmid, node, task_id in zip(names, vmids, nodes, task_ids, strict=True)
+            ],
+            targets=targets,
+        )
+
+    @activity.defn
+    def retry_target(self, req: RetryTargetInput) -> str:
+        """The node to try a failed VM again on: another online target with the most free memory."""
+        return other_target(req.targets, req.failed, online_nodes(self.pve.pve.get("cluster/resources")))
+
+    @activity.defn
+    def release_lab(self, task_ids: list[str]) -> None:
+        """Give back the quota still held under any of these creations' task ids (a creation that never ran)."""
+        for task_id in task_ids:
+            quota.release(self.db.engine, task_id)
+
+
+def creation_input(lab: LabInput, name: str, target: str) -> CreateFromBoxInput:
+    """One VM of the lab as a creation's input (no admission deadline: the lab's admission held its quota)."""
+    return CreateFromBoxInput(
+        username=lab.username,
+        box_id=lab.box_id,
+        name=name,
+        target=target,
+        cpu_cores=lab.cpu_cores,
+        memory_mb=lab.memory_mb,
+        disk_gb=lab.disk_gb,
+        storage=lab.storage,
+        ssh_keys=list(lab.ssh_keys),
+        start=lab.start,
+    )

@@ -1,0 +1,224 @@
+"""Labs end to end: POST labs, the lab's task state, DELETE labs/{task_id} and cancelling a lab, against fakepve
+and a real Temporal dev server, with the state of PVE and of the database checked afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import Engine
+from temporalio.client import Client, WorkflowExecutionStatus
+
+from db.load import load_admin_data
+from db.models import HELD
+from payloads import MSG_TOTAL_LIMIT
+from pve.ownership import is_owned_by
+from settings import Settings
+from tests.conftest import created_vms, reservations, vm_records
+from tests.factories import ADMIN_DATA, BOB, BOX, auth
+from tests.waiting import until
+
+LABS = "/api/v1/vm/manage/labs"
+TASKS = "/api/v1/vm/manage/tasks"
+# A plan a class fits in: room for 100 small VMs.
+CLASS_PLAN = {
+    "id": "class",
+    "name": "Class",
+    "per_vm": {"cores": 4, "memory_mb": 8192, "disk_gb": 100},
+    "total": {"cores": 400, "memory_mb": 409600, "disk_gb": 10000, "vms": 120},
+}
+
+
+@pytest.fixture
+def teacher(engine: Engine) -> None:
+    """alice on the class plan."""
+    users = [{**u, "plan": "class"} if u["username"] == "alice" else u for u in ADMIN_DATA["users"]]
+    load_admin_data(engine, {**ADMIN_DATA, "plans": [*ADMIN_DATA["plans"], CLASS_PLAN], "users": users})
+
+
+def lab(**overrides: Any) -> dict[str, Any]:
+    request: dict[str, Any] = {
+        "box_id": BOX,
+        "name": "class",
+        "count": 12,
+        "cpuCores": 1,
+        "memorySize": 512,
+        "diskSize": 10,
+    }
+    request.update(overrides)
+    return {k: v for k, v in request.items() if v is not ...}
+
+
+async def lab_state(api: httpx.AsyncClient, task_id: str) -> dict[str, Any]:
+    answer = await api.get(f"{TASKS}/{task_id}", headers=auth())
+    assert answer.status_code == 200, answer.text
+    data: dict[str, Any] = answer.json()["data"]
+    return data
+
+
+async def lab_end(api: httpx.AsyncClient, task_id: str, timeout: float = 90) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        state = await lab_state(api, task_id)
+        if state["status"] != "running":
+            return state
+        assert asyncio.get_running_loop().time() < deadline, f"lab still running: {state}"
+        await asyncio.sleep(0.2)
+
+
+def owned_vms(pve: Any) -> dict[int, Any]:
+    return {vm.vmid: vm for vm in created_vms(pve)}
+
+
+def fail_configure(pve: Any, node: str, vmids: range) -> None:
+    """Configuring these VMIDs on `node` fails for good (PVE refuses the parameters)."""
+    for vmid in vmids:
+        pve.fail("PUT", f"/nodes/{node}/qemu/{vmid}/config", 400, "parameter verification failed")
+
+
+@pytest.mark.usefixtures("teacher", "worker")
+async def test_a_lab_of_12_is_spread_over_3_nodes(api: httpx.AsyncClient, pve: Any, engine: Engine) -> None:
+    pve.add_node("pve3")
+    answer = await api.post(LABS, json=lab(), headers=auth())
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["message"] == "Lab creation started"
+    data = answer.json()["data"]
+    assert data["task_id"].startswith("lab-")
+    vms = data["vms"]
+    assert [vm["vm_name"] for vm in vms] == [f"class-{n:02d}" for n in range(1, 13)]
+    assert len({vm["vmid"] for vm in vms}) == 12 and len({vm["task_id"] for vm in vms}) == 12
+    assert Counter(vm["node"] for vm in vms) == {"pve1": 4, "pve2": 4, "pve3": 4}
+
+    state = await lab_end(api, data["task_id"])
+    assert (state["status"], state["kind"], state["step"]) == ("succeeded", "lab", "done")
+    assert (state["result_code"], state["result_message"]) == (200, "Created 12 of 12 VMs")
+    assert [vm["status"] for vm in state["vms"]] == ["succeeded"] * 12
+    on_pve = owned_vms(pve)
+    assert len(on_pve) == 12
+    for vm in vms:
+        made = on_pve[int(vm["vmid"])]
+        assert (made.name, made.node) == (vm["vm_name"], vm["node"])
+        assert is_owned_by(str(made.config.get("description", "")), vm["task_id"])  # its own creation's marker
+    assert sorted(r.task_id for r in vm_records(engine)) == sorted(vm["task_id"] for vm in vms)
+    assert reservations(engine, HELD) == []
+    # Each VM is its own task, listed among the caller's tasks beside the lab.
+    # (Other tests of the session share the Temporal server: only this lab's tasks are counted.)
+    listed = (await api.get(TASKS, params={"limit": 200}, headers=auth())).json()["data"]["tasks"]
+    ours = [task for task in listed if task["task_id"].startswith(data["task_id"])]
+    assert Counter(task["kind"] for task in ours) == {"create": 12, "lab": 1}
+    mine = (await api.get("/api/v1/vm/manage/vms", headers=auth())).json()["data"]["vms"]
+    assert sorted(vm["task_id"] for vm in mine) == sorted(vm["task_id"] for vm in vms)
+
+
+@pytest.mark.usefixtures("worker")
+async def test_a_lab_over_the_plan_is_refused_with_nothing_created(
+    api: httpx.AsyncClient, pve: Any, engine: Engine, temporal: Client, settings: Settings
+) -> None:
+    answer = await api.post(LABS, json=lab(count=6), headers=auth())  # alice's plan holds 5 VMs
+    assert (answer.status_code, answer.json()["message"]) == (400, MSG_TOTAL_LIMIT)
+    assert answer.json()["data"] is None
+    assert created_vms(pve) == [] and vm_records(engine) == [] and reservations(engine) == []
+    # No creation was started (this test's task queue: the dev server is shared by the session's tests).
+    query = f"WorkflowType = 'CreateFromBoxWorkflow' AND TaskQueue = '{settings.temporal_task_queue}'"
+    assert [run async for run in temporal.list_workflows(query)] == []
+    # Five fit.
+    answer = await api.post(LABS, json=lab(count=5, cpuCores=1), headers=auth())
+    assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.usefixtures("teacher", "worker")
+async def test_a_lab_with_a_target_failing_ends_with_every_vm_made_elsewhere(
+    api: httpx.AsyncClient, pve: Any, engine: Engine
+) -> None:
+    pve.add_node("pve3")
+    fail_configure(pve, "pve3", range(100, 130))
+    answer = await api.post(LABS, json=lab(count=6, targets=["pve2", "pve3"]), headers=auth())
+    assert answer.status_code == 200, answer.text
+    first = answer.json()["data"]["vms"]
+    assert Counter(vm["node"] for vm in first) == {"pve2": 3, "pve3": 3}
+
+    state = await lab_end(api, answer.json()["data"]["task_id"])
+    assert (state["status"], state["result_message"]) == ("succeeded", "Created 6 of 6 VMs")
+    retried = [vm for vm in state["vms"] if vm["task_id"].endswith("-retry")]
+    assert len(retried) == 3
+    assert {vm["node"] for vm in state["vms"]} == {"pve2"}
+    on_pve = owned_vms(pve)
+    assert len(on_pve) == 6 and {vm.node for vm in on_pve.values()} == {"pve2"}
+    for vm in state["vms"]:
+        assert is_owned_by(str(on_pve[int(vm["vmid"])].config.get("description", "")), vm["task_id"])
+    assert len(vm_records(engine)) == 6 and reservations(engine, HELD) == []
+
+
+@pytest.mark.usefixtures("teacher", "worker")
+async def test_a_lab_with_permanent_failures_keeps_what_it_made(
+    api: httpx.AsyncClient, pve: Any, engine: Engine
+) -> None:
+    # One target: the VM that fails is tried again there, and fails again (whichever VMID it gets).
+    fail_configure(pve, "pve2", range(101, 130, 2))
+    answer = await api.post(LABS, json=lab(count=4, targets=["pve2"]), headers=auth())
+    assert answer.status_code == 200, answer.text
+    assert [vm["vmid"] for vm in answer.json()["data"]["vms"]] == ["100", "101", "102", "103"]
+
+    state = await lab_end(api, answer.json()["data"]["task_id"])
+    assert (state["status"], state["result_code"], state["result_message"]) == ("failed", 500, "Created 2 of 4 VMs")
+    statuses = {vm["vm_name"]: vm["status"] for vm in state["vms"]}
+    assert statuses == {"class-01": "succeeded", "class-02": "failed", "class-03": "succeeded", "class-04": "failed"}
+    # The two made are kept, whole; nothing half made is left, and no quota is held.
+    assert sorted(owned_vms(pve)) == [100, 102]
+    assert sorted(r.vmid for r in vm_records(engine)) == [100, 102]
+    assert reservations(engine, HELD) == []
+
+
+@pytest.mark.usefixtures("teacher", "worker")
+async def test_a_lab_is_deleted(api: httpx.AsyncClient, pve: Any, engine: Engine, temporal: Client) -> None:
+    answer = await api.post(LABS, json=lab(count=3), headers=auth())
+    task_id = answer.json()["data"]["task_id"]
+    early = await api.delete(f"{LABS}/{task_id}", headers=auth())
+    if early.status_code == 409:  # asked while it ran
+        assert early.json()["message"] == "Lab is still being created"
+    await lab_end(api, task_id)
+    assert len(owned_vms(pve)) == 3
+
+    deleted = await api.delete(f"{LABS}/{task_id}", headers=auth())
+    assert deleted.status_code == 200, deleted.text
+    assert deleted.json()["message"] == "Lab deletion started"
+    deletions = deleted.json()["data"]["deletions"]
+    assert deleted.json()["data"]["task_id"] == task_id and len(deletions) == 3
+    for deletion in deletions:
+        handle = temporal.get_workflow_handle(deletion["task_id"])
+        await asyncio.wait_for(handle.result(), 60)
+    assert owned_vms(pve) == {}
+    assert all(record.deleted_at is not None for record in vm_records(engine))
+    # Someone else's lab, and a task that is no lab, are no lab of the caller's.
+    assert (await api.delete(f"{LABS}/{task_id}", headers=auth(BOB))).status_code == 404
+    assert (await api.delete(f"{LABS}/{deletions[0]['task_id']}", headers=auth())).status_code == 404
+
+
+@pytest.mark.usefixtures("teacher", "one_clone_per_node", "worker")
+@pytest.mark.fakepve(time_scale=1)
+async def test_a_lab_cancelled_midway_keeps_the_vms_made_and_cleans_up_the_rest(
+    api: httpx.AsyncClient, pve: Any, engine: Engine, temporal: Client
+) -> None:
+    pve.add_ceph_storage("ceph")
+    pve.ceph_slow(1)  # each clone takes 1 s, one at a time
+    answer = await api.post(LABS, json=lab(count=5, storage="ceph"), headers=auth())
+    assert answer.status_code == 200, answer.text
+    task_id = answer.json()["data"]["task_id"]
+    await until(lambda: len(vm_records(engine)) >= 2, timeout=60)
+    cancelled = await api.post(f"{TASKS}/{task_id}/cancel", headers=auth())
+    assert cancelled.status_code == 200, cancelled.text
+
+    state = await lab_end(api, task_id)
+    assert state["status"] == "cancelled"
+    made = [vm for vm in state["vms"] if vm["status"] == "succeeded"]
+    assert 2 <= len(made) < 5
+    assert {vm["status"] for vm in state["vms"]} <= {"succeeded", "cancelled"}
+    description = await temporal.get_workflow_handle(task_id).describe()
+    assert description.status == WorkflowExecutionStatus.CANCELED
+    # The VMs made are kept; the creations cancelled cleaned up after themselves.
+    assert sorted(owned_vms(pve)) == sorted(int(vm["vmid"]) for vm in made)
+    assert len([r for r in vm_records(engine) if r.deleted_at is None]) == len(made)
+    assert reservations(engine, HELD) == []

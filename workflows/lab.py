@@ -1,0 +1,250 @@
+"""LabWorkflow: `count` VMs from one box in one request, as one CreateFromBoxWorkflow child per VM.
+
+Admission checks and holds the whole lab at once (every VM's quota and VMID, all or nothing) before the REST
+API answers, as for one VM (update-with-start, the `admission` update). Then each VM is its own creation: its
+own task, quota reservation, clone-slot turn and saga. A VM whose creation fails is tried once more on another
+target, under its name, with a new task id. Cancelling the lab cancels the creations still running (each
+cleans up) and keeps the VMs already made.
+
+The history holds one child per VM (three events each) and one memo update per workflow task in which a VM's
+state changed: about 10 events per VM, so a lab of 100 stays well within Temporal's limits without
+continue-as-new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError, ChildWorkflowError, is_cancelled_exception
+from temporalio.workflow import ParentClosePolicy
+
+with workflow.unsafe.imports_passed_through():
+    from activities.lab import LabActivities, creation_input
+    from payloads import (
+        MSG_UNAVAILABLE,
+        CreateFromBoxResult,
+        Failure,
+        LabAdmission,
+        LabAdmitInput,
+        LabAdmitted,
+        LabInput,
+        LabResult,
+        LabStep,
+        LabVm,
+        LabVmStatus,
+        RetryTargetInput,
+        TaskKind,
+        TaskState,
+        lab_result_message,
+        status_of,
+    )
+    from workflows import search_attributes
+    from workflows.create_from_box import CreateFromBoxWorkflow
+    from workflows.metadata import creation_details, creation_summary
+    from workflows.policies import CLEANUP_RETRY, DB_TIMEOUT, PVE_BUDGET, PVE_RETRY, admission_refusal, is_reset
+    from workflows.policies import to_the_end as _to_the_end
+
+# The ApplicationError type of a lab that made only some of its VMs (result_code 500).
+LAB_INCOMPLETE = "LabIncomplete"
+# The memo key of the state (api/task_state.py reads it).
+STATE_MEMO = "state"
+
+
+@workflow.defn
+class LabWorkflow:
+    def __init__(self) -> None:
+        self._admission: LabAdmission | None = None
+        self._refusal: ApplicationError | None = None
+        self._state = TaskState(owner="", kind=TaskKind.LAB.value)
+        self._box_id = ""
+        self._cancelled = False
+        self._changed = False
+
+    @workflow.update
+    async def admission(self) -> LabAdmission:
+        """Answers once the whole lab is admitted (names, VMIDs and nodes fixed), or fails with the refusal."""
+        await workflow.wait_condition(lambda: self._admission is not None or self._refusal is not None)
+        if self._refusal is not None:
+            raise self._refusal
+        assert self._admission is not None
+        return self._admission
+
+    @workflow.query
+    def state(self) -> TaskState:
+        return self._state
+
+    @workflow.run
+    async def run(self, input: LabInput) -> LabResult:
+        task_id = workflow.info().workflow_id
+        if is_reset():  # see CreateFromBoxWorkflow.run: a reset run is admitted anew, without the old deadline
+            input = dataclasses.replace(input, admit_by=None)
+        self._box_id = input.box_id
+        self._state = TaskState(owner=input.username, vm_name=input.name, kind=TaskKind.LAB.value)
+        self._publish(LabStep.ADMISSION)
+        workflow.set_current_details(f"admitting a lab of {input.count} VMs")
+        try:
+            admitted = await self._admit(input, task_id)
+        except (Exception, asyncio.CancelledError) as err:  # not BaseException: eviction must pass through
+            refusal = admission_refusal(err)
+            self._refusal = refusal
+            self._end(status_of(refusal.type), refusal.message)
+            workflow.set_current_details(f"done: not admitted: {refusal.message}")
+            await self._to_the_end(workflow.wait_condition(workflow.all_handlers_finished))
+            if self._cancelled or is_cancelled_exception(err):
+                raise asyncio.CancelledError() from None
+            raise refusal from None
+
+        self._state.vms = admitted.vms
+        self._admission = LabAdmission(task_id=task_id, vms=[dataclasses.replace(vm) for vm in admitted.vms])
+        self._publish(LabStep.VMS)
+        publisher = asyncio.create_task(self._keep_state_published())
+        try:
+            await self._make_all(input, admitted.targets)
+        finally:
+            publisher.cancel()
+        # Quota held for a creation that never ran (cancelled before it started) goes back; what the others
+        # held, they gave back or turned into their VMs themselves.
+        await self._to_the_end(self._release([vm.task_id for vm in admitted.vms]))
+        made = sum(vm.status == LabVmStatus.SUCCEEDED for vm in self._state.vms)
+        message = lab_result_message(made, input.count)
+        self._end(200 if made == input.count else 500, message)
+        workflow.set_current_details(f"done: {message}")
+        if self._cancelled:
+            raise asyncio.CancelledError()
+        if made < input.count:
+            raise ApplicationError(message, type=LAB_INCOMPLETE, non_retryable=True)
+        return LabResult(vms=self._state.vms, made=made)
+
+    # ---------------------------------------------------------------------------- admission
+
+    async def _admit(self, input: LabInput, task_id: str) -> LabAdmitted:
+        admitted = await workflow.execute_local_activity_method(
+            LabActivities.admit_lab,
+            LabAdmitInput(task_id=task_id, request=input),
+            start_to_close_timeout=timedelta(seconds=60),
+            schedule_to_close_timeout=_budget(input.admit_by, PVE_BUDGET),
+            retry_policy=PVE_RETRY,
+            summary=f"admit a lab of {input.count} VMs for {input.username}",
+        )
+        if input.admit_by is not None and workflow.now() > input.admit_by:
+            # The caller answered 503 and gave the lab up: it must create nothing.
+            await self._to_the_end(self._release([vm.task_id for vm in admitted.vms]))
+            raise ApplicationError(MSG_UNAVAILABLE, type=Failure.UNAVAILABLE.value, non_retryable=True)
+        return admitted
+
+    async def _release(self, task_ids: list[str]) -> None:
+        await workflow.execute_local_activity_method(
+            LabActivities.release_lab,
+            task_ids,
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=CLEANUP_RETRY,
+            summary="give back the quota of creations that did not run",
+        )
+
+    # ---------------------------------------------------------------------------- the VMs
+
+    async def _make_all(self, input: LabInput, targets: list[str]) -> None:
+        """Every VM's creation at once; a cancellation of the lab cancels those still running and waits until
+        each has cleaned up."""
+        workflow.set_current_details(f"creating {input.count} VMs on {', '.join(targets)}")
+        makers = [asyncio.create_task(self._make(vm, input, targets)) for vm in self._state.vms]
+        everything = asyncio.gather(*makers, return_exceptions=True)
+        try:
+            await asyncio.shield(everything)
+        except asyncio.CancelledError:
+            self._cancelled = True
+            workflow.set_current_details("cancelled: waiting for the running creations to clean up")
+            for maker in makers:
+                maker.cancel()
+            await self._to_the_end(everything)
+
+    async def _make(self, vm: LabVm, input: LabInput, targets: list[str]) -> None:
+        """One VM: its creation as a child, and once more on another target if it fails."""
+        first_task_id = vm.task_id
+        try:
+            for attempt in (1, 2):
+                if attempt == 2:
+                    vm.node = await self._retry_target(targets, vm.node, input.memory_mb)
+                    vm.task_id, vm.vmid = f"{first_task_id}-retry", None
+                    self._set(vm, LabVmStatus.RUNNING)
+                try:
+                    result = await self._create(vm, input)
+                except ChildWorkflowError as err:
+                    if self._cancelled or is_cancelled_exception(err):
+                        self._set(vm, LabVmStatus.CANCELLED)
+                        return
+                    workflow.logger.warning("lab VM %s failed on %s: %s", vm.vm_name, vm.node, err.cause)
+                    self._set(vm, LabVmStatus.FAILED)
+                    continue
+                vm.vmid, vm.node = result.vmid, result.node
+                self._set(vm, LabVmStatus.SUCCEEDED)
+                return
+        except asyncio.CancelledError:
+            # Cancelled between its creations (choosing a node, or before its child started).
+            if vm.status == LabVmStatus.RUNNING:
+                self._set(vm, LabVmStatus.CANCELLED)
+
+    async def _create(self, vm: LabVm, input: LabInput) -> CreateFromBoxResult:
+        creation = creation_input(input, vm.vm_name, vm.node)
+        initial = TaskState(owner=input.username, vm_name=vm.vm_name, node=vm.node)
+        return await workflow.execute_child_workflow(
+            CreateFromBoxWorkflow.run,
+            creation,
+            id=vm.task_id,
+            # A lab that is terminated (not cancelled) still lets its creations clean up.
+            parent_close_policy=ParentClosePolicy.REQUEST_CANCEL,
+            memo={STATE_MEMO: dataclasses.asdict(initial)},
+            search_attributes=search_attributes.at_start(input.username, box_id=input.box_id, node=vm.node),
+            static_summary=creation_summary(creation),
+            static_details=creation_details(creation),
+        )
+
+    async def _retry_target(self, targets: list[str], failed: str, memory_mb: int) -> str:
+        return await workflow.execute_local_activity_method(
+            LabActivities.retry_target,
+            RetryTargetInput(targets=targets, failed=failed, memory_mb=memory_mb),
+            start_to_close_timeout=timedelta(seconds=30),
+            schedule_to_close_timeout=PVE_BUDGET,
+            retry_policy=PVE_RETRY,
+            summary="choose another node",
+        )
+
+    # ---------------------------------------------------------------------------- state
+
+    def _set(self, vm: LabVm, status: LabVmStatus) -> None:
+        vm.status = status.value
+        self._changed = True
+
+    async def _keep_state_published(self) -> None:
+        """One memo update per workflow task in which some VM's state changed, however many changed in it."""
+        while True:
+            await workflow.wait_condition(lambda: self._changed)
+            self._changed = False
+            self._publish(LabStep.VMS)
+
+    def _publish(self, step: LabStep) -> None:
+        self._state.step = step.value
+        workflow.upsert_memo({STATE_MEMO: dataclasses.asdict(self._state)})
+        workflow.upsert_search_attributes(search_attributes.current(self._state.owner, step.value, box_id=self._box_id))
+
+    def _end(self, code: int, message: str) -> None:
+        self._state.result_code = code
+        self._state.result_message = message
+        self._publish(LabStep.DONE)
+
+    async def _to_the_end(self, step):  # type: ignore[no-untyped-def]
+        return await _to_the_end(step, self._keep_cancellation)
+
+    def _keep_cancellation(self) -> None:
+        self._cancelled = True
+
+
+def _budget(admit_by: datetime | None, default: timedelta) -> timedelta:
+    """What is left of the caller's admission deadline, else `default` (at least a moment: an expired
+    deadline is refused by the activity itself)."""
+    if admit_by is None:
+        return default
+    return max(min(admit_by - workflow.now(), default), timedelta(seconds=1))
