@@ -4,6 +4,7 @@ Re-exported by payloads (import them from there); the same rules as payloads': n
 `from __future__ import annotations`, defaults on every field added later, no side effects.
 """
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -24,6 +25,15 @@ def lab_vm_names(name: str, count: int) -> list[str]:
     """<name>-01 .. <name>-NN: two digits, three for every VM when there are 100 of them."""
     width = 3 if count >= 100 else 2
     return [f"{name}-{number:0{width}d}" for number in range(1, count + 1)]
+
+
+def lab_vm_memo_key(index: int) -> str:
+    """The memo key under which a lab keeps the state of its VM number `index` (0-based): `vm000`, `vm001`, ...
+    (each on its own, so that a change of one VM rewrites only its key)."""
+    return f"vm{index:03d}"
+
+
+LAB_VM_MEMO_KEY = re.compile(r"vm\d{3}")
 
 
 class LabStep(StrEnum):

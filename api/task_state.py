@@ -15,7 +15,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.errors import TEMPORAL_UNAVAILABLE, ApiError
 from api.schemas import LabVmState, TaskStateData, TaskStatus
-from payloads import LabVm, TaskKind, TaskState
+from payloads import LAB_VM_MEMO_KEY, LabVm, TaskKind, TaskState
 from workflows import CreateFromBoxWorkflow, DeleteVmWorkflow, LabWorkflow, PowerVmWorkflow
 from workflows.create_from_box import OWNER
 
@@ -48,7 +48,8 @@ class Task:
         if STATE_MEMO not in self.memo:
             return None
         state = TaskState(**self.memo[STATE_MEMO])
-        state.vms = [LabVm(**vm) if isinstance(vm, dict) else vm for vm in state.vms]  # the memo holds JSON
+        # A lab keeps each VM under a key of its own (workflows.lab), in the order of the keys.
+        state.vms = [LabVm(**self.memo[key]) for key in sorted(self.memo) if LAB_VM_MEMO_KEY.fullmatch(key)]
         return state
 
     @property

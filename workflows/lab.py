@@ -39,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         TaskKind,
         TaskState,
         lab_result_message,
+        lab_vm_memo_key,
         status_of,
     )
     from workflows import search_attributes
@@ -58,10 +59,11 @@ class LabWorkflow:
     def __init__(self) -> None:
         self._admission: LabAdmission | None = None
         self._refusal: ApplicationError | None = None
-        self._state = TaskState(owner="", kind=TaskKind.LAB.value)
+        self._state = TaskState(owner="", kind=TaskKind.LAB.value)  # without its VMs: they are in self._vms
+        self._vms: list[LabVm] = []
         self._box_id = ""
         self._cancelled = False
-        self._changed = False
+        self._changed: set[int] = set()  # the VMs whose state changed since it was last published
 
     @workflow.update
     async def admission(self) -> LabAdmission:
@@ -74,7 +76,7 @@ class LabWorkflow:
 
     @workflow.query
     def state(self) -> TaskState:
-        return self._state
+        return dataclasses.replace(self._state, vms=self._vms)
 
     @workflow.run
     async def run(self, input: LabInput) -> LabResult:
@@ -97,8 +99,9 @@ class LabWorkflow:
                 raise asyncio.CancelledError() from None
             raise refusal from None
 
-        self._state.vms = admitted.vms
+        self._vms = admitted.vms
         self._admission = LabAdmission(task_id=task_id, vms=[dataclasses.replace(vm) for vm in admitted.vms])
+        self._changed = set(range(len(self._vms)))
         self._publish(LabStep.VMS)
         publisher = asyncio.create_task(self._keep_state_published())
         try:
@@ -108,7 +111,7 @@ class LabWorkflow:
         # Quota held for a creation that never ran (cancelled before it started) goes back; what the others
         # held, they gave back or turned into their VMs themselves.
         await self._to_the_end(self._release([vm.task_id for vm in admitted.vms]))
-        made = sum(vm.status == LabVmStatus.SUCCEEDED for vm in self._state.vms)
+        made = sum(vm.status == LabVmStatus.SUCCEEDED for vm in self._vms)
         message = lab_result_message(made, input.count)
         self._end(200 if made == input.count else 500, message)
         workflow.set_current_details(f"done: {message}")
@@ -116,7 +119,7 @@ class LabWorkflow:
             raise asyncio.CancelledError()
         if made < input.count:
             raise ApplicationError(message, type=LAB_INCOMPLETE, non_retryable=True)
-        return LabResult(vms=self._state.vms, made=made)
+        return LabResult(vms=self._vms, made=made)
 
     # ---------------------------------------------------------------------------- admission
 
@@ -150,7 +153,7 @@ class LabWorkflow:
         """Every VM's creation at once; a cancellation of the lab cancels those still running and waits until
         each has cleaned up."""
         workflow.set_current_details(f"creating {input.count} VMs on {', '.join(targets)}")
-        makers = [asyncio.create_task(self._make(vm, input, targets)) for vm in self._state.vms]
+        makers = [asyncio.create_task(self._make(vm, input, targets)) for vm in self._vms]
         everything = asyncio.gather(*makers, return_exceptions=True)
         try:
             await asyncio.shield(everything)
@@ -216,17 +219,26 @@ class LabWorkflow:
 
     def _set(self, vm: LabVm, status: LabVmStatus) -> None:
         vm.status = status.value
-        self._changed = True
+        self._changed.add(self._vms.index(vm))
 
     async def _keep_state_published(self) -> None:
         """One memo update per workflow task in which some VM's state changed, however many changed in it."""
         while True:
-            await workflow.wait_condition(lambda: self._changed)
-            self._changed = False
-            self._publish(LabStep.VMS)
+            await workflow.wait_condition(lambda: bool(self._changed))
+            self._publish_vms()
+
+    def _publish_vms(self) -> None:
+        """Only the VMs that changed, each under a memo key of its own (payloads.lab_vm_memo_key): the memo
+        update, which the history keeps whole, stays small, and the history grows with the VMs, not with
+        their square."""
+        changed = {lab_vm_memo_key(i): dataclasses.asdict(self._vms[i]) for i in sorted(self._changed)}
+        self._changed.clear()
+        if changed:
+            workflow.upsert_memo(changed)
 
     def _publish(self, step: LabStep) -> None:
         self._state.step = step.value
+        self._publish_vms()
         workflow.upsert_memo({STATE_MEMO: dataclasses.asdict(self._state)})
         workflow.upsert_search_attributes(search_attributes.current(self._state.owner, step.value, box_id=self._box_id))
 
