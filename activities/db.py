@@ -100,7 +100,9 @@ class DbActivities:
 
     @activity.defn
     def release_quota(self, task_id: str) -> None:
-        quota.release(self.engine, task_id)
+        """Undo what the creation holds against the plan: its quota, or its record if that was written (see
+        quota.undo_creation). The workflow calls it after admission failed, or after destroying the VM."""
+        quota.undo_creation(self.engine, task_id)
 
 
 def _size(wanted: CreateFromBoxInput | FinishInput) -> quota.Size:

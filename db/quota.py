@@ -247,6 +247,28 @@ def release(engine: Engine, task_id: str) -> bool:
         return True
 
 
+def undo_creation(engine: Engine, task_id: str) -> bool:
+    """A creation's undo, after its VM is destroyed (or never made): give back the quota held for task_id, or,
+    if the creation was recorded already, take the record back too (marked deleted, its reservation released).
+    The record can be there although the run never saw it written: the workflow task that ran the record's
+    local activity failed (a cancellation came in as it completed) and the run, replayed, was cancelled before
+    that step. True if this call changed anything."""
+    with session(engine) as db, db.begin():
+        reservation = db.get(Reservation, task_id)
+        if reservation is None or reservation.state == RELEASED:
+            return False
+        lock_user(db, reservation.username)
+        db.refresh(reservation)  # as it is now that nothing else can change it
+        if reservation.state == RELEASED:
+            return False
+        record = db.get(Vm, task_id)
+        if record is not None and record.deleted_at is None:
+            record.deleted_at = utcnow()
+        reservation.state = RELEASED
+        reservation.updated_at = utcnow()
+        return True
+
+
 def usage_of_user(engine: Engine, username: str) -> Usage:
     with session(engine) as db:
         return usage_of(db, username)

@@ -1,9 +1,9 @@
 """The chaos suite: real worker and API processes against fakepve with its fault injection, worker kills,
-a Temporal server restart and an API restart, with deletions (DELETE vms/{vmid}) and cancels (POST
-tasks/{id}/cancel) among the creations. After every phase: every task ended, every deletion succeeded; the
-VMs on PVE are exactly the succeeded creations minus the deleted ones, each once; no reservation, clone slot
-or deletion mark is left without a live run; the quota arithmetic is exact; and `boxctl reconcile` finds
-nothing to repair."""
+a Temporal server restart and an API restart, with deletions (DELETE vms/{vmid}), cancels (POST
+tasks/{id}/cancel) and labs (POST labs, one of them cancelled) among the creations. After every phase: every
+task ended, every deletion succeeded; the VMs on PVE are exactly the succeeded creations minus the deleted
+ones, each once; no reservation, clone slot or deletion mark is left without a live run; the quota arithmetic
+is exact; and `boxctl reconcile` finds nothing to repair."""
 
 from __future__ import annotations
 
@@ -31,11 +31,11 @@ from db.load import load_admin_data
 from db.models import COMMITTED, HELD, CloneGrant, CloneSlot
 from dev.fakepve_cluster import TEMPLATE_VMID
 from dev.stack import HOST, Proc, Stack, free_port, settings_env
-from payloads import OWNER_MARK
+from payloads import LAB_VM_MEMO_KEY, OWNER_MARK
 from reconcile import reconcile
 from settings import Settings
 from tests.conftest import created_vms, reservations, vm_records
-from tests.factories import auth, body
+from tests.factories import BOX, auth, body
 
 pytestmark = [
     pytest.mark.slow,
@@ -68,6 +68,7 @@ class Ledger:
     ended: set[str] = field(default_factory=set)
     deletions: dict[str, str] = field(default_factory=dict)  # deletion task id -> the creation's task id
     deleted: set[str] = field(default_factory=set)  # creations whose VM a deletion removed
+    labs: dict[str, dict[str, Any]] = field(default_factory=dict)  # lab task id -> request
 
     @property
     def alive(self) -> dict[str, int]:
@@ -185,6 +186,29 @@ async def create(cluster: Cluster, ledger: Ledger, n: int, **overrides: Any) -> 
     return admitted
 
 
+async def create_lab(cluster: Cluster, ledger: Ledger, count: int) -> str | None:
+    """A lab of `count` VMs through the API process; its creations join the ledger when it has ended."""
+    assert cluster.api
+    request = {
+        "box_id": BOX,
+        "name": f"lab-{len(ledger.labs)}-{random.randrange(10**6)}",
+        "count": count,
+        "cpuCores": 1,
+        "memorySize": 512,
+        "diskSize": 10,
+        "storage": "ceph",
+    }
+    async with httpx.AsyncClient(timeout=60) as client:
+        answer = await client.post(f"{cluster.api.url}{API}/labs", json=request, headers=auth())
+    if answer.status_code != 200:
+        assert answer.status_code == 503, answer.text
+        ledger.refused[503] += 1
+        return None
+    task_id: str = answer.json()["data"]["task_id"]
+    ledger.labs[task_id] = request
+    return task_id
+
+
 async def delete(cluster: Cluster, ledger: Ledger, n: int) -> None:
     """n of the VMs made so far (and not being deleted) deleted at once through the API process."""
     assert cluster.api
@@ -210,7 +234,7 @@ async def cancel(cluster: Cluster, ledger: Ledger, task_id: str) -> None:
 async def settle(cluster: Cluster, ledger: Ledger, timeout: float = 240) -> None:
     """Wait until every admitted run and every deletion has ended, and record how."""
     assert cluster.client
-    pending = [t for t in [*ledger.tasks, *ledger.deletions] if t not in ledger.ended]
+    pending = [t for t in [*ledger.tasks, *ledger.deletions, *ledger.labs] if t not in ledger.ended]
     deadline = asyncio.get_running_loop().time() + timeout
     while pending:
         assert asyncio.get_running_loop().time() < deadline, f"runs still going: {pending}"
@@ -222,6 +246,17 @@ async def settle(cluster: Cluster, ledger: Ledger, timeout: float = 240) -> None
                 continue
             outcome = description.status.name.lower() if description.status else "unknown"
             ledger.ended.add(task_id)
+            if task_id in ledger.labs:
+                ledger.outcomes[f"lab {outcome}"] += 1
+                # Its VMs' creations (the last try of each) are creations like the others, ended with the lab; one
+                # cancelled may never have started (and then held nothing that the invariants would not see).
+                lab = ledger.labs[task_id]
+                for vm in lab_vms(await description.memo()):
+                    if vm["status"] == "cancelled":
+                        continue
+                    ledger.tasks[vm["task_id"]] = {k: lab[k] for k in ("cpuCores", "memorySize", "diskSize")}
+                    still.append(vm["task_id"])
+                continue
             if task_id in ledger.deletions:
                 ledger.outcomes[f"deletion {outcome}"] += 1
                 if description.status == WorkflowExecutionStatus.COMPLETED:
@@ -234,6 +269,11 @@ async def settle(cluster: Cluster, ledger: Ledger, timeout: float = 240) -> None
         pending = still
         if pending:
             await asyncio.sleep(0.5)
+
+
+def lab_vms(memo: dict[str, Any]) -> list[dict[str, Any]]:
+    """A lab's VMs as its memo keeps them (workflows/lab.py), each under a key of its own."""
+    return [memo[key] for key in sorted(memo) if LAB_VM_MEMO_KEY.fullmatch(key)]
 
 
 def check_invariants(pve: Any, engine: Engine, ledger: Ledger) -> None:
@@ -252,6 +292,12 @@ def check_invariants(pve: Any, engine: Engine, ledger: Ledger) -> None:
     committed = {r.task_id for r in reservations(engine, COMMITTED)}
     assert committed == set(ledger.succeeded)
     records = vm_records(engine)
+    # A record of a creation that did not succeed exists only when a cancellation undid the creation just as its
+    # record was written (the workflow task that wrote it failed): the undo took it back, it counts for nothing.
+    undone = [v for v in records if v.task_id not in ledger.succeeded]
+    assert all(v.deleted_at is not None for v in undone), undone
+    ledger.faults["records written, then undone by a cancel"] = len(undone)
+    records = [v for v in records if v.task_id in ledger.succeeded]
     assert {v.task_id: v.vmid for v in records} == ledger.succeeded
     assert {v.task_id for v in records if v.deleted_at is not None} == ledger.deleted
     assert [v.task_id for v in records if v.deleted_at is None and v.deleting_task_id is not None] == []
@@ -284,13 +330,14 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
     pve.flaky_network(drop_rate=0.08)  # at random: fakepve seeds its dice only at start
     ledger.faults["flaky network (8% of requests dropped)"] += 1
     await create(cluster, ledger, 6)
+    await create_lab(cluster, ledger, 4)
     await asyncio.sleep(0.5)
     cluster.kill_worker(0)
     ledger.faults["worker SIGKILL"] += 1
     await settle(cluster, ledger)
     pve.flaky_network()
     check_invariants(pve, engine, ledger)
-    ledger.phase_done("1 flaky network, worker kill")
+    ledger.phase_done("1 flaky network, worker kill, a lab")
 
     # 2. Lock timeouts and 5xx on clone and configuration, and the other worker killed.
     pve.fail("POST", "/clone", 500, "can't lock file '/var/lock/pve-manager/pve-storage-ceph' - got timeout", times=3)
@@ -328,6 +375,7 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
 
     # 4. The Temporal server restarted (file-backed) and the API process restarted, with runs in flight.
     await create(cluster, ledger, 6)
+    await create_lab(cluster, ledger, 3)
     await delete(cluster, ledger, 2)
     await asyncio.sleep(0.5)
     assert cluster.temporal
@@ -342,7 +390,7 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
     await create(cluster, ledger, 3)
     await settle(cluster, ledger)
     check_invariants(pve, engine, ledger)
-    ledger.phase_done("4 Temporal and API restarts, deletions")
+    ledger.phase_done("4 Temporal and API restarts, deletions, a lab")
 
     # 5. Permanent faults: the clone refused, then the configuration refused; and cancellations mid-clone.
     pve.fail("POST", "/clone", error="permission_denied")
@@ -358,9 +406,13 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
     for task_id in await create(cluster, ledger, 3):
         await asyncio.sleep(0.3)
         await cancel(cluster, ledger, task_id)
+    lab = await create_lab(cluster, ledger, 4)
+    if lab:
+        await asyncio.sleep(1.5)
+        await cancel(cluster, ledger, lab)
     await settle(cluster, ledger)
     check_invariants(pve, engine, ledger)
-    ledger.phase_done("5 permanent faults, cancels")
+    ledger.phase_done("5 permanent faults, cancels, a lab cancelled")
 
     # The safety net agrees: nothing to repair.
     report = await reconcile(settings, fix=False)
@@ -369,6 +421,7 @@ async def test_chaos(cluster: Cluster, settings: Settings, pve: Any, engine: Eng
     summary = {
         "admitted": len(ledger.tasks),
         "deletions": len(ledger.deletions),
+        "labs": len(ledger.labs),
         "refused_503": ledger.refused[503],
         "api_unreachable": ledger.refused[0],
         "outcomes": dict(ledger.outcomes),

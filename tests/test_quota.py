@@ -12,7 +12,8 @@ import pytest
 from sqlalchemy import Engine, event, text
 
 from db import quota
-from db.models import COMMITTED, HELD, RELEASED
+from db.engine import session
+from db.models import COMMITTED, HELD, RELEASED, Vm
 from payloads import Failure
 from tests.conftest import reservations
 
@@ -131,3 +132,21 @@ def test_a_refusal_and_a_retry_never_wait_for_the_vmid_lock_that_every_users_cre
         finally:
             other.rollback()
         assert fitting.result(timeout=5) == 1003
+
+
+def test_undoing_a_creation_takes_back_its_record_when_it_was_written(engine: Engine) -> None:
+    # The compensation destroyed the VM; its record may have been written by a workflow task that then failed
+    # (the run never saw it): the record must not go on counting a VM that is gone.
+    assert attempt(engine, 3) == 1003
+    quota.commit(engine, created("t3", 1003))
+    assert quota.usage_of_user(engine, "alice").vms == 1
+    assert quota.undo_creation(engine, "t3") is True
+    assert quota.undo_creation(engine, "t3") is False  # once
+    assert quota.usage_of_user(engine, "alice").vms == 0
+    assert [r.state for r in reservations(engine)] == [RELEASED]
+    with session(engine) as db:
+        assert db.get(Vm, "t3").deleted_at is not None  # type: ignore[union-attr]
+    # Before any record, it gives back the held quota, as release does.
+    assert attempt(engine, 4) == 1004
+    assert quota.undo_creation(engine, "t4") is True
+    assert quota.usage_of_user(engine, "alice").vms == 0

@@ -84,6 +84,7 @@ class CreateFromBoxWorkflow:
         self._admit_by: datetime | None = None
         self._cancelled = False
         self._clone_slot_granted = False
+        self._recorded = False  # the VM is recorded as made: nothing undoes it any more
         self._vm = VmRef(task_id="", node="", vmid=0)
         self._box_id = ""
 
@@ -151,7 +152,7 @@ class CreateFromBoxWorkflow:
         self._publish(step)
         try:
             await work
-            if self._cancelled:
+            if self._cancelled and not self._recorded:
                 # Cancelled during a step that had to finish first (freeing the clone slot): it still holds.
                 raise asyncio.CancelledError()
         except (Exception, asyncio.CancelledError) as err:
@@ -313,7 +314,10 @@ class CreateFromBoxWorkflow:
 
     async def _record(self, input: CreateFromBoxInput, admitted: Admitted) -> None:
         done = finish_input(self._vm, input, admitted, self._state.ip_addresses)
-        await db_step(DbActivities.commit_creation, done, summary=f"record VM {self._vm.vmid}")
+        # The last step, and to its end: once the VM is recorded, it is the owner's and counts against the plan,
+        # so a cancellation that comes meanwhile (a lab cancelled as its VMs are made) is too late to undo it.
+        await self._uncancellable(db_step(DbActivities.commit_creation, done, summary=f"record VM {self._vm.vmid}"))
+        self._recorded = True
 
     # ---------------------------------------------------------------------------- undo
 

@@ -150,45 +150,46 @@ class LabWorkflow:
     # ---------------------------------------------------------------------------- the VMs
 
     async def _make_all(self, input: LabInput, targets: list[str]) -> None:
-        """Every VM's creation at once; a cancellation of the lab cancels those still running and waits until
-        each has cleaned up."""
+        """Every VM's creation at once. A cancellation of the lab asks each creation still running to cancel
+        (each cleans up), and waits for what each really ended with: one that was recording its VM keeps it."""
         workflow.set_current_details(f"creating {input.count} VMs on {', '.join(targets)}")
-        makers = [asyncio.create_task(self._make(vm, input, targets)) for vm in self._vms]
-        everything = asyncio.gather(*makers, return_exceptions=True)
+        everything = asyncio.gather(*(self._make(vm, input, targets) for vm in self._vms))
         try:
             await asyncio.shield(everything)
         except asyncio.CancelledError:
             self._cancelled = True
             workflow.set_current_details("cancelled: waiting for the running creations to clean up")
-            for maker in makers:
-                maker.cancel()
+            running = [vm.task_id for vm in self._vms if vm.status == LabVmStatus.RUNNING]
+            # Asked by id, not by cancelling the tasks that await them: those then see each child's real end.
+            asking = [workflow.get_external_workflow_handle(task_id).cancel() for task_id in running]
+            await self._to_the_end(asyncio.gather(*asking, return_exceptions=True))  # an ended one cannot be
             await self._to_the_end(everything)
 
     async def _make(self, vm: LabVm, input: LabInput, targets: list[str]) -> None:
         """One VM: its creation as a child, and once more on another target if it fails."""
         first_task_id = vm.task_id
-        try:
-            for attempt in (1, 2):
-                if attempt == 2:
-                    vm.node = await self._retry_target(targets, vm.node, input.memory_mb)
-                    vm.task_id, vm.vmid = f"{first_task_id}-retry", None
-                    self._set(vm, LabVmStatus.RUNNING)
-                try:
-                    result = await self._create(vm, input)
-                except ChildWorkflowError as err:
-                    if self._cancelled or is_cancelled_exception(err):
-                        self._set(vm, LabVmStatus.CANCELLED)
-                        return
-                    workflow.logger.warning("lab VM %s failed on %s: %s", vm.vm_name, vm.node, err.cause)
-                    self._set(vm, LabVmStatus.FAILED)
-                    continue
-                vm.vmid, vm.node = result.vmid, result.node
-                self._set(vm, LabVmStatus.SUCCEEDED)
-                return
-        except asyncio.CancelledError:
-            # Cancelled between its creations (choosing a node, or before its child started).
-            if vm.status == LabVmStatus.RUNNING:
-                self._set(vm, LabVmStatus.CANCELLED)
+        for attempt in (1, 2):
+            if attempt == 2:
+                vm.node = await self._retry_target(targets, vm.node, input.memory_mb)
+                if self._cancelled:
+                    self._set(vm, LabVmStatus.CANCELLED)  # the lab was cancelled while choosing
+                    return
+                vm.task_id, vm.vmid = f"{first_task_id}-retry", None
+                self._set(vm, LabVmStatus.RUNNING)
+            try:
+                result = await self._create(vm, input)
+            except ChildWorkflowError as err:
+                if is_cancelled_exception(err):
+                    self._set(vm, LabVmStatus.CANCELLED)
+                    return
+                workflow.logger.warning("lab VM %s failed on %s: %s", vm.vm_name, vm.node, err.cause)
+                self._set(vm, LabVmStatus.FAILED)
+                if self._cancelled:
+                    return
+                continue
+            vm.vmid, vm.node = result.vmid, result.node
+            self._set(vm, LabVmStatus.SUCCEEDED)
+            return
 
     async def _create(self, vm: LabVm, input: LabInput) -> CreateFromBoxResult:
         creation = creation_input(input, vm.vm_name, vm.node)
