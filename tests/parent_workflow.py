@@ -8,7 +8,7 @@ from temporalio.exceptions import ApplicationError, ChildWorkflowError
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
-    from workflows import CreateFromBoxInput, CreateFromBoxResult, CreateFromBoxWorkflow
+    from workflows import CreateFromBoxInput, CreateFromBoxResult, CreateFromBoxWorkflow, LabInput, LabWorkflow
 
 
 @workflow.defn
@@ -29,3 +29,23 @@ class ParentWorkflow:
             assert isinstance(err.cause, ApplicationError)
             return f"failed: {err.cause.message}"
         return f"created {result.vm_name} as {result.vmid} on {result.node}"
+
+
+@workflow.defn
+class CourseWorkflow:
+    """A course platform's workflow that makes a class's lab as one of its steps."""
+
+    @workflow.run
+    async def run(self, input: LabInput, task_queue: str) -> str:
+        try:
+            result = await workflow.execute_child_workflow(
+                LabWorkflow.run,
+                input,
+                id=f"{workflow.info().workflow_id}-lab",
+                task_queue=task_queue,
+                parent_close_policy=ParentClosePolicy.REQUEST_CANCEL,
+            )
+        except ChildWorkflowError as err:
+            assert isinstance(err.cause, ApplicationError)
+            return f"failed: {err.cause.message}"
+        return f"made {result.made}: " + ", ".join(f"{vm.vm_name}={vm.vmid}@{vm.node}" for vm in result.vms)

@@ -4,6 +4,8 @@ and a real Temporal dev server, with the state of PVE and of the database checke
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -11,14 +13,17 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.worker import Worker
 
+from api.idempotency import MSG_KEY_REUSED
 from db.load import load_admin_data
 from db.models import HELD
-from payloads import MSG_TOTAL_LIMIT
+from payloads import MSG_BOX_NOT_FOUND, MSG_TOTAL_LIMIT, LabInput
 from pve.ownership import is_owned_by
 from settings import Settings
 from tests.conftest import created_vms, reservations, vm_records
-from tests.factories import ADMIN_DATA, BOB, BOX, auth
+from tests.factories import ADMIN_DATA, BOB, BOX, auth, body
+from tests.parent_workflow import CourseWorkflow
 from tests.waiting import until
 
 LABS = "/api/v1/vm/manage/labs"
@@ -242,3 +247,70 @@ async def test_a_lab_of_100_keeps_a_bounded_history(api: httpx.AsyncClient, pve:
     # continue-as-new. The memo of every VM at each update came to 2 MB, growing with the square of the VMs.
     assert len(history.events) < 1000
     assert size < 1536 * 1024
+
+
+@pytest.mark.usefixtures("teacher", "worker")
+async def test_a_lab_runs_as_a_child_workflow(temporal: Client, settings: Settings, pve: Any) -> None:
+    parent_queue = f"course-{uuid.uuid4().hex[:8]}"
+    course = LabInput(
+        username="alice", box_id=BOX, name="course", count=2, cpu_cores=1, memory_mb=512, disk_gb=10, targets=["pve2"]
+    )
+    async with Worker(temporal, task_queue=parent_queue, workflows=[CourseWorkflow]):
+        made = await temporal.execute_workflow(
+            CourseWorkflow.run,
+            args=[course, settings.temporal_task_queue],
+            id=f"course-{uuid.uuid4().hex[:8]}",
+            task_queue=parent_queue,
+        )
+        refused = await temporal.execute_workflow(
+            CourseWorkflow.run,
+            args=[dataclasses.replace(course, box_id="missing"), settings.temporal_task_queue],
+            id=f"course-{uuid.uuid4().hex[:8]}",
+            task_queue=parent_queue,
+        )
+    assert made == "made 2: course-01=100@pve2, course-02=101@pve2"
+    assert refused == f"failed: {MSG_BOX_NOT_FOUND}"
+    assert sorted(vm.name for vm in created_vms(pve)) == ["course-01", "course-02"]
+
+
+@pytest.mark.usefixtures("teacher", "worker")
+async def test_a_lab_repeated_under_its_idempotency_key_is_made_once(api: httpx.AsyncClient, pve: Any) -> None:
+    headers = {**auth(), "Idempotency-Key": "course-101 lab"}
+    first = await api.post(LABS, json=lab(count=3), headers=headers)
+    again = await api.post(LABS, json=lab(count=3), headers=headers)
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert again.json()["data"] == first.json()["data"]
+    await lab_end(api, first.json()["data"]["task_id"])
+    later = await api.post(LABS, json=lab(count=3), headers=headers)  # after the lab has ended
+    assert later.json()["data"]["task_id"] == first.json()["data"]["task_id"]
+    assert [vm["vmid"] for vm in later.json()["data"]["vms"]] == [vm["vmid"] for vm in first.json()["data"]["vms"]]
+    assert len(created_vms(pve)) == 3
+    other = await api.post(LABS, json=lab(count=4), headers=headers)
+    assert (other.status_code, other.json()["message"]) == (422, MSG_KEY_REUSED)
+    # The same key for one VM names another task: a lab and a VM never answer for each other.
+    single = await api.post(
+        "/api/v1/vm/manage/createFromBoxTemplate", json=body(cpuCores=1, memorySize=512, diskSize=10), headers=headers
+    )
+    assert single.status_code == 200 and not single.json()["data"]["task_id"].startswith("lab-")
+
+
+@pytest.mark.usefixtures("teacher", "worker")
+async def test_bad_lab_requests_are_refused_and_leave_nothing(api: httpx.AsyncClient, pve: Any, engine: Engine) -> None:
+    cases = [
+        (lab(count=0), 400),
+        (lab(count=101), 400),
+        (lab(targets=[]), 400),
+        (lab(name="bad_name"), 400),
+        (lab(name="x" * 126), 400),  # x...x-12 is past PVE's 128 characters
+        (lab(colour="blue"), 400),
+        (lab(targets=["pve9"]), 400),
+        (lab(box_id="missing"), 404),
+    ]
+    for request, status in cases:
+        answer = await api.post(LABS, json=request, headers=auth())
+        assert answer.status_code == status, (request, answer.text)
+        assert answer.json()["data"] is None
+    assert (await api.post(LABS, json=lab(targets=["pve9"]), headers=auth())).json()["message"] == (
+        "Unknown target node 'pve9'"
+    )
+    assert created_vms(pve) == [] and reservations(engine) == []
