@@ -60,6 +60,7 @@ with workflow.unsafe.imports_passed_through():
         PVE_RETRY,
         SLOT_RECHECK,
         VMID_CHANGES,
+        admission_outcome,
         admission_refusal,
         db_step,
         innermost_reason,
@@ -91,11 +92,7 @@ class CreateFromBoxWorkflow:
     @workflow.update
     async def admission(self) -> Admission:
         """Answers once the request is admitted (the VMID is fixed), or fails with the refusal."""
-        await workflow.wait_condition(lambda: self._admission is not None or self._refusal is not None)
-        if self._refusal is not None:
-            raise self._refusal
-        assert self._admission is not None
-        return self._admission
+        return await admission_outcome(lambda: self._admission, lambda: self._refusal)
 
     @workflow.query
     def state(self) -> TaskState:

@@ -45,7 +45,15 @@ with workflow.unsafe.imports_passed_through():
     from workflows import search_attributes
     from workflows.create_from_box import CreateFromBoxWorkflow
     from workflows.metadata import creation_details, creation_summary
-    from workflows.policies import CLEANUP_RETRY, DB_TIMEOUT, PVE_BUDGET, PVE_RETRY, admission_refusal, is_reset
+    from workflows.policies import (
+        CLEANUP_RETRY,
+        DB_TIMEOUT,
+        PVE_BUDGET,
+        PVE_RETRY,
+        admission_outcome,
+        admission_refusal,
+        is_reset,
+    )
     from workflows.policies import to_the_end as _to_the_end
 
 # The ApplicationError type of a lab that made only some of its VMs (result_code 500).
@@ -68,11 +76,7 @@ class LabWorkflow:
     @workflow.update
     async def admission(self) -> LabAdmission:
         """Answers once the whole lab is admitted (names, VMIDs and nodes fixed), or fails with the refusal."""
-        await workflow.wait_condition(lambda: self._admission is not None or self._refusal is not None)
-        if self._refusal is not None:
-            raise self._refusal
-        assert self._admission is not None
-        return self._admission
+        return await admission_outcome(lambda: self._admission, lambda: self._refusal)
 
     @workflow.query
     def state(self) -> TaskState:

@@ -119,6 +119,18 @@ def innermost_reason(err: BaseException) -> str:
     return str(err)
 
 
+async def admission_outcome(admitted: Callable[[], T | None], refused: Callable[[], ApplicationError | None]) -> T:
+    """An admission update's answer (a creation's or a lab's): the admission once there is one, or the refusal
+    raised."""
+    await workflow.wait_condition(lambda: admitted() is not None or refused() is not None)
+    refusal = refused()
+    if refusal is not None:
+        raise refusal
+    admission = admitted()
+    assert admission is not None
+    return admission
+
+
 def admission_refusal(err: BaseException) -> ApplicationError:
     """The seed's words for an admission that did not go through (a creation's or a lab's)."""
     cause = err.cause if isinstance(err, ActivityError) else err
