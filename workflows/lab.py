@@ -22,7 +22,7 @@ from temporalio.exceptions import ApplicationError, ChildWorkflowError, is_cance
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
-    from activities.lab import LabActivities, creation_input
+    from activities.lab import LabActivities, creation_input, lab_task_ids
     from payloads import (
         MSG_UNAVAILABLE,
         CreateFromBoxResult,
@@ -96,6 +96,9 @@ class LabWorkflow:
         except (Exception, asyncio.CancelledError) as err:  # not BaseException: eviction must pass through
             refusal = admission_refusal(err)
             self._refusal = refusal
+            # Admission is the only phase before anything exists on PVE: give back what it may have held (a
+            # cancellation can come as its reservations are written, and the run then never sees them).
+            await self._to_the_end(self._release(lab_task_ids(task_id, input.count)))
             self._end(status_of(refusal.type), refusal.message)
             workflow.set_current_details(f"done: not admitted: {refusal.message}")
             await self._to_the_end(workflow.wait_condition(workflow.all_handlers_finished))
@@ -137,8 +140,7 @@ class LabWorkflow:
             summary=f"admit a lab of {input.count} VMs for {input.username}",
         )
         if input.admit_by is not None and workflow.now() > input.admit_by:
-            # The caller answered 503 and gave the lab up: it must create nothing.
-            await self._to_the_end(self._release([vm.task_id for vm in admitted.vms]))
+            # The caller answered 503 and gave the lab up: it must create nothing (what it held is given back).
             raise ApplicationError(MSG_UNAVAILABLE, type=Failure.UNAVAILABLE.value, non_retryable=True)
         return admitted
 
