@@ -1,6 +1,7 @@
-"""What the fast workflow tests (tests/test_workflow_fast.py) run on: the time-skipping test server, and fakes
-of every activity CreateFromBoxWorkflow calls, registered under their real names, recording each call and
-answering as a healthy PVE and database would unless a test scripts another answer. No database, no PVE.
+"""What the fast workflow tests (tests/test_workflow_fast.py, tests/test_lab_fast.py) run on: the time-skipping
+test server, and fakes of every activity CreateFromBoxWorkflow and LabWorkflow call, registered under their
+real names, recording each call and answering as a healthy PVE and database would unless a test scripts
+another answer. No database, no PVE.
 
 The arguments are recorded as the workflow sent them, decoded to plain JSON (dicts, lists, strings): the
 fakes do not depend on the payload classes of the arguments, only on what the workflow expects back.
