@@ -78,14 +78,15 @@ async def _once(
             task = await find_task(admitter.client, task_id)
         except RPCError as exc:
             raise ApiError(503, MSG_UNAVAILABLE) from exc
+        if task is not None and task.memo.get(REQUEST_MEMO) != digest:
+            # Another request under this key, also after it answered 503: a key names one request for good.
+            raise ApiError(422, MSG_KEY_REUSED)
         if task is None or given_up(task):
             # Nothing was created under this key (or the earlier attempt answered 503): start afresh.
             try:
                 return await admit(task_id, input)
             except WorkflowAlreadyStartedError:
                 continue  # a concurrent repeat started it first: answer what it answers
-        if task.memo.get(REQUEST_MEMO) != digest:
-            raise ApiError(422, MSG_KEY_REUSED)
         if not task.ended:
             try:
                 return await join(task_id)

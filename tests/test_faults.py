@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
+from api.idempotency import MSG_KEY_REUSED
 from db.models import COMMITTED, HELD
 from payloads import MSG_CLONE_FAILED, MSG_CONFIGURE_FAILED
 from settings import Settings
@@ -196,6 +197,9 @@ async def test_a_request_refused_for_a_passing_pve_trouble_can_be_sent_again_und
     headers = auth() | {"Idempotency-Key": "retry-me"}
     assert (await api.post(CREATE, json=body(), headers=headers)).status_code == 503
     pve.storages["NFS"]["active"] = 1
+    # The key stays the first request's: another body under it is refused, also after a 503.
+    other = await api.post(CREATE, json=body(name="another-vm"), headers=headers)
+    assert (other.status_code, other.json()["message"]) == (422, MSG_KEY_REUSED)
     again = await api.post(CREATE, json=body(), headers=headers)
     assert again.status_code == 200, again.text
     await result_of(temporal, again.json()["data"]["task_id"])
