@@ -34,7 +34,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.errors import ApiError
 from api.idempotency import RunChanged, request_memo
-from api.task_state import STATE_MEMO
+from api.task_state import STATE_MEMO, find_task
 from db.boxes import template_for
 from db.quota import Refused
 from payloads import (
@@ -181,12 +181,22 @@ class Admitter:
             cause = exc.cause
             if isinstance(cause, ApplicationError):
                 raise ApiError(status_of(cause.type), cause.message) from exc
-            # Cancelled or terminated by an operator.
-            raise ApiError(500, MSG_CLONE_FAILED) from exc
+            # Cancelled (or terminated) by an operator: the run's state says how far it got (after the clone, the
+            # configuration's message), and a run that ended without saying is a creation that failed.
+            ended = await self._end_state(task_id)
+            code = ended.result_code if ended is not None and ended.result_code else 500
+            raise ApiError(code, ended.result_message if ended and ended.result_message else MSG_CLONE_FAILED) from exc
         except TimeoutError:
             return
         except Exception:
             log.warning("could not learn how %s ended; answering its admission", task_id, exc_info=True)
+
+    async def _end_state(self, task_id: str) -> TaskState | None:
+        try:
+            task = await find_task(self.client, task_id)
+        except RPCError:
+            return None
+        return task.state if task is not None else None
 
 
 class Waiters:

@@ -30,7 +30,7 @@ from api.routes.vms import BAD_CURSOR
 from api.task_state import tasks_query
 from db.load import load_admin_data
 from db.vms import deletable
-from payloads import MSG_DELETION_STARTED, MSG_PER_VM_LIMIT, MSG_UNAVAILABLE, CreateFromBoxInput
+from payloads import MSG_CONFIGURE_FAILED, MSG_DELETION_STARTED, MSG_PER_VM_LIMIT, MSG_UNAVAILABLE, CreateFromBoxInput
 from settings import Settings
 from tests.conftest import TEMPORAL_BIN, created_vms, result_of
 from tests.factories import BOX, auth, body
@@ -156,6 +156,21 @@ async def test_cancelling_a_creation_in_its_clone_cleans_up_ends_cancelled_and_g
     assert_error(await cancel(api, owner, task_id), 409, MSG_ALREADY_ENDED)
     [listed] = await listed_when(api, owner, ended(1), status="cancelled")
     assert listed == seen
+
+
+async def test_a_waiting_request_whose_run_is_cancelled_in_its_configuration_answers_that_message(
+    api: httpx.AsyncClient, pve: Any, users: list[User]
+) -> None:
+    owner = users[0]
+    pve.fail("PUT", "/config", 500, "got timeout")  # the configuration is retried, again and again
+    waiting = asyncio.ensure_future(api.post(CREATE, params={"wait": 60}, json=body(), headers=owner.headers))
+    await until(lambda: any(r[0] == "PUT" and r[1].endswith("/config") for r in pve.requests))
+    [task] = await listed_when(api, owner, lambda tasks: len(tasks) == 1)
+    assert (await cancel(api, owner, task["task_id"])).status_code == 200
+
+    # What the run ended with, as the task's state says it, not the clone's message.
+    assert_error(await waiting, 500, MSG_CONFIGURE_FAILED)
+    assert created_vms(pve) == []
 
 
 async def test_a_deletion_cannot_be_cancelled_and_goes_on_to_its_end(
