@@ -12,6 +12,7 @@ from activities.db import DbActivities, refuse
 from activities.pve import PveActivities
 from db import quota
 from payloads import (
+    MAX_LAB_VMS,
     MSG_PVE_NOT_READY,
     MSG_UNAVAILABLE,
     CreateFromBoxInput,
@@ -22,6 +23,7 @@ from payloads import (
     LabInput,
     LabVm,
     RetryTargetInput,
+    TemplateFacts,
     TemplateRef,
     lab_vm_names,
 )
@@ -44,22 +46,20 @@ class LabActivities:
         over them and the quota and a VMID held for each, in one transaction. Safe to repeat (the reservations
         are keyed by the creations' task ids)."""
         ask = req.request
+        if not 1 <= ask.count <= MAX_LAB_VMS:  # the API checks it too; a parent workflow may not have
+            raise refuse(Failure.INVALID_REQUEST, f"Invalid request body: 'count' must be 1 to {MAX_LAB_VMS}")
         registered = self.db.template_of(ask.username, ask.box_id)
+        template = TemplateRef(node=registered.node, vmid=registered.vmid)
         free_mb = online_nodes(self.pve.pve.get("cluster/resources"))
-        targets = list(dict.fromkeys(ask.targets)) if ask.targets else sorted(free_mb)
-        if not targets:
-            raise refuse(Failure.PVE_NOT_READY, f"{MSG_PVE_NOT_READY}: no PVE node is online")
-        facts = None
-        for target in targets:  # the template, then each target node, its storage and the disk size
-            facts = self.pve.inspect_template(
-                InspectInput(
-                    template=TemplateRef(node=registered.node, vmid=registered.vmid),
-                    target=target,
-                    storage=ask.storage,
-                    disk_gb=ask.disk_gb,
-                )
-            )
-        assert facts is not None
+        if ask.targets:
+            # The targets asked for: each must take the clone (the first that cannot answers, as for one VM).
+            targets = list(dict.fromkeys(ask.targets))
+            for target in targets:
+                facts = self._inspect(template, target, ask)
+        else:
+            # Every online node that can take the clone (on a cluster whose storage is local to each node: the
+            # template's node only); refused only when none can, with what the template's node says.
+            targets, facts = self._nodes_that_take_it(template, sorted(free_mb), ask)
         if ask.admit_by is not None and datetime.now(UTC) > ask.admit_by:
             # The caller has answered 503 and given the request up (see AdmissionActivities.admit).
             raise ApplicationError(MSG_UNAVAILABLE, type=Failure.UNAVAILABLE.value, non_retryable=True)
@@ -74,6 +74,32 @@ class LabActivities:
             ],
             targets=targets,
         )
+
+    def _inspect(self, template: TemplateRef, target: str, ask: LabInput) -> TemplateFacts:
+        """The template, the target node, its storage and the disk size, checked as for one VM."""
+        return self.pve.inspect_template(
+            InspectInput(template=template, target=target, storage=ask.storage, disk_gb=ask.disk_gb)
+        )
+
+    def _nodes_that_take_it(
+        self, template: TemplateRef, nodes: list[str], ask: LabInput
+    ) -> tuple[list[str], TemplateFacts]:
+        taking: list[str] = []
+        facts: TemplateFacts | None = None
+        refusals: dict[str, ApplicationError] = {}
+        for node in nodes:
+            try:
+                facts = self._inspect(template, node, ask)
+                taking.append(node)
+            except ApplicationError as refusal:
+                if refusal.type == Failure.TEMPLATE_NOT_FOUND.value:
+                    raise  # the same on every node
+                refusals[node] = refusal
+        if facts is None:
+            if not refusals:
+                raise refuse(Failure.PVE_NOT_READY, f"{MSG_PVE_NOT_READY}: no PVE node is online")
+            raise refusals.get(template.node) or next(iter(refusals.values()))
+        return taking, facts
 
     @activity.defn
     def retry_target(self, req: RetryTargetInput) -> str:

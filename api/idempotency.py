@@ -15,8 +15,9 @@ from temporalio.service import RPCError
 
 from api.errors import ApiError
 from api.task_state import Task, find_task
-from payloads import MSG_CLONE_FAILED, MSG_UNAVAILABLE, Admission, CreateFromBoxInput, LabAdmission, LabInput
+from payloads import MSG_CLONE_FAILED, MSG_UNAVAILABLE, Admission, CreateFromBoxInput, LabAdmission, LabInput, LabVm
 from workflows import LabWorkflow
+from workflows.lab import ADMISSION_MEMO
 
 if TYPE_CHECKING:  # api.admission records request_memo() on every run it starts
     from api.admission import Admitter
@@ -49,30 +50,39 @@ class RunChanged(Exception):
     """Joining a run's admission failed at once: read the run again (it may have ended meanwhile)."""
 
 
-async def admit_once(admitter: Admitter, task_id: str, input: CreateFromBoxInput) -> Admission:
-    """Admit under an Idempotency-Key (`task_id` from keyed_task_id): the first request starts the run; a
-    repeat of it gets the first answer; the same key with another request is refused."""
-    return await _once(admitter, task_id, input, admitter.admit, admitter.join, first_answer)  # type: ignore[arg-type]
+async def admit_once(admitter: Admitter, username: str, key: str, input: CreateFromBoxInput) -> Admission:
+    """Admit under an Idempotency-Key: the first request starts the run (keyed_task_id); a repeat of it gets
+    the first answer; the same key with another request (a lab's included) is refused."""
+    keyed = Keyed(keyed_task_id(username, key), keyed_task_id(username, key, "lab"))
+    return await _once(admitter, keyed, input, admitter.admit, admitter.join, first_answer)  # type: ignore[arg-type]
 
 
-async def admit_lab_once(admitter: Admitter, task_id: str, input: LabInput) -> LabAdmission:
+async def admit_lab_once(admitter: Admitter, username: str, key: str, input: LabInput) -> LabAdmission:
     """admit_once for a lab."""
 
     async def join(task_id: str) -> LabAdmission:
         return await admitter.join(task_id, LabWorkflow.admission)  # type: ignore[no-any-return]
 
-    return await _once(admitter, task_id, input, admitter.admit_lab, join, first_lab_answer)  # type: ignore[arg-type]
+    keyed = Keyed(keyed_task_id(username, key, "lab"), keyed_task_id(username, key))
+    return await _once(admitter, keyed, input, admitter.admit_lab, join, first_lab_answer)  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass(frozen=True)
+class Keyed:
+    task_id: str  # the run the key names for this kind of request
+    other: str  # the run it names for the other kind (a VM's, a lab's): one of them at most may exist
 
 
 async def _once(
     admitter: Admitter,
-    task_id: str,
+    keyed: Keyed,
     input: CreateFromBoxInput | LabInput,
     admit: Callable[[str, Any], Awaitable[A]],
     join: Callable[[str], Awaitable[A]],
     answer: Callable[[Task], A],
 ) -> A:
     digest = request_digest(input)
+    task_id = keyed.task_id
     for _ in range(ATTEMPTS):
         try:
             task = await find_task(admitter.client, task_id)
@@ -82,7 +92,10 @@ async def _once(
             # Another request under this key, also after it answered 503: a key names one request for good.
             raise ApiError(422, MSG_KEY_REUSED)
         if task is None or given_up(task):
-            # Nothing was created under this key (or the earlier attempt answered 503): start afresh.
+            # Nothing was created under this key (or the earlier attempt answered 503): start afresh, unless the
+            # key was used for the other kind of request (one more look, on a key's first request only).
+            if await _used_for_the_other_kind(admitter, keyed.other):
+                raise ApiError(422, MSG_KEY_REUSED)
             try:
                 return await admit(task_id, input)
             except WorkflowAlreadyStartedError:
@@ -94,6 +107,14 @@ async def _once(
                 continue  # it ended while we asked: the next look reads its first answer
         return answer(task)
     raise ApiError(503, MSG_UNAVAILABLE)
+
+
+async def _used_for_the_other_kind(admitter: Admitter, other_task_id: str) -> bool:
+    try:
+        other = await find_task(admitter.client, other_task_id)
+    except RPCError as exc:
+        raise ApiError(503, MSG_UNAVAILABLE) from exc
+    return other is not None and not given_up(other)
 
 
 def given_up(task: Task) -> bool:
@@ -113,9 +134,10 @@ def first_answer(task: Task) -> Admission:
 
 
 def first_lab_answer(task: Task) -> LabAdmission:
-    """first_answer for a lab: its VMs as its state lists them now (a retried VM under its new task id)."""
+    """first_answer for a lab: the admission its POST answered, which the lab keeps in its memo."""
+    admission = task.memo.get(ADMISSION_MEMO)
+    if admission is not None:
+        return LabAdmission(task_id=task.id, vms=[LabVm(**vm) for vm in admission["vms"]])
     state = task.state
     assert state is not None, "an ended run without a state is given up"
-    if state.vms:
-        return LabAdmission(task_id=task.id, vms=[dataclasses.replace(vm, status="running") for vm in state.vms])
     raise ApiError(state.result_code or 500, state.result_message or MSG_CLONE_FAILED)

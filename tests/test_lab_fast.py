@@ -151,3 +151,14 @@ async def test_a_lab_cancelled_while_its_vms_wait_for_clone_slots_cleans_them_up
     # Each creation left the queue and gave its quota back, and none was tried again.
     assert fakes.names().count("release_clone_slot") == 3 and fakes.names().count("release_quota") == 3
     assert "retry_target" not in fakes.names() and "commit_creation" not in fakes.names()
+
+
+async def test_when_no_other_node_can_be_chosen_the_vm_is_tried_again_where_it_failed(
+    server: TimeSkippingServer, task_queue: str, fakes: FakeActivities
+) -> None:
+    fakes.script("configure_vm", task_failed("resize: storage 'NFS' is full"))
+    fakes.script("retry_target", ApplicationError("PVE 500: cluster/resources", non_retryable=True))
+    handle = await start(server, task_queue, count=1)
+    result = await handle.result()
+    [vm] = result.vms
+    assert (vm.task_id, vm.node, vm.status) == (f"{handle.id}-01-retry", "pve1", "succeeded")

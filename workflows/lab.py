@@ -14,11 +14,18 @@ continue-as-new.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from datetime import datetime, timedelta
 
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError, ChildWorkflowError, is_cancelled_exception
+from temporalio.exceptions import (
+    ApplicationError,
+    ChildWorkflowError,
+    FailureError,
+    WorkflowAlreadyStartedError,
+    is_cancelled_exception,
+)
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
@@ -58,8 +65,9 @@ with workflow.unsafe.imports_passed_through():
 
 # The ApplicationError type of a lab that made only some of its VMs (result_code 500).
 LAB_INCOMPLETE = "LabIncomplete"
-# The memo key of the state (api/task_state.py reads it).
+# The memo keys of the state and of the admission's answer (api/task_state.py, api/idempotency.py read them).
 STATE_MEMO = "state"
+ADMISSION_MEMO = "admission"
 
 
 @workflow.defn
@@ -108,6 +116,8 @@ class LabWorkflow:
 
         self._vms = admitted.vms
         self._admission = LabAdmission(task_id=task_id, vms=[dataclasses.replace(vm) for vm in admitted.vms])
+        # What the POST answered, kept as it was: a repeat under its Idempotency-Key answers it again.
+        workflow.upsert_memo({ADMISSION_MEMO: dataclasses.asdict(self._admission)})
         self._changed = set(range(len(self._vms)))
         self._publish(LabStep.VMS)
         publisher = asyncio.create_task(self._keep_state_published())
@@ -172,7 +182,8 @@ class LabWorkflow:
             await self._to_the_end(everything)
 
     async def _make(self, vm: LabVm, input: LabInput, targets: list[str]) -> None:
-        """One VM: its creation as a child, and once more on another target if it fails."""
+        """One VM: its creation as a child, and once more on another target if it fails. Whatever happens, the
+        VM ends with a status: the lab's own run never fails for one of its VMs."""
         first_task_id = vm.task_id
         for attempt in (1, 2):
             if attempt == 2:
@@ -193,6 +204,10 @@ class LabWorkflow:
                 if self._cancelled:
                     return
                 continue
+            except WorkflowAlreadyStartedError as err:  # its id is taken by a run still going: no VM of it
+                workflow.logger.warning("lab VM %s could not be started as %s: %s", vm.vm_name, vm.task_id, err)
+                self._set(vm, LabVmStatus.FAILED)
+                continue
             vm.vmid, vm.node = result.vmid, result.node
             self._set(vm, LabVmStatus.SUCCEEDED)
             return
@@ -200,7 +215,7 @@ class LabWorkflow:
     async def _create(self, vm: LabVm, input: LabInput) -> CreateFromBoxResult:
         creation = creation_input(input, vm.vm_name, vm.node)
         initial = TaskState(owner=input.username, vm_name=vm.vm_name, node=vm.node)
-        return await workflow.execute_child_workflow(
+        child = await workflow.start_child_workflow(
             CreateFromBoxWorkflow.run,
             creation,
             id=vm.task_id,
@@ -211,16 +226,27 @@ class LabWorkflow:
             static_summary=creation_summary(creation),
             static_details=creation_details(creation),
         )
+        if self._cancelled:
+            # The lab was cancelled while this start was on its way: its request may have come before the child
+            # existed, so ask again now that it does (a second request changes nothing).
+            with contextlib.suppress(Exception):
+                await workflow.get_external_workflow_handle(vm.task_id).cancel()
+        return await child
 
     async def _retry_target(self, targets: list[str], failed: str, memory_mb: int) -> str:
-        return await workflow.execute_local_activity_method(
-            LabActivities.retry_target,
-            RetryTargetInput(targets=targets, failed=failed, memory_mb=memory_mb),
-            start_to_close_timeout=timedelta(seconds=30),
-            schedule_to_close_timeout=PVE_BUDGET,
-            retry_policy=PVE_RETRY,
-            summary="choose another node",
-        )
+        """Another target for a VM that failed on `failed`; the same one if PVE cannot be asked in time (the
+        retry then fails there, or succeeds if what failed has passed)."""
+        try:
+            return await workflow.execute_local_activity_method(
+                LabActivities.retry_target,
+                RetryTargetInput(targets=targets, failed=failed, memory_mb=memory_mb),
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=PVE_BUDGET,
+                retry_policy=PVE_RETRY,
+                summary="choose another node",
+            )
+        except FailureError:  # the activity's failure (a local one's comes as its own error, not as ActivityError)
+            return failed
 
     # ---------------------------------------------------------------------------- state
 

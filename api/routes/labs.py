@@ -16,7 +16,7 @@ from api.admission import new_task_id
 from api.body_limit import MSG_BODY_TOO_LARGE
 from api.deps import UNAUTHORIZED, CurrentUser, EngineDep, OwnedTask, SettingsDep, TemporalDep
 from api.errors import TEMPORAL_UNAVAILABLE, ApiError, error_responses
-from api.idempotency import MSG_KEY_REUSED, admit_lab_once, keyed_task_id
+from api.idempotency import MSG_KEY_REUSED, admit_lab_once
 from api.routes.vm_manage import IdempotencyKey, admitter_for, one_of
 from api.schemas import (
     DeletionData,
@@ -83,7 +83,7 @@ async def create_lab(
     if idempotency_key is None:
         admission = await admitter.admit_lab(new_task_id(body.box_id, "lab"), input)
     else:
-        admission = await admit_lab_once(admitter, keyed_task_id(username, idempotency_key, "lab"), input)
+        admission = await admit_lab_once(admitter, username, idempotency_key, input)
     return LabAnswer(code=200, message=MSG_LAB_STARTED, data=LabAdmissionData.of(admission))
 
 

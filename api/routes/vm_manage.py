@@ -16,7 +16,7 @@ from api.admission import Admitter, new_task_id
 from api.body_limit import MSG_BODY_TOO_LARGE
 from api.deps import UNAUTHORIZED, CurrentUser, EngineDep, SettingsDep, TemporalDep, WaitersDep
 from api.errors import TEMPORAL_UNAVAILABLE, ApiError, error_responses
-from api.idempotency import MSG_KEY_REUSED, admit_once, keyed_task_id
+from api.idempotency import MSG_KEY_REUSED, admit_once
 from api.schemas import (
     IDEMPOTENCY_KEY_PATTERN,
     AdmissionData,
@@ -101,7 +101,7 @@ async def create_from_box_template(
     if idempotency_key is None:
         admission = await admitter.admit(new_task_id(body.box_id), input)
     else:
-        admission = await admit_once(admitter, keyed_task_id(username, idempotency_key), input)
+        admission = await admit_once(admitter, username, idempotency_key, input)
     if wait:
         await admitter.wait_for_end(admission.task_id, wait, waiters)
     return CreateAnswer(code=200, message=MSG_CREATED, data=AdmissionData.of(admission))
