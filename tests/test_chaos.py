@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,7 +271,7 @@ async def settle(cluster: Cluster, ledger: Ledger, timeout: float = 240) -> None
             await asyncio.sleep(0.5)
 
 
-def lab_vms(memo: dict[str, Any]) -> list[dict[str, Any]]:
+def lab_vms(memo: Mapping[str, Any]) -> list[dict[str, Any]]:
     """A lab's VMs as its memo keeps them (workflows/lab.py), each under a key of its own."""
     return [memo[key] for key in sorted(memo) if LAB_VM_MEMO_KEY.fullmatch(key)]
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from pve.placement import MIB, online_nodes, other_target, spread
 
 GIB_MB = 1024
 
 
-def node(name: str, free_mb: int, status: str = "online") -> dict[str, object]:
+def node(name: str, free_mb: int, status: str = "online") -> dict[str, Any]:
     return {"type": "node", "node": name, "status": status, "maxmem": (free_mb + 2048) * MIB, "mem": 2048 * MIB}
 
 
