@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine
 
 from db.box_options import BoxSettings
-from db.engine import session
+from db.engine import reader, session
 from db.models import Box, Template, TemplateUser
 from db.quota import Refused
 from payloads import MSG_BOX_NOT_FOUND, MSG_FORBIDDEN, MSG_TEMPLATE_NOT_FOUND, Failure
@@ -27,7 +27,7 @@ def template_for(engine: Engine, username: str, box_id: str) -> TemplateVm:
         # No box can have this id, and PostgreSQL refuses the string outright (an error the caller would
         # retry until its deadline): answer what it is.
         raise Refused(Failure.BOX_NOT_FOUND, MSG_BOX_NOT_FOUND)
-    with session(engine) as db:
+    with session(reader(engine)) as db:
         box = db.get(Box, box_id)
         if box is None:
             raise Refused(Failure.BOX_NOT_FOUND, MSG_BOX_NOT_FOUND)

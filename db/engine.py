@@ -35,9 +35,20 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin(connection):  # type: ignore[no-untyped-def]
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # A transaction that only reads (see `reader`) reads a snapshot (WAL): it needs no write lock, and
+        # taking it would make it wait for every writer's commit, and them for it.
+        connection.exec_driver_sql("BEGIN" if connection.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
     return engine
+
+
+READ_ONLY = "pveboxes_read_only"
+
+
+def reader(engine: Engine) -> Engine:
+    """The same engine (and connection pool), for transactions that only read: on SQLite they begin without
+    the write lock (a plain BEGIN), where all others take it at once (BEGIN IMMEDIATE)."""
+    return engine.execution_options(**{READ_ONLY: True})
 
 
 def session(engine: Engine) -> Session:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Engine
 from sqlmodel import col, select, update
 
-from db.engine import session
+from db.engine import reader, session
 from db.models import SessionToken, User, utcnow
 
 MIN_TOKEN_LENGTH = 32
@@ -51,7 +51,7 @@ def lookup(engine: Engine, token: str) -> Caller | None:
     if len(token) < MIN_TOKEN_LENGTH:
         return None
     digest = token_hash(token)
-    with session(engine) as db:
+    with session(reader(engine)) as db:  # every request asks: it must not wait for writers
         row = db.get(SessionToken, digest)
     if row is None or not is_valid(row, utcnow()):
         return None
