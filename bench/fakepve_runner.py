@@ -2,8 +2,9 @@
 
 python -m bench.fakepve_runner --port 8006 --control-port 8007 --ca-out /tmp/ca.pem [--time-scale 1] [--ceph-slow 2]
 
-The cluster is dev/fakepve_cluster.py's (nodes pve1 and pve2, shared NFS, template VM 9000) plus a shared
-RBD storage `ceph` whose operations take `ceph_slow` extra PVE seconds: a clone onto `ceph` takes that long.
+The cluster is dev/fakepve_cluster.py's (nodes pve1 and pve2, shared NFS, template VM 9000) plus a third node
+pve3 (a lab spreads over three nodes) and a shared RBD storage `ceph` whose operations take `ceph_slow` extra PVE
+seconds: a clone onto `ceph` takes that long.
 
 Side channel (http://host:control-port):
   GET  /count[?by=path]           {"total": n, "by": {"GET nodes/{node}/tasks/{upid}/status": n, ...}}
@@ -28,6 +29,7 @@ from aiohttp import web
 from dev.fakepve_server import arguments, make_fake, run, start
 
 CEPH = "ceph"
+THIRD_NODE = "pve3"
 PREFIX = re.compile(r"^/api2/(json|extjs)/")
 NODE = re.compile(r"(^|/)nodes/[^/]+")
 VMID = re.compile(r"/(qemu|lxc)/\d+")
@@ -83,6 +85,7 @@ async def serve(args: argparse.Namespace) -> None:
     pve = make_fake(args)
     # The default (10000) would drop requests while the benchmark counts them.
     pve.max_requests = 10**7
+    pve.add_node(THIRD_NODE)
     pve.add_ceph_storage(CEPH)
     if args.ceph_slow:
         pve.ceph_slow(args.ceph_slow)

@@ -107,13 +107,14 @@ INTRO = """# Benchmarks
 its own file-backed Temporal dev server, fakepve (`bench/fakepve_runner.py`, with a side channel that counts PVE
 API requests and sets how long a clone takes), the real worker (`python worker.py`) and API (`uvicorn
 api.app:app`), and measures every figure against a baseline measured in the same run, on the same servers.
-A full run takes about 5 minutes on 2 cores; `--quick` (fewer repetitions, `--inflight 100`, a 30 s window)
-about 3. `--repeat N` sets the runs of figure 1, `--inflight N` and `--window S` figure 5's creations and
-sampling window, `--figures 1,3` measures only some, `--env KEY=VALUE` passes a setting to the worker and the
-API (e.g. `--env CLONE_LIMIT_PER_NODE=0 --env CLONE_LIMIT_PER_STORAGE=0` to see figure 5 without clone slots),
-`--keep` keeps the logs and databases, `--no-write` leaves this file alone. Progress and details go to
-stderr, the table to stdout. The part between the markers below is rewritten by each run; the rest of this
-file is kept.
+A full run takes about 7 minutes on 2 cores; `--quick` (fewer repetitions, `--inflight 100`, a 30 s window,
+8 s rounds of figure 4a) about 4. `--repeat N` sets the runs of figure 1, `--inflight N` and `--window S`
+figure 5's creations and sampling window, `--figures 1,3` measures only some, `--env KEY=VALUE` passes a
+setting to the worker and the API (e.g. `--env CLONE_LIMIT_PER_NODE=0 --env CLONE_LIMIT_PER_STORAGE=0` to see
+figure 5 without clone slots), `--load-rate R` and `--load-seconds S` figure 4a's arrivals a second and the
+length of its rounds, `--keep` keeps the logs and databases, `--no-write` leaves this file alone. Progress
+and details go to stderr, the table to stdout. The part between the markers below is rewritten by each run;
+the rest of this file is kept.
 
 """
 
@@ -132,10 +133,23 @@ HOW = """
    and task queue (`bench/baseline.py`). Instant clones (`time_scale=0`); each run is let end, untimed,
    before the next request. p50; the details split it into the time inside the run (its start to the
    update's answer) and outside it.
-4. **Throughput**: 8 concurrent clients, each POSTing with `?wait=60` in a loop, against 8 clients running
-   `SixNoOpsWorkflow` (six no-op activities in a row) with `execute_workflow`. Instant clones; one warm-up
-   round each. The details give activity attempts per creation and CPU milliseconds per creation of each
-   process (from `/proc/<pid>/stat`).
+4. **Throughput**: 8 concurrent clients, each POSTing with `?wait=60` in a loop (update-with-start, then the
+   run's result), against 8 clients each doing the same with `BareCreationWorkflow` (`bench/baseline.py`):
+   a sandboxed workflow of the creation's own shape, update-with-start answered after one local activity,
+   then local, remote, local, remote, local steps, the two remote activities doing the creation's PVE work
+   with plain proxmoxer (the clone, its UPID watched until done; cores and memory, then the resize, watched),
+   looks at a task at the service's own pace (0.05 s, then 0.25 s); its own worker process (synchronous
+   activities on a thread pool, its module and proxmoxer passed through the sandbox, as the product's are)
+   and task queue, on the same Temporal server and fakepve. Instant clones; one warm-up round each, then
+   three rounds of 40 creations and 40 baseline runs taking turns, so that a machine getting busier or
+   quieter meanwhile weighs on both; that every creation succeeded is checked after the timed loops (the
+   200 of `?wait=` already says so). The details give activity attempts per creation, the median run step
+   by step, and CPU milliseconds per creation of each process (from `/proc/<pid>/stat`).
+4a. **Admission under a steady load**: creations arrive at 60 % of the creations a second the service
+   sustained in figure 4 (`--load-rate` sets another rate), open loop: each POST (no `wait`) is sent at its
+   time whether or not the earlier ones were answered, and each run is let end, untimed. Against
+   update-with-start of `BareCreationWorkflow` (its update's answer) at the same rate. Instant clones; one
+   short warm-up each, then two rounds of 15 s (`--load-seconds`) for each side, taking turns; p95.
 5. **Creations in flight**: N creations (default 500) asked for by 16 clients (row 5 counts those admitted;
    after 32 refusals in a row no more are sent), each waiting on a clone of 10
    PVE minutes (`ceph_slow(600)`, `time_scale=1`). Once they are admitted and their clones run, the worker's
