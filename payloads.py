@@ -234,6 +234,9 @@ class Admitted:
     facts: TemplateFacts
     vmid: int
     box: BoxOptions = field(default_factory=BoxOptions)  # the box's options, read at admission
+    # The clone slot, asked for at once: 0 if the run holds one, N if it is Nth in line; None (histories from
+    # before it was asked at admission): the run asks for it itself.
+    clone_slot: int | None = None
 
 
 @dataclass

@@ -18,6 +18,7 @@ from payloads import (
     AdmitInput,
     Admitted,
     BoxOptions,
+    CloneSlotRequest,
     CloudInit,
     Failure,
     InspectInput,
@@ -51,7 +52,13 @@ class AdmissionActivities:
             # own clock stands still while its local activities run.
             raise ApplicationError(MSG_UNAVAILABLE, type=Failure.UNAVAILABLE.value, non_retryable=True)
         vmid = self.db.reserve(req.task_id, ask, facts.free_ranges)
-        return Admitted(template=template, facts=facts, vmid=vmid, box=box_options(registered.box))
+        # The clone slot too, here: asked by a step of its own, it would hold the POST's answer (sent when the
+        # workflow task ends) for one more local activity. The workflow frees it on every way out.
+        slot = CloneSlotRequest(task_id=req.task_id, node=facts.node, storage=facts.storage, owner=ask.username)
+        clone_slot = self.db.try_clone_slot(slot)
+        return Admitted(
+            template=template, facts=facts, vmid=vmid, box=box_options(registered.box), clone_slot=clone_slot
+        )
 
 
 def box_options(box: BoxSettings) -> BoxOptions:

@@ -21,11 +21,15 @@ UNAUTHORIZED = "Missing or invalid Bearer token"
 RATE_LIMITED = "Too many requests: at most {limit} requests a minute per token"
 
 
-def get_settings_dep(request: Request) -> Settings:
+# Dependencies that only read the app's state are `async def`: FastAPI would run a plain `def` on its thread pool,
+# a hand-off to a thread and back for each of them on every request.
+
+
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return request.app.state.engine  # type: ignore[no-any-return]
 
 
@@ -37,7 +41,7 @@ async def get_temporal(request: Request) -> Client:
         raise ApiError(503, TEMPORAL_UNAVAILABLE) from exc
 
 
-def get_waiters(request: Request) -> Waiters:
+async def get_waiters(request: Request) -> Waiters:
     return request.app.state.waiters  # type: ignore[no-any-return]
 
 

@@ -401,6 +401,29 @@ async def test_a_hand_over_signal_wakes_a_waiting_run_at_once(runs: Runs, fakes:
     assert fakes.names() == ["admit", "try_clone_slot", *CREATED[1:]]
 
 
+async def test_a_slot_taken_at_admission_is_not_asked_for_again(runs: Runs, fakes: FakeActivities) -> None:
+    fakes.script("admit", Admitted(template=TEMPLATE, facts=FACTS, vmid=ADMITTED_VMID, clone_slot=0))
+    handle = await runs.start()
+    assert (await handle.result()).vmid == ADMITTED_VMID
+    assert fakes.names() == ["admit", *CREATED[2:]]  # no try_clone_slot: admission holds the slot
+
+
+async def test_a_run_admitted_in_line_waits_for_the_hand_over_even_if_it_came_at_once(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    # Admission queued it (2nd in line); the hand-over's signal may come before the run sleeps: it is not lost.
+    admitted = Hold(then=Admitted(template=TEMPLATE, facts=FACTS, vmid=ADMITTED_VMID, clone_slot=2))
+    fakes.script("admit", admitted)
+    handle = await runs.start()
+    await asyncio.wait_for(admitted.reached.wait(), 10)
+    await handle.signal(CreateFromBoxWorkflow.clone_slot_granted)
+    admitted.release()
+
+    assert (await handle.result()).vmid == ADMITTED_VMID
+    assert await run_time(handle) < SLOT_RECHECK
+    assert fakes.names() == ["admit", "try_clone_slot", *CREATED[2:]]
+
+
 # -------------------------------------------------------------------------------------- cancellation
 
 
@@ -417,7 +440,8 @@ async def test_a_run_cancelled_during_admission_answers_unavailable_and_gives_ba
     await handle.cancel()
 
     await assert_cancelled(handle)
-    assert fakes.names() == ["admit", "release_quota"]
+    # A cancellation may come as the admission ends (its answer then never seen): the slot it may hold is freed.
+    assert fakes.names() == ["admit", "release_quota", "release_clone_slot"]
     assert fakes.args("release_quota") == [handle.id]
     state = await end_state(handle)
     assert (state["result_code"], state["result_message"]) == (503, MSG_UNAVAILABLE)

@@ -120,8 +120,11 @@ class CreateFromBoxWorkflow:
         except (Exception, asyncio.CancelledError) as err:  # not BaseException: eviction must pass through
             refusal = admission_refusal(err)
             self._refusal = refusal  # answers the admission update
-            # Admission is the only phase before anything exists on PVE: give back what it may have held.
+            # Admission is the only phase before anything exists on PVE: give back what it may have held (the
+            # clone slot too, unless the checks refused it before asking for one).
             await self._uncancellable(self._release(task_id))
+            if not _refused_by_its_checks(err):
+                await self._release_clone_slot(task_id)
             self._end(Step.DONE, status_of(refusal.type), refusal.message)
             workflow.set_current_details(f"done: not admitted: {refusal.message}")
             await self._uncancellable(workflow.wait_condition(workflow.all_handlers_finished))
@@ -132,7 +135,8 @@ class CreateFromBoxWorkflow:
         self._admission = Admission(task_id=task_id, vmid=admitted.vmid, vm_name=input.name, node=input.target)
         self._vm = VmRef(task_id=task_id, node=input.target, vmid=admitted.vmid)
         clone = clone_input(self._vm, input, admitted)
-        await self._phase(Step.CLONE, self._clone_in_turn(clone, input), MSG_CLONE_FAILED, Failure.CLONE_FAILED)
+        in_turn = self._clone_in_turn(clone, input, admitted.clone_slot)
+        await self._phase(Step.CLONE, in_turn, MSG_CLONE_FAILED, Failure.CLONE_FAILED)
         start = input.start if input.start is not None else admitted.box.start
         configure = self._configure(input, admitted, record=not start)
         await self._phase(Step.CONFIGURE, configure, MSG_CONFIGURE_FAILED, Failure.CONFIGURE_FAILED)
@@ -171,7 +175,11 @@ class CreateFromBoxWorkflow:
             summary=f"admit {input.name} for {input.username}",
         )
         # Past the deadline the caller has answered 503 and given the request up: it must create nothing.
-        self._admission_budget(timedelta(0))
+        try:
+            self._admission_budget(timedelta(0))
+        except ApplicationError:
+            await self._release_clone_slot(task_id)  # asked for at admission (the quota: by the caller)
+            raise
         return admitted
 
     def _admission_budget(self, default: timedelta) -> timedelta:
@@ -186,12 +194,13 @@ class CreateFromBoxWorkflow:
 
     # ---------------------------------------------------------------------------- clone
 
-    async def _clone_in_turn(self, req: CloneInput, input: CreateFromBoxInput) -> None:
-        """Wait for a clone slot on the node and storage, clone, and free the slot whatever happens."""
+    async def _clone_in_turn(self, req: CloneInput, input: CreateFromBoxInput, place: int | None) -> None:
+        """Wait for a clone slot on the node and storage (`place`: the admission's answer, see
+        _wait_for_clone_slot), clone, and free the slot whatever happens."""
         slot = CloneSlotRequest(task_id=req.task_id, node=req.template.node, storage=req.storage, owner=input.username)
         try:
             waiting_since = workflow.now()
-            await self._wait_for_clone_slot(slot)
+            await self._wait_for_clone_slot(slot, place)
             cloning_since = record_slot_wait(waiting_since)
             await self._clone(req, input)
             record_clone(cloning_since)
@@ -200,12 +209,15 @@ class CreateFromBoxWorkflow:
             raise
         await self._release_clone_slot(req.task_id)
 
-    async def _wait_for_clone_slot(self, slot: CloneSlotRequest) -> None:
+    async def _wait_for_clone_slot(self, slot: CloneSlotRequest, place: int | None) -> None:
         """Take a free slot, or queue for one and sleep until the run that frees one hands it over (with a
-        look every few minutes, in case that word was lost). Waiting costs nothing while it lasts."""
-        self._clone_slot_granted = False
+        look every few minutes, in case that word was lost). Waiting costs nothing while it lasts. `place` is
+        what admission answered (0: the run holds a slot; N: it is Nth in line), None when it did not ask."""
         where = f"{slot.node}/{slot.storage}"
-        while place := await db_step(DbActivities.try_clone_slot, slot, summary=f"clone slot on {where}?"):
+        if place is None:
+            self._clone_slot_granted = False
+            place = await self._try_clone_slot(slot, where)
+        while place:
             workflow.set_current_details(f"waiting for a clone slot on {where}, number {place} in line")
             with contextlib.suppress(asyncio.TimeoutError):
                 await workflow.wait_condition(
@@ -214,6 +226,10 @@ class CreateFromBoxWorkflow:
                     timeout_summary=f"look again for a clone slot on {where}",
                 )
             self._clone_slot_granted = False
+            place = await self._try_clone_slot(slot, where)
+
+    async def _try_clone_slot(self, slot: CloneSlotRequest, where: str) -> int:
+        return await db_step(DbActivities.try_clone_slot, slot, summary=f"clone slot on {where}?")
 
     async def _release_clone_slot(self, task_id: str) -> None:
         """Free the slot; the activity tells the runs it is handed to (db.clone_slots.release_and_hand_over)."""
@@ -366,6 +382,13 @@ class CreateFromBoxWorkflow:
         self._state.result_code = code
         self._state.result_message = message
         self._publish(step)
+
+
+def _refused_by_its_checks(err: BaseException) -> bool:
+    """Admission's own checks refused the request (the box, PVE, the plan): they come before it asks for a clone
+    slot, so the run holds none."""
+    cause = err.cause if isinstance(err, ActivityError) else err  # a local activity's failure comes as it is
+    return isinstance(cause, ApplicationError) and cause.type in {f.value for f in Failure}
 
 
 def _error_type(err: ActivityError) -> str | None:
