@@ -1,0 +1,81 @@
+"""Recorded LabWorkflow histories replay on the current code: a change to the lab's commands that would break
+labs running across a deploy fails here.
+
+Recording the lab histories again (until the first release, in place):
+
+    rm tests/histories/lab-1.0-*.json
+    RECORD_HISTORIES=1.0 .venv/bin/pytest tests/test_lab_replay.py -k fresh_history -p no:cacheprovider
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client, WorkflowHistory
+from temporalio.worker import Replayer
+
+from tests.conftest import created_vms
+from tests.factories import auth
+from tests.test_labs import LABS, fail_configure, lab, lab_end, teacher  # noqa: F401  (teacher: a fixture)
+from tests.waiting import until
+from workflows import LabWorkflow
+
+HISTORIES = Path(__file__).parent / "histories"
+# A VM retried on the other target, and a lab cancelled while its VMs are made one at a time.
+SCENARIOS = ["retried", "cancelled"]
+
+
+async def run_scenario(api: httpx.AsyncClient, temporal: Client, pve: Any, scenario: str) -> WorkflowHistory:
+    pve.add_ceph_storage("ceph")
+    if scenario == "retried":
+        fail_configure(pve, "pve2", range(101, 102))  # the lab's second VM, placed on pve2
+        request = lab(count=2, targets=["pve1", "pve2"], storage="ceph")
+    else:
+        pve.ceph_slow(1)  # each clone takes 1 s
+        request = lab(count=4, storage="ceph")
+    answer = await api.post(LABS, json=request, headers=auth())
+    assert answer.status_code == 200, answer.text
+    task_id = answer.json()["data"]["task_id"]
+    if scenario == "cancelled":
+        await until(lambda: len(created_vms(pve)) >= 2, timeout=60)
+        assert (await api.post(f"/api/v1/vm/manage/tasks/{task_id}/cancel", headers=auth())).status_code == 200
+    state = await lab_end(api, task_id)
+    assert state["status"] == {"retried": "succeeded", "cancelled": "cancelled"}[scenario], state
+    if scenario == "retried":
+        assert [vm["task_id"].endswith("-retry") for vm in state["vms"]] == [False, True]
+    return await temporal.get_workflow_handle(task_id).fetch_history()
+
+
+@pytest.mark.usefixtures("teacher", "one_clone_per_node", "worker")
+@pytest.mark.fakepve(time_scale=1)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+async def test_fresh_history_replays(api: httpx.AsyncClient, temporal: Client, pve: Any, scenario: str) -> None:
+    history = await run_scenario(api, temporal, pve, scenario)
+    await Replayer(workflows=[LabWorkflow]).replay_workflow(history)
+    version = os.environ.get("RECORD_HISTORIES")
+    if version:
+        (HISTORIES / f"lab-{version}-{scenario}.json").write_text(history.to_json())
+
+
+def test_every_version_has_every_scenario_recorded() -> None:
+    recorded = {path.stem.removeprefix("lab-") for path in HISTORIES.glob("lab-*.json")}
+    versions = {stem.split("-", 1)[0] for stem in recorded}
+    assert versions, "no recorded labs: record them (see the top of this file)"
+    assert recorded == {f"{version}-{scenario}" for version in versions for scenario in SCENARIOS}
+
+
+@pytest.mark.parametrize("path", sorted(HISTORIES.glob("lab-*.json")), ids=lambda path: path.stem)
+async def test_recorded_history_replays(path: Path) -> None:
+    scenario = path.stem.split("-", 2)[2]
+    history = WorkflowHistory.from_json(f"recorded-{path.stem}", path.read_text())
+    result = await Replayer(workflows=[LabWorkflow]).replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is None, result.replay_failure
+    last = history.events[-1]
+    if scenario == "retried":
+        assert last.HasField("workflow_execution_completed_event_attributes")
+    else:
+        assert last.HasField("workflow_execution_canceled_event_attributes")
