@@ -13,6 +13,7 @@ from activities.pve import PveActivities
 from db import quota
 from payloads import (
     MAX_LAB_VMS,
+    MSG_INVALID_NAME,
     MSG_PVE_NOT_READY,
     MSG_UNAVAILABLE,
     CreateFromBoxInput,
@@ -28,6 +29,7 @@ from payloads import (
     lab_vm_names,
 )
 from pve.placement import online_nodes, other_target, spread
+from pve.vm_options import valid_vm_name
 
 
 def lab_task_ids(lab_task_id: str, count: int) -> list[str]:
@@ -46,8 +48,11 @@ class LabActivities:
         over them and the quota and a VMID held for each, in one transaction. Safe to repeat (the reservations
         are keyed by the creations' task ids)."""
         ask = req.request
-        if not 1 <= ask.count <= MAX_LAB_VMS:  # the API checks it too; a parent workflow may not have
+        # The API checks these too; a parent workflow may not have.
+        if not 1 <= ask.count <= MAX_LAB_VMS:
             raise refuse(Failure.INVALID_REQUEST, f"Invalid request body: 'count' must be 1 to {MAX_LAB_VMS}")
+        if not valid_vm_name(lab_vm_names(ask.name, ask.count)[-1]):  # the longest of the lab's names
+            raise refuse(Failure.INVALID_REQUEST, MSG_INVALID_NAME)
         registered = self.db.template_of(ask.username, ask.box_id)
         template = TemplateRef(node=registered.node, vmid=registered.vmid)
         free_mb = online_nodes(self.pve.pve.get("cluster/resources"))

@@ -15,6 +15,7 @@ from pydantic_core import PydanticCustomError
 
 from db.box_options import ssh_key_problem
 from payloads import MAX_LAB_VMS, Admission, CreateFromBoxInput, LabAdmission, LabInput, LabVm, PowerAction
+from pve.vm_options import valid_vm_name as valid_vm_name  # re-exported for the routes
 
 PositiveInt = Annotated[StrictInt, Field(gt=0, le=2**31 - 1)]
 NonEmpty = Annotated[StrictStr, Field(min_length=1, max_length=255)]
@@ -69,10 +70,6 @@ SshKeys = Annotated[
     BeforeValidator(_ssh_keys),
     Field(json_schema_extra={"items": {"type": "string", "pattern": NO_CONTROL_CHARACTERS_PATTERN}}),
 ]
-
-# PVE's rule for VM names (format `dns-name`): dot-separated labels of letters, digits and hyphens that start
-# and end with a letter or digit. Matched whole (fullmatch, \Z): `$` would also match before a final newline.
-VM_NAME = re.compile(r"(?=.{1,128}\Z)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*")
 
 
 class CreateFromBoxRequest(BaseModel):
@@ -139,10 +136,6 @@ class LabRequest(BaseModel):
             ssh_keys=list(self.ssh_keys),
             start=self.start,
         )
-
-
-def valid_vm_name(name: str) -> bool:
-    return VM_NAME.fullmatch(name) is not None
 
 
 # ------------------------------------------------------------------------------ answers

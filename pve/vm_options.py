@@ -14,6 +14,14 @@ TAG_SEPARATORS = re.compile(r"[;, ]+")
 # The slots a cloud-init drive may take, PVE's usual one first.
 CLOUDINIT_SLOTS = ("ide2", *(f"ide{n}" for n in (0, 1, 3)), *(f"scsi{n}" for n in range(31)))
 DRIVE_KEY = re.compile(r"(ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0")
+# PVE's rule for VM names (format `dns-name`): dot-separated labels of letters, digits and hyphens that start
+# and end with a letter or digit. Matched whole (fullmatch, \Z): `$` would also match before a final newline.
+VM_NAME = re.compile(r"(?=.{1,128}\Z)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*")
+
+
+def valid_vm_name(name: str) -> bool:
+    """A name PVE takes for a VM (the API refuses others with the seed's message before anything starts)."""
+    return VM_NAME.fullmatch(name) is not None
 
 
 def tags_of(value: Any) -> set[str]:

@@ -18,7 +18,7 @@ from temporalio.worker import Worker
 from api.idempotency import MSG_KEY_REUSED
 from db.load import load_admin_data
 from db.models import HELD
-from payloads import MSG_BOX_NOT_FOUND, MSG_TOTAL_LIMIT, LabInput
+from payloads import MSG_BOX_NOT_FOUND, MSG_INVALID_NAME, MSG_TOTAL_LIMIT, LabInput
 from pve.ownership import is_owned_by
 from settings import Settings
 from tests.conftest import created_vms, reservations, vm_records
@@ -268,8 +268,16 @@ async def test_a_lab_runs_as_a_child_workflow(temporal: Client, settings: Settin
             id=f"course-{uuid.uuid4().hex[:8]}",
             task_queue=parent_queue,
         )
+        # What the API refuses before any run, a parent's lab refuses in its admission.
+        misnamed = await temporal.execute_workflow(
+            CourseWorkflow.run,
+            args=[dataclasses.replace(course, name="bad_name"), settings.temporal_task_queue],
+            id=f"course-{uuid.uuid4().hex[:8]}",
+            task_queue=parent_queue,
+        )
     assert made == "made 2: course-01=100@pve2, course-02=101@pve2"
     assert refused == f"failed: {MSG_BOX_NOT_FOUND}"
+    assert misnamed == f"failed: {MSG_INVALID_NAME}"
     assert sorted(vm.name for vm in created_vms(pve)) == ["course-01", "course-02"]
 
 
