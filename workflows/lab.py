@@ -6,9 +6,9 @@ own task, quota reservation, clone-slot turn and saga. A VM whose creation fails
 target, under its name, with a new task id. Cancelling the lab cancels the creations still running (each
 cleans up) and keeps the VMs already made.
 
-The history holds one child per VM (three events each) and one memo update per workflow task in which a VM's
-state changed: about 10 events per VM, so a lab of 100 stays well within Temporal's limits without
-continue-as-new.
+The history holds one child per VM (three events each) and one memo update per workflow task in which some
+VM's state changed, carrying only the VMs that changed (each is a memo key of its own): about 6 events and 8 KiB
+per VM (a lab of 100: 619 events, 753 KiB), well within Temporal's limits without continue-as-new.
 """
 
 from __future__ import annotations
