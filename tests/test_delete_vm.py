@@ -11,7 +11,6 @@ Recording the deletion's histories again (until the first release, in place):
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -22,7 +21,6 @@ import pytest
 from sqlalchemy import Engine
 from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
 from temporalio.exceptions import ApplicationError
-from temporalio.worker import Replayer
 
 import boxctl
 import settings as settings_module
@@ -31,11 +29,12 @@ from payloads import MSG_DELETE_FAILED, MSG_DELETED, MSG_VM_NOT_FOUND, MSG_VM_NO
 from settings import Settings
 from tests.conftest import created_vms, result_of, vm_records
 from tests.factories import BOB, auth, body
+from tests.recorded import Recorded
 from workflows import DeleteVmInput, DeleteVmResult, DeleteVmWorkflow
 
 API = "/api/v1/vm/manage"
-HISTORIES = Path(__file__).parent / "histories"
 SCENARIOS = ["success", "not_the_services"]
+RECORDED = Recorded("delete-", DeleteVmWorkflow, SCENARIOS)
 
 pytestmark = pytest.mark.usefixtures("worker")
 Cli = Callable[..., Awaitable[int]]
@@ -229,27 +228,16 @@ async def run_scenario(api: httpx.AsyncClient, temporal: Client, pve: Any, scena
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 async def test_fresh_history_replays(api: httpx.AsyncClient, temporal: Client, pve: Any, scenario: str) -> None:
-    history = await run_scenario(api, temporal, pve, scenario)
-    await Replayer(workflows=[DeleteVmWorkflow]).replay_workflow(history)
-    version = os.environ.get("RECORD_HISTORIES")
-    if version:
-        (HISTORIES / f"delete-{version}-{scenario}.json").write_text(history.to_json())
+    await RECORDED.replay_fresh(await run_scenario(api, temporal, pve, scenario), scenario)
 
 
 def test_every_version_has_every_scenario_recorded() -> None:
-    recorded = {path.stem.removeprefix("delete-") for path in HISTORIES.glob("delete-*.json")}
-    versions = {stem.split("-", 1)[0] for stem in recorded}
-    assert versions, "no recorded deletions: record them (see the top of this file)"
-    assert recorded == {f"{version}-{scenario}" for version in versions for scenario in SCENARIOS}
+    RECORDED.assert_every_scenario_recorded()
 
 
-@pytest.mark.parametrize("path", sorted(HISTORIES.glob("delete-*.json")), ids=lambda path: path.stem)
+@pytest.mark.parametrize("path", RECORDED.paths(), ids=lambda path: path.stem)
 async def test_recorded_history_replays(path: Path) -> None:
-    scenario = path.stem.split("-", 2)[2]
-    history = WorkflowHistory.from_json(f"recorded-{path.stem}", path.read_text())
-    result = await Replayer(workflows=[DeleteVmWorkflow]).replay_workflow(history, raise_on_replay_failure=False)
-    assert result.replay_failure is None, result.replay_failure
-    last = history.events[-1]
+    scenario, last = await RECORDED.replay(path)
     if scenario == "success":
         assert last.HasField("workflow_execution_completed_event_attributes")
     else:

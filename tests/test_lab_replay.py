@@ -9,24 +9,23 @@ Recording the lab histories again (until the first release, in place):
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from temporalio.client import Client, WorkflowHistory
-from temporalio.worker import Replayer
 
 from tests.conftest import created_vms
 from tests.factories import auth
+from tests.recorded import Recorded
 from tests.test_labs import LABS, fail_configure, lab, lab_end, teacher  # noqa: F401  (teacher: a fixture)
 from tests.waiting import until
 from workflows import LabWorkflow
 
-HISTORIES = Path(__file__).parent / "histories"
 # A VM retried on the other target, and a lab cancelled while its VMs are made one at a time.
 SCENARIOS = ["retried", "cancelled"]
+RECORDED = Recorded("lab-", LabWorkflow, SCENARIOS)
 
 
 async def run_scenario(api: httpx.AsyncClient, temporal: Client, pve: Any, scenario: str) -> WorkflowHistory:
@@ -54,27 +53,16 @@ async def run_scenario(api: httpx.AsyncClient, temporal: Client, pve: Any, scena
 @pytest.mark.fakepve(time_scale=1)
 @pytest.mark.parametrize("scenario", SCENARIOS)
 async def test_fresh_history_replays(api: httpx.AsyncClient, temporal: Client, pve: Any, scenario: str) -> None:
-    history = await run_scenario(api, temporal, pve, scenario)
-    await Replayer(workflows=[LabWorkflow]).replay_workflow(history)
-    version = os.environ.get("RECORD_HISTORIES")
-    if version:
-        (HISTORIES / f"lab-{version}-{scenario}.json").write_text(history.to_json())
+    await RECORDED.replay_fresh(await run_scenario(api, temporal, pve, scenario), scenario)
 
 
 def test_every_version_has_every_scenario_recorded() -> None:
-    recorded = {path.stem.removeprefix("lab-") for path in HISTORIES.glob("lab-*.json")}
-    versions = {stem.split("-", 1)[0] for stem in recorded}
-    assert versions, "no recorded labs: record them (see the top of this file)"
-    assert recorded == {f"{version}-{scenario}" for version in versions for scenario in SCENARIOS}
+    RECORDED.assert_every_scenario_recorded()
 
 
-@pytest.mark.parametrize("path", sorted(HISTORIES.glob("lab-*.json")), ids=lambda path: path.stem)
+@pytest.mark.parametrize("path", RECORDED.paths(), ids=lambda path: path.stem)
 async def test_recorded_history_replays(path: Path) -> None:
-    scenario = path.stem.split("-", 2)[2]
-    history = WorkflowHistory.from_json(f"recorded-{path.stem}", path.read_text())
-    result = await Replayer(workflows=[LabWorkflow]).replay_workflow(history, raise_on_replay_failure=False)
-    assert result.replay_failure is None, result.replay_failure
-    last = history.events[-1]
+    scenario, last = await RECORDED.replay(path)
     if scenario == "retried":
         assert last.HasField("workflow_execution_completed_event_attributes")
     else:

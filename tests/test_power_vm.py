@@ -12,7 +12,6 @@ Recording the power histories again (until the first release, in place):
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ import pytest
 from sqlalchemy import Engine
 from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
 from temporalio.exceptions import ApplicationError
-from temporalio.worker import Replayer
 
 from db import vms
 from db.quota import Size, reserve
@@ -38,11 +36,12 @@ from payloads import (
 from settings import Settings
 from tests.conftest import result_of
 from tests.factories import BOB, auth, body
+from tests.recorded import Recorded
 from workflows import PowerVmInput, PowerVmResult, PowerVmWorkflow
 
 API = "/api/v1/vm/manage"
-HISTORIES = Path(__file__).parent / "histories"
 SCENARIOS = ["success", "not_the_services"]
+RECORDED = Recorded("power-", PowerVmWorkflow, SCENARIOS)
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -246,27 +245,16 @@ async def run_scenario(api: httpx.AsyncClient, temporal: Client, pve: Any, scena
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 async def test_fresh_history_replays(api: httpx.AsyncClient, temporal: Client, pve: Any, scenario: str) -> None:
-    history = await run_scenario(api, temporal, pve, scenario)
-    await Replayer(workflows=[PowerVmWorkflow]).replay_workflow(history)
-    version = os.environ.get("RECORD_HISTORIES")
-    if version:
-        (HISTORIES / f"power-{version}-{scenario}.json").write_text(history.to_json())
+    await RECORDED.replay_fresh(await run_scenario(api, temporal, pve, scenario), scenario)
 
 
 def test_every_version_has_every_scenario_recorded() -> None:
-    recorded = {path.stem.removeprefix("power-") for path in HISTORIES.glob("power-*.json")}
-    versions = {stem.split("-", 1)[0] for stem in recorded}
-    assert versions, "no recorded power actions: record them (see the top of this file)"
-    assert recorded == {f"{version}-{scenario}" for version in versions for scenario in SCENARIOS}
+    RECORDED.assert_every_scenario_recorded()
 
 
-@pytest.mark.parametrize("path", sorted(HISTORIES.glob("power-*.json")), ids=lambda path: path.stem)
+@pytest.mark.parametrize("path", RECORDED.paths(), ids=lambda path: path.stem)
 async def test_recorded_history_replays(path: Path) -> None:
-    scenario = path.stem.split("-", 2)[2]
-    history = WorkflowHistory.from_json(f"recorded-{path.stem}", path.read_text())
-    result = await Replayer(workflows=[PowerVmWorkflow]).replay_workflow(history, raise_on_replay_failure=False)
-    assert result.replay_failure is None, result.replay_failure
-    last = history.events[-1]
+    scenario, last = await RECORDED.replay(path)
     if scenario == "success":
         assert last.HasField("workflow_execution_completed_event_attributes")
     else:

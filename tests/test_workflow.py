@@ -14,7 +14,6 @@ From the first release on, keep the old ones: a change that alters the command s
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,17 +22,16 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHistory
-from temporalio.worker import Replayer, Worker
+from temporalio.worker import Worker
 
 from payloads import MSG_BOX_NOT_FOUND, MSG_CLONE_FAILED, MSG_CONFIGURE_FAILED
 from settings import Settings
 from tests.conftest import created_vms, reservations, result_of
 from tests.factories import BOX, auth, body
 from tests.parent_workflow import ParentWorkflow
+from tests.recorded import Recorded
 from tests.waiting import until
 from workflows import CreateFromBoxInput, CreateFromBoxWorkflow
-
-HISTORIES = Path(__file__).parent / "histories"
 
 
 def child_input(**overrides: Any) -> CreateFromBoxInput:
@@ -117,6 +115,7 @@ async def run_scenario(api: httpx.AsyncClient, temporal: Client, pve: Any, scena
 
 
 SCENARIOS = ["success", "clone_failure", "compensation", "cancel_during_clone_request"]
+RECORDED = Recorded("", CreateFromBoxWorkflow, SCENARIOS)
 
 
 @pytest.mark.usefixtures("worker")
@@ -128,30 +127,17 @@ SCENARIOS = ["success", "clone_failure", "compensation", "cancel_during_clone_re
     ],
 )
 async def test_fresh_history_replays(api: httpx.AsyncClient, temporal: Client, pve: Any, scenario: str) -> None:
-    history = await run_scenario(api, temporal, pve, scenario)
-    await Replayer(workflows=[CreateFromBoxWorkflow]).replay_workflow(history)
-    version = os.environ.get("RECORD_HISTORIES")
-    if version:
-        HISTORIES.mkdir(exist_ok=True)
-        (HISTORIES / f"{version}-{scenario}.json").write_text(history.to_json())
+    await RECORDED.replay_fresh(await run_scenario(api, temporal, pve, scenario), scenario)
 
 
 def test_every_version_has_every_scenario_recorded() -> None:
-    recorded = {path.stem for path in HISTORIES.glob("[0-9]*.json")}
-    versions = {stem.split("-", 1)[0] for stem in recorded}
-    assert versions, "no recorded histories: record them (see the top of this file)"
-    assert recorded == {f"{version}-{scenario}" for version in versions for scenario in SCENARIOS}
+    RECORDED.assert_every_scenario_recorded()
 
 
-@pytest.mark.parametrize("path", sorted(HISTORIES.glob("[0-9]*.json")), ids=lambda path: path.stem)
+@pytest.mark.parametrize("path", RECORDED.paths(), ids=lambda path: path.stem)
 async def test_recorded_history_replays(path: Path) -> None:
-    scenario = path.stem.split("-", 1)[1]
-    history = WorkflowHistory.from_json(f"recorded-{path.stem}", path.read_text())
-    result = await Replayer(workflows=[CreateFromBoxWorkflow]).replay_workflow(history, raise_on_replay_failure=False)
-    assert result.replay_failure is None, result.replay_failure
     # What the recorded run ended with is what the current code decides on replay too.
-    events = history.events
-    last = events[-1]
+    scenario, last = await RECORDED.replay(path)
     if scenario == "success":
         assert last.HasField("workflow_execution_completed_event_attributes")
     elif scenario == "cancel_during_clone_request":
