@@ -1,14 +1,15 @@
 """The workflow's outside face for other workflows (child workflow, input and result dataclasses), and replay
 of recorded histories: a change to the workflow must keep the runs already in flight replayable.
 
-Histories are named <version>-<scenario>.json, one of each SCENARIOS per version. Until the first release there
-is one version, the 1.0 baseline: a change to the workflow re-records it, in place:
+Histories are named <version>-<scenario>.json, one of each SCENARIOS per version. 1.0 is from before admission
+took the clone slot (its runs ask for it in a step of their own: `Admitted.clone_slot` is None, and the workflow
+keeps that path for them); 1.1 since. Until the first release, a change to the workflow re-records 1.1 in place:
 
-    rm tests/histories/1.0-*.json
-    RECORD_HISTORIES=1.0 .venv/bin/pytest tests/test_workflow.py -k fresh_history -p no:cacheprovider
+    rm tests/histories/1.1-*.json
+    RECORD_HISTORIES=1.1 .venv/bin/pytest tests/test_workflow.py -k fresh_history -p no:cacheprovider
 
 From the first release on, keep the old ones: a change that alters the command sequence goes under
-`workflow.patched`, and its version's histories are recorded beside them (RECORD_HISTORIES=1.1 ...).
+`workflow.patched`, and its version's histories are recorded beside them (RECORD_HISTORIES=1.2 ...).
 """
 
 from __future__ import annotations
