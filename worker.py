@@ -12,7 +12,6 @@ from datetime import timedelta
 from sqlalchemy import Engine
 from temporalio.client import Client
 from temporalio.worker import Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.admission import AdmissionActivities
 from activities.db import DbActivities
@@ -29,6 +28,7 @@ from settings import Settings, SettingsError, get_settings
 from temporal_client import connect_temporal, ensure_search_attributes
 from workflows import CreateFromBoxWorkflow, DeleteVmWorkflow, LabWorkflow, PowerVmWorkflow
 from workflows.clone_turns import tell_slot_granted
+from workflows.runner import workflow_runner
 
 log = logging.getLogger("worker")
 
@@ -85,9 +85,7 @@ def build_worker(
         # The sandbox would import the project's modules afresh for every run (a third of the worker's CPU per
         # creation, measured with `make bench`); they are passed through instead. The sandbox still guards the
         # standard library, and the replay tests (tests/histories) catch a workflow change that breaks old runs.
-        workflow_runner=SandboxedWorkflowRunner(
-            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PROJECT_MODULES)
-        ),
+        workflow_runner=workflow_runner(PROJECT_MODULES),
         max_concurrent_activities=ACTIVITY_THREADS,
         max_concurrent_local_activities=ACTIVITY_THREADS,
         # The SDK sends at most one heartbeat per 0.8 x the heartbeat timeout (8 s of the workflow's 10 s),

@@ -44,6 +44,7 @@ from payloads import (
     CreateFromBoxInput,
     LabAdmission,
     LabInput,
+    Step,
     TaskKind,
     TaskState,
     status_of,
@@ -93,7 +94,10 @@ class Admitter:
             # The owner and the task's state from the start, not from when a worker first runs it: a run that no
             # worker has picked up yet is listed by GET tasks, shown by GET tasks/{task_id} and can be cancelled.
             memo={**request_memo(input), STATE_MEMO: dataclasses.asdict(initial_state(input))},
-            search_attributes=search_attributes.at_start(input.username, box_id=input.box_id, node=input.target),
+            # With BoxStep too: the run then publishes only what changes (CreateFromBoxWorkflow._publish).
+            search_attributes=search_attributes.at_start(
+                input.username, box_id=input.box_id, node=input.target, step=Step.ADMISSION.value
+            ),
             # What the Web UI lists the run by, instead of its id alone.
             static_summary=creation_summary(input),
             static_details=creation_details(input),

@@ -17,7 +17,7 @@ from api.errors import TEMPORAL_UNAVAILABLE, ApiError
 from api.schemas import LabVmState, TaskStateData, TaskStatus
 from payloads import LAB_VM_MEMO_KEY, LabVm, TaskKind, TaskState
 from workflows import CreateFromBoxWorkflow, DeleteVmWorkflow, LabWorkflow, PowerVmWorkflow
-from workflows.create_from_box import OWNER
+from workflows.search_attributes import OWNER, STEP, VMID
 
 TASK_NOT_FOUND = "Task not found"
 # The workflows whose runs are a user's tasks (GET tasks/{task_id}); any other run under an id is no task.
@@ -48,6 +48,11 @@ class Task:
         if STATE_MEMO not in self.memo:
             return None
         state = TaskState(**self.memo[STATE_MEMO])
+        # A creation the API started moves only BoxStep and VmId until it ends (CreateFromBoxWorkflow._publish);
+        # every other run keeps them and its memo alike.
+        attributes = self.description.typed_search_attributes
+        state.step = attributes.get(STEP) or state.step
+        state.vmid = attributes.get(VMID) or state.vmid
         # A lab keeps each VM under a key of its own (workflows.lab), in the order of the keys.
         state.vms = [LabVm(**self.memo[key]) for key in sorted(self.memo) if LAB_VM_MEMO_KEY.fullmatch(key)]
         return state

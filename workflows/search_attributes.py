@@ -19,10 +19,18 @@ SEARCH_ATTRIBUTES = (OWNER, STEP, BOX_ID, PVE_NODE, VMID)
 
 
 def at_start(
-    owner: str, *, box_id: str | None = None, node: str | None = None, vmid: int | None = None
+    owner: str,
+    *,
+    box_id: str | None = None,
+    node: str | None = None,
+    vmid: int | None = None,
+    step: str | None = None,
 ) -> TypedSearchAttributes:
-    """The attributes a run is started with: a run that no worker has picked up yet is found by them too."""
+    """The attributes a run is started with: a run that no worker has picked up yet is found by them too. A
+    creation started with its first `step` too publishes only what changes as it goes (see `progress`)."""
     pairs: list[SearchAttributePair] = [SearchAttributePair(OWNER, owner)]
+    if step:
+        pairs.append(SearchAttributePair(STEP, step))
     if box_id:
         pairs.append(SearchAttributePair(BOX_ID, box_id))
     if node:
@@ -42,6 +50,15 @@ def current(
         updates.append(BOX_ID.value_set(box_id))
     if node:
         updates.append(PVE_NODE.value_set(node))
+    if vmid:
+        updates.append(VMID.value_set(vmid))
+    return updates
+
+
+def progress(step: str, vmid: int | None) -> list[SearchAttributeUpdate[Any]]:
+    """What a run started with every attribute it knows then (`at_start` with its step) upserts as it goes: the
+    step, and the VMID once known."""
+    updates: list[SearchAttributeUpdate[Any]] = [STEP.value_set(step)]
     if vmid:
         updates.append(VMID.value_set(vmid))
     return updates
