@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
+
 from cli import CliError, open_engine
 from cli.listings import cmd_boxes, cmd_plans, cmd_reservations, cmd_templates, cmd_users, cmd_vms, table, when
 from db.engine import make_engine
@@ -99,7 +101,25 @@ def cmd_vm_delete(args: argparse.Namespace) -> None:
 
 
 def cmd_vm_forget(args: argparse.Namespace) -> None:
-    vm = forget(open_engine(), _vmid(args.vmid))
+    engine = open_engine()
+    vmid = _vmid(args.vmid)
+    deleting = live_vm(engine, vmid).deleting_task_id
+    if deleting and not args.force:
+        # The deletion marks the VM deleted itself if it destroys it; forgotten meanwhile, a deletion that then
+        # fails would leave a VM on PVE that no plan counts. An operator who knows better says --force.
+        from workflows.delete_vm import deletion_running
+
+        try:
+            running = deletion_running(get_settings(), deleting)
+        except (ConnectionError, SettingsError) as exc:
+            raise CliError(
+                f"VM {vmid} has a deletion ({deleting}) that cannot be looked at: {exc}; --force forgets it anyway"
+            ) from None
+        if running:
+            raise CliError(
+                f"VM {vmid} is being deleted by task {deleting}: wait for it to end, or --force to forget it anyway"
+            )
+    vm = forget(engine, vmid)
     print(f"VM {vm.vmid} ({vm.name}, {vm.username}, task {vm.task_id}) marked deleted; PVE was not touched")
 
 
@@ -197,7 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     vm = commands.add_parser("vm", help="act on one VM the service created, whoever owns it")
     vms = vm.add_subparsers(dest="vm_command", required=True, metavar="COMMAND")
     add_to(vms, "delete", cmd_vm_delete, "delete a VM as its owner's DELETE would; print the task id", "vmid")
-    add_to(vms, "forget", cmd_vm_forget, "mark a VM record deleted without touching PVE (gone or reused)", "vmid")
+    forget_vm = add_to(
+        vms, "forget", cmd_vm_forget, "mark a VM record deleted without touching PVE (gone or reused)", "vmid"
+    )
+    forget_vm.add_argument(
+        "--force", action="store_true", help="also while a deletion of it runs (or Temporal cannot be asked)"
+    )
     repair = add(
         "reconcile",
         cmd_reconcile,
@@ -245,7 +270,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(exc).splitlines():
             print(f"boxctl: {line}", file=sys.stderr)
         return 1
+    except OperationalError as exc:  # the database is not there, or refuses us: say so, no traceback
+        print(f"boxctl: cannot use the database (DATABASE_URL): {_first_line(exc.orig or exc)}", file=sys.stderr)
+        return 1
     return status or 0  # a handler may answer its own exit status (reconcile: 1 while drift remains)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ three: the POST waits for it, and every step between activities costs a turn of 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
 
@@ -26,6 +27,9 @@ from payloads import (
     TemplateRef,
 )
 
+# The threads that read PVE's view for admissions meanwhile (each read takes one for a few milliseconds).
+PVE_READS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="admission-pve")
+
 
 class AdmissionActivities:
     def __init__(self, db: DbActivities, pve: PveActivities):
@@ -37,25 +41,28 @@ class AdmissionActivities:
         """Every check of the request, then the reservation; safe to repeat (the reservation is keyed by the
         task id)."""
         ask = req.request
+        # PVE's view is read while the database answers for the box (the checks still come in the contract's
+        # order: a box refused is refused whatever PVE says). A POST waits for all of this.
+        resources = PVE_READS.submit(self.pve.cluster_resources)
         registered = self.db.template_of(ask.username, ask.box_id)
-        facts = self.pve.inspect_template(
+        facts = self.pve.check_template(
             InspectInput(
                 template=TemplateRef(node=registered.node, vmid=registered.vmid),
                 target=ask.target,
                 storage=ask.storage,
                 disk_gb=ask.disk_gb,
-            )
+            ),
+            resources.result(),
         )
         template = TemplateRef(node=facts.node, vmid=registered.vmid)
         if ask.admit_by is not None and datetime.now(UTC) > ask.admit_by:
             # The caller has answered 503 and given the request up. Checked here, on the clock: the workflow's
             # own clock stands still while its local activities run.
             raise ApplicationError(MSG_UNAVAILABLE, type=Failure.UNAVAILABLE.value, non_retryable=True)
-        vmid = self.db.reserve(req.task_id, ask, facts.free_ranges)
         # The clone slot too, here: asked by a step of its own, it would hold the POST's answer (sent when the
         # workflow task ends) for one more local activity. The workflow frees it on every way out.
         slot = CloneSlotRequest(task_id=req.task_id, node=facts.node, storage=facts.storage, owner=ask.username)
-        clone_slot = self.db.try_clone_slot(slot)
+        vmid, clone_slot = self.db.reserve(req.task_id, ask, facts.free_ranges, slot)
         return Admitted(
             template=template, facts=facts, vmid=vmid, box=box_options(registered.box), clone_slot=clone_slot
         )

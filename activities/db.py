@@ -12,6 +12,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from db import boxes, clone_slots, quota
+from db.engine import session
 from payloads import (
     CloneSlotRequest,
     CreateFromBoxInput,
@@ -52,10 +53,15 @@ class DbActivities:
         with _refusals():
             return boxes.template_for(self.engine, username, box_id)
 
-    def reserve(self, task_id: str, ask: CreateFromBoxInput, free_ranges: list[list[int]]) -> int:
-        """Hold the quota and a VMID for the task; returns the VMID."""
-        with _refusals():
-            return quota.reserve(self.engine, task_id, ask.username, _size(ask), free_ranges)
+    def reserve(
+        self, task_id: str, ask: CreateFromBoxInput, free_ranges: list[list[int]], slot: CloneSlotRequest
+    ) -> tuple[int, int]:
+        """Hold the quota and a VMID for the task, then take a clone slot or queue for one, in one transaction
+        (one commit fewer before the POST's answer); returns the VMID and what `try_clone_slot` answers."""
+        with _refusals(), session(self.engine) as db, db.begin():
+            vmid = quota.reserve_in(db, task_id, ask.username, _size(ask), free_ranges)
+            holds = clone_slots.acquire_in(db, slot.task_id, slot.node, slot.storage, self.clone_limits, slot.owner)
+        return vmid, self._place(slot.task_id, holds)
 
     def reserve_lab(self, task_ids: list[str], ask: CreateFromBoxInput, free_ranges: list[list[int]]) -> list[int]:
         """Hold the quota and a VMID for each of a lab's creations, all or nothing; returns the VMIDs."""
@@ -72,10 +78,14 @@ class DbActivities:
     @activity.defn
     def try_clone_slot(self, req: CloneSlotRequest) -> int:
         """Take a clone slot if one is free now (0), else queue for one: the task's place in the line (1: next)."""
-        if clone_slots.acquire(self.engine, req.task_id, req.node, req.storage, self.clone_limits, req.owner):
+        holds = clone_slots.acquire(self.engine, req.task_id, req.node, req.storage, self.clone_limits, req.owner)
+        return self._place(req.task_id, holds)
+
+    def _place(self, task_id: str, holds: bool) -> int:
+        if holds:
             return 0
         # Only a run that has to wait pays for this look (operators see it in the run's current details).
-        return max(1, clone_slots.place_in_line(self.engine, req.task_id))
+        return max(1, clone_slots.place_in_line(self.engine, task_id))
 
     @activity.defn
     async def release_clone_slot(self, task_id: str) -> list[str]:

@@ -111,8 +111,15 @@ class PveActivities:
         """The template VM exists on PVE and is a template; the target node, the storage and the disk size
         can take the clone. One cluster-wide read and one config read (cached). The client's mistakes (400)
         come before PVE's passing troubles (503), which it may simply wait out."""
+        return self.check_template(req, self.cluster_resources())
+
+    def cluster_resources(self) -> list[dict[str, Any]]:
+        """PVE's cluster-wide view (nodes, storages, VMs), which check_template reads."""
+        return list(self.pve.get("cluster/resources"))
+
+    def check_template(self, req: InspectInput, resources: list[dict[str, Any]]) -> TemplateFacts:
+        """inspect_template on `resources`, read from PVE just before."""
         storage = req.storage or self.default_storage
-        resources = self.pve.get("cluster/resources")
         vms = [r for r in resources if r.get("type") in ("qemu", "lxc")]
         template = next((r for r in vms if r["type"] == "qemu" and int(r["vmid"]) == req.template.vmid), None)
         if template is None or not int(template.get("template") or 0):

@@ -49,21 +49,27 @@ def acquire(engine: Engine, task_id: str, node: str, storage: str, limits: Limit
     the task (once) under its owner. True if the task holds a slot, perhaps handed over earlier. A newcomer
     cannot overtake the queue: a release hands freed capacity to the waiters at once, so there is none left
     over while someone who fits is waiting."""
-    with _locked(engine) as db:
-        if db.get(CloneSlot, task_id) is not None:
-            _forget_grant(db, task_id)  # the slot it was handed is taken up: no need to tell it again
-            return True
-        queued = db.get(CloneWaiter, task_id)
-        if limits.fit(db, node, storage):
-            if queued is not None:
-                db.delete(queued)
-            db.add(CloneSlot(task_id=task_id, node=node, storage=storage, owner=owner))
-            return True
-        if queued is None:
-            db.add(CloneWaiter(task_id=task_id, node=node, storage=storage, owner=owner))
-        elif owner and not queued.owner:
-            queued.owner = owner  # queued before owners were kept: its place stays, its turns become fair
-        return False
+    with session(engine) as db, db.begin():
+        return acquire_in(db, task_id, node, storage, limits, owner)
+
+
+def acquire_in(db: Session, task_id: str, node: str, storage: str, limits: Limits, owner: str = "") -> bool:
+    """`acquire` inside the caller's write transaction (admission holds the quota and the slot in one)."""
+    _lock(db)
+    if db.get(CloneSlot, task_id) is not None:
+        _forget_grant(db, task_id)  # the slot it was handed is taken up: no need to tell it again
+        return True
+    queued = db.get(CloneWaiter, task_id)
+    if limits.fit(db, node, storage):
+        if queued is not None:
+            db.delete(queued)
+        db.add(CloneSlot(task_id=task_id, node=node, storage=storage, owner=owner))
+        return True
+    if queued is None:
+        db.add(CloneWaiter(task_id=task_id, node=node, storage=storage, owner=owner))
+    elif owner and not queued.owner:
+        queued.owner = owner  # queued before owners were kept: its place stays, its turns become fair
+    return False
 
 
 def place_in_line(engine: Engine, task_id: str) -> int:
@@ -251,9 +257,15 @@ def _forget_grant(db: Session, task_id: str) -> None:
 def _locked(engine: Engine) -> Iterator[Session]:
     """A write transaction that holds the slot lock."""
     with session(engine) as db, db.begin():
-        if engine.dialect.name == "postgresql":
-            db.exec(text(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY})"))  # type: ignore[call-overload]
+        _lock(db)
         yield db
+
+
+def _lock(db: Session) -> None:
+    """The slot lock, until the transaction ends: on PostgreSQL an advisory lock; SQLite's BEGIN IMMEDIATE has
+    serialised every write transaction already."""
+    if db.get_bind().dialect.name == "postgresql":
+        db.exec(text(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY})"))  # type: ignore[call-overload]
 
 
 def _count(db: Session, condition) -> int:  # type: ignore[no-untyped-def]

@@ -6,7 +6,7 @@ Every function here is idempotent for its task id, because Temporal may run an a
 from dataclasses import dataclass, field
 
 from sqlalchemy import CompoundSelect, Engine, func, text, union
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from db.engine import session
 from db.models import COMMITTED, HELD, RELEASED, Plan, Reservation, User, Vm, utcnow
@@ -122,21 +122,26 @@ def reserve(engine: Engine, task_id: str, username: str, size: Size, free_ranges
     """Check the plan and hold the quota and a VMID (the lowest free one in `free_ranges`, inclusive
     [first, last] ranges from PVE) for task_id; returns the VMID."""
     with session(engine) as db, db.begin():
-        user = lock_user(db, username)  # first: one user's slow transaction holds up only that user
-        existing = db.get(Reservation, task_id)
-        if existing is not None and existing.state != RELEASED and existing.vmid is not None:
-            return existing.vmid  # a retry of a reservation made (or committed) already
-        _check_plan(db, user, username, size, count=1)
-        # The lock every user's creations share, taken last: a retry and a refusal never wait for it, and it is
-        # held only for the VMID pick and the insert (until the commit).
-        _lock_vmids(db)
-        vmid = pick_vmid(db, free_ranges)
-        if existing is not None:
-            # Released by a cleanup, and now the run goes on again (reset from the Web UI): hold it anew.
-            db.delete(existing)
-            db.flush()
-        db.add(_held(task_id, username, size, vmid))
-        return vmid
+        return reserve_in(db, task_id, username, size, free_ranges)
+
+
+def reserve_in(db: Session, task_id: str, username: str, size: Size, free_ranges: list[list[int]]) -> int:
+    """`reserve` inside the caller's write transaction (admission takes the clone slot in the same one)."""
+    user = lock_user(db, username)  # first: one user's slow transaction holds up only that user
+    existing = db.get(Reservation, task_id)
+    if existing is not None and existing.state != RELEASED and existing.vmid is not None:
+        return existing.vmid  # a retry of a reservation made (or committed) already
+    _check_plan(db, user, username, size, count=1)
+    # The lock every user's creations share, taken last: a retry and a refusal never wait for it, and it is
+    # held only for the VMID pick and the insert (until the commit).
+    _lock_vmids(db)
+    vmid = pick_vmid(db, free_ranges)
+    if existing is not None:
+        # Released by a cleanup, and now the run goes on again (reset from the Web UI): hold it anew.
+        db.delete(existing)
+        db.flush()
+    db.add(_held(task_id, username, size, vmid))
+    return vmid
 
 
 def reserve_all(

@@ -392,6 +392,22 @@ def test_cli_load_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert capsys.readouterr().err.startswith("boxctl: cannot read")
 
 
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["db", "current"], ["users"]])
+def test_an_unreachable_database_is_one_line_not_a_traceback(
+    command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Port 1: nothing listens there.
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://boxes@127.0.0.1:1/boxes")
+    settings.get_settings.cache_clear()
+    try:
+        assert boxctl.main(command) == 1
+    finally:
+        settings.get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert err.startswith("boxctl: cannot use the database (DATABASE_URL): connection failed"), err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.usefixtures("cli_env")
 def test_cli_token_issue(tmp_path: Path, db_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert boxctl.main(["load", write_json(tmp_path, EXAMPLE)]) == 0

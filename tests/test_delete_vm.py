@@ -30,6 +30,7 @@ from settings import Settings
 from tests.conftest import created_vms, result_of, vm_records
 from tests.factories import BOB, auth, body
 from tests.recorded import Recorded
+from tests.waiting import until
 from workflows import DeleteVmInput, DeleteVmResult, DeleteVmWorkflow
 
 API = "/api/v1/vm/manage"
@@ -116,6 +117,27 @@ async def test_a_vm_without_the_marker_is_never_destroyed_and_frees_nothing_unti
     assert used_vms(engine) == 0
     assert [vm.vmid for vm in created_vms(pve)] == [100], "forget never touches PVE"
     assert (await api.delete(f"{API}/vms/100", headers=auth())).json()["message"] == MSG_VM_NOT_FOUND
+
+
+async def test_forget_waits_for_a_deletion_under_way_unless_forced(
+    api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine, cli: Cli, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await create(api, temporal)
+    pve.slow_network(1.5, node="pve2")  # each of the deletion's PVE requests takes 1.5 s
+    task_id = await start_delete(api, "100")
+    await until(lambda: [vm.deleting_task_id for vm in vm_records(engine)] == [task_id])
+
+    assert await cli("vm", "forget", "100") == 1
+    assert f"VM 100 is being deleted by task {task_id}" in capsys.readouterr().err
+    assert used_vms(engine) == 1
+
+    assert await cli("vm", "forget", "100", "--force") == 0
+    assert used_vms(engine) == 0
+    pve.slow_network(0, node="pve2")
+    outcome, _state = await ending(temporal, task_id)
+    assert isinstance(outcome, DeleteVmResult), outcome  # the deletion still ends well, and PVE has no VM
+    assert created_vms(pve) == []
+    assert [vm.deleted_at is not None for vm in vm_records(engine)] == [True]
 
 
 async def test_forget_names_a_vmid_no_record_holds(cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:

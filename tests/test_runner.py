@@ -52,7 +52,9 @@ def test_the_worker_runs_workflows_in_the_sandbox_with_the_direct_answers() -> N
 @pytest.mark.parametrize("path", sorted(HISTORIES.glob("*.json")), ids=lambda path: path.stem)
 async def test_every_answer_is_the_sdks_own(path: Path) -> None:
     _Compared.asked = []
-    runner = _ComparingRunner(restrictions=workflow_runner(PROJECT_MODULES).restrictions)
+    worker_runner = workflow_runner(PROJECT_MODULES)
+    assert isinstance(worker_runner, DirectContextRunner)
+    runner = _ComparingRunner(restrictions=worker_runner.restrictions)
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     result = await Replayer(workflows=WORKFLOWS, workflow_runner=runner).replay_workflow(
         history, raise_on_replay_failure=False

@@ -17,10 +17,10 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import RetryPolicy, WorkflowIDConflictPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 with workflow.unsafe.imports_passed_through():
     from sqlalchemy import Engine
@@ -197,4 +197,24 @@ def start_deletion_now(settings: Settings, engine: Engine, vm: VmRecord) -> str:
     try:
         return asyncio.run(start())
     except (RPCError, RuntimeError, OSError) as exc:  # Client.connect raises RuntimeError when nobody answers
+        raise ConnectionError(f"Temporal at {settings.temporal_address}: {exc}") from exc
+
+
+def deletion_running(settings: Settings, task_id: str) -> bool:
+    """Whether the deletion `task_id` is still going (boxctl asks before it forgets a VM). ConnectionError if
+    Temporal cannot be reached or asked."""
+
+    async def running() -> bool:
+        client = await connect_temporal(settings)
+        try:
+            description = await client.get_workflow_handle(task_id).describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise
+        return description.status == WorkflowExecutionStatus.RUNNING
+
+    try:
+        return asyncio.run(running())
+    except (RPCError, RuntimeError, OSError) as exc:
         raise ConnectionError(f"Temporal at {settings.temporal_address}: {exc}") from exc
