@@ -115,6 +115,7 @@ def cmd_vm_forget(args: argparse.Namespace) -> None:
             raise CliError(
                 f"VM {vmid} has a deletion ({deleting}) that cannot be looked at: {exc}; --force forgets it anyway"
             ) from None
+        # A deletion started from here on is not seen: an operator's race, and forgetting stays what it says.
         if running:
             raise CliError(
                 f"VM {vmid} is being deleted by task {deleting}: wait for it to end, or --force to forget it anyway"
@@ -270,8 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(exc).splitlines():
             print(f"boxctl: {line}", file=sys.stderr)
         return 1
-    except OperationalError as exc:  # the database is not there, or refuses us: say so, no traceback
-        print(f"boxctl: cannot use the database (DATABASE_URL): {_first_line(exc.orig or exc)}", file=sys.stderr)
+    except OperationalError as exc:  # the database is not there, refuses us, or is busy: say so, no traceback
+        print(f"boxctl: database error (DATABASE_URL): {_first_line(exc.orig or exc)}", file=sys.stderr)
         return 1
     return status or 0  # a handler may answer its own exit status (reconcile: 1 while drift remains)
 

@@ -143,7 +143,8 @@ class Step(StrEnum):
 
 @dataclass
 class TaskState:
-    """The run's state as GET /tasks/{task_id} shows it; the workflow keeps it in its memo."""
+    """The run's state as GET /tasks/{task_id} shows it; the workflow keeps it in its memo, and `step` and
+    `vmid` also in BoxStep and VmId, which a creation moves alone between its first and last steps."""
 
     owner: str
     step: str = Step.ADMISSION.value
@@ -237,6 +238,11 @@ class Admitted:
     # The clone slot, asked for at once: 0 if the run holds one, N if it is Nth in line; None (histories from
     # before it was asked at admission): the run asks for it itself.
     clone_slot: int | None = None
+    # True from this version of admission on: the run then moves only BoxStep and VmId between its first step
+    # and its last, and writes its memo again only as it ends (CreateFromBoxWorkflow._publish). False in runs
+    # admitted by an earlier worker, which keep publishing everything at each step: their histories (and a run
+    # begun by an older worker during a rolling upgrade) replay as they were recorded.
+    changes_only: bool = False
 
 
 @dataclass

@@ -49,7 +49,7 @@ def build_worker(
     clone_limits = Limits(settings.clone_limit_per_node, settings.clone_limit_per_storage)
     db_activities = DbActivities(engine, clone_limits, functools.partial(tell_slot_granted, client))
     pve_activities = PveActivities(pve, settings.default_storage)
-    admission = AdmissionActivities(db_activities, pve_activities)
+    admission = AdmissionActivities(db_activities, pve_activities, pve_read_threads=ACTIVITY_THREADS)
     lab = LabActivities(db_activities, pve_activities)
     vm_life = VmLifeActivities(pve, engine)
     return Worker(

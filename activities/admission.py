@@ -27,14 +27,15 @@ from payloads import (
     TemplateRef,
 )
 
-# The threads that read PVE's view for admissions meanwhile (each read takes one for a few milliseconds).
-PVE_READS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="admission-pve")
-
 
 class AdmissionActivities:
-    def __init__(self, db: DbActivities, pve: PveActivities):
+    def __init__(self, db: DbActivities, pve: PveActivities, pve_read_threads: int = 8):
+        """`pve_read_threads`: threads that read PVE's view while an admission's database read runs, as many
+        as admissions may run at once (worker.py: as many as its activity threads). Started as needed."""
         self.db = db
         self.pve = pve
+        # Not the activities' own pool: an admission waiting there for a read queued behind it could wait forever.
+        self.pve_reads = ThreadPoolExecutor(max_workers=pve_read_threads, thread_name_prefix="admission-pve")
 
     @activity.defn
     def admit(self, req: AdmitInput) -> Admitted:
@@ -43,8 +44,12 @@ class AdmissionActivities:
         ask = req.request
         # PVE's view is read while the database answers for the box (the checks still come in the contract's
         # order: a box refused is refused whatever PVE says). A POST waits for all of this.
-        resources = PVE_READS.submit(self.pve.cluster_resources)
-        registered = self.db.template_of(ask.username, ask.box_id)
+        resources = self.pve_reads.submit(self.pve.cluster_resources)
+        try:
+            registered = self.db.template_of(ask.username, ask.box_id)
+        except BaseException:
+            resources.cancel()  # if it has not begun; else its answer (or error) goes unread
+            raise
         facts = self.pve.check_template(
             InspectInput(
                 template=TemplateRef(node=registered.node, vmid=registered.vmid),
@@ -64,7 +69,12 @@ class AdmissionActivities:
         slot = CloneSlotRequest(task_id=req.task_id, node=facts.node, storage=facts.storage, owner=ask.username)
         vmid, clone_slot = self.db.reserve(req.task_id, ask, facts.free_ranges, slot)
         return Admitted(
-            template=template, facts=facts, vmid=vmid, box=box_options(registered.box), clone_slot=clone_slot
+            template=template,
+            facts=facts,
+            vmid=vmid,
+            box=box_options(registered.box),
+            clone_slot=clone_slot,
+            changes_only=True,
         )
 
 

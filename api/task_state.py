@@ -1,6 +1,7 @@
 """A task's state as the API reads it: the run's Temporal description and the TaskState the workflow keeps in
-its memo. Read by GET tasks/{task_id}, POST tasks/{task_id}/cancel, GET tasks (from Temporal's visibility) and by a
-repeated request under an Idempotency-Key."""
+its memo, its step and VMID as BoxStep and VmId say (a creation moves those alone until it ends). Read by GET
+tasks/{task_id}, POST tasks/{task_id}/cancel, GET tasks (from Temporal's visibility) and by a repeated request
+under an Idempotency-Key."""
 
 from __future__ import annotations
 

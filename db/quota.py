@@ -5,7 +5,7 @@ Every function here is idempotent for its task id, because Temporal may run an a
 
 from dataclasses import dataclass, field
 
-from sqlalchemy import CompoundSelect, Engine, func, text, union
+from sqlalchemy import Engine, func, text, union
 from sqlmodel import Session, col, select
 
 from db.engine import session
@@ -100,22 +100,37 @@ def lock_user(db, username: str) -> User | None:  # type: ignore[no-untyped-def]
     return db.exec(select(User).where(User.username == username).with_for_update()).first()
 
 
+# Given-out VMIDs read at first while looking for a free one, doubled at each further read.
+VMID_BATCH = 64
+
+
 def pick_vmid(db, free_ranges: list[list[int]]) -> int:  # type: ignore[no-untyped-def]
     """The lowest VMID that PVE showed free and that the service has not given out: neither held by a live
-    creation (not on PVE yet) nor one of its VMs (PVE's answer may be a moment old)."""
-    # One statement, so one snapshot: a commit moving a creation from held to a VM record lands in one of them.
-    given_out: CompoundSelect = union(
-        select(Reservation.vmid).where(Reservation.state == HELD),
-        select(Vm.vmid).where(col(Vm.deleted_at).is_(None)),
-    )
-    ours = set(db.exec(given_out).scalars().all())
+    creation (not on PVE yet) nor one of its VMs (PVE's answer may be a moment old). Reads only the given-out
+    VMIDs from the candidate up (few: PVE's free ranges hold none of the VMs it has), not every VM's."""
     for first, last in free_ranges:
-        vmid = first
-        while vmid in ours:
-            vmid += 1
-        if vmid <= last:
-            return vmid
+        vmid, batch = first, VMID_BATCH
+        while vmid <= last:
+            given_out = _given_out(db, vmid, last, batch)
+            for given in given_out:
+                if given > vmid:
+                    return vmid
+                vmid = given + 1
+            if len(given_out) < batch and vmid <= last:
+                return vmid
+            batch *= 2  # as many creations in flight as this: read them in a few statements, not one per 64
     raise NoFreeVmid("every VMID PVE showed free is held by another creation")
+
+
+def _given_out(db, first: int, last: int, limit: int) -> list[int]:  # type: ignore[no-untyped-def]
+    """The first `limit` VMIDs from `first` to `last` held by a live creation or one of the service's VMs, in
+    order. One statement, so one snapshot: a commit moving a creation from held to a VM record lands in one of
+    its two halves (and the VMID lock keeps other creations from taking any meanwhile)."""
+    given_out = union(
+        select(Reservation.vmid).where(Reservation.state == HELD, col(Reservation.vmid).between(first, last)),
+        select(Vm.vmid).where(col(Vm.deleted_at).is_(None), col(Vm.vmid).between(first, last)),
+    ).subquery()
+    return list(db.exec(select(given_out.c.vmid).order_by(given_out.c.vmid).limit(limit)).all())
 
 
 def reserve(engine: Engine, task_id: str, username: str, size: Size, free_ranges: list[list[int]]) -> int:
@@ -132,8 +147,10 @@ def reserve_in(db: Session, task_id: str, username: str, size: Size, free_ranges
     if existing is not None and existing.state != RELEASED and existing.vmid is not None:
         return existing.vmid  # a retry of a reservation made (or committed) already
     _check_plan(db, user, username, size, count=1)
-    # The lock every user's creations share, taken last: a retry and a refusal never wait for it, and it is
-    # held only for the VMID pick and the insert (until the commit).
+    # The lock every user's creations share, taken last: a retry and a refusal never wait for it. It is held
+    # until the commit: for the VMID pick and the insert, and, in admission's transaction, for the clone slot
+    # after them (whose lock it may wait for behind a slot's release; no transaction takes the two the other
+    # way round).
     _lock_vmids(db)
     vmid = pick_vmid(db, free_ranges)
     if existing is not None:

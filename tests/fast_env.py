@@ -241,7 +241,9 @@ class FakeActivities:
 
     @activity.defn(name="admit")
     async def admit(self, req: Any) -> Any:
-        return await self._answer("admit", req, lambda: Admitted(template=TEMPLATE, facts=FACTS, vmid=ADMITTED_VMID))
+        return await self._answer(
+            "admit", req, lambda: Admitted(template=TEMPLATE, facts=FACTS, vmid=ADMITTED_VMID, changes_only=True)
+        )
 
     @activity.defn(name="try_clone_slot")
     async def try_clone_slot(self, req: Any) -> Any:

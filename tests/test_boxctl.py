@@ -404,7 +404,7 @@ def test_an_unreachable_database_is_one_line_not_a_traceback(
     finally:
         settings.get_settings.cache_clear()
     err = capsys.readouterr().err
-    assert err.startswith("boxctl: cannot use the database (DATABASE_URL): connection failed"), err
+    assert err.startswith("boxctl: database error (DATABASE_URL): connection failed"), err
     assert len(err.strip().splitlines()) == 1
 
 

@@ -15,7 +15,7 @@ from temporalio.worker.workflow_sandbox import _runner as sdk_runner
 from tests.recorded import HISTORIES
 from worker import PROJECT_MODULES
 from workflows import CreateFromBoxWorkflow, DeleteVmWorkflow, LabWorkflow, PowerVmWorkflow
-from workflows.runner import DirectContextRunner, _DirectContextInstance, workflow_runner
+from workflows.runner import IN_SANDBOX, DirectContextRunner, _DirectContextInstance, workflow_runner
 
 WORKFLOWS = [CreateFromBoxWorkflow, DeleteVmWorkflow, PowerVmWorkflow, LabWorkflow]
 
@@ -26,6 +26,7 @@ class _Compared(_DirectContextInstance):
     asked: ClassVar[list[str]] = []
 
     def get_serialization_context(self, command_info: Any) -> Any:
+        assert self.globals_and_locals.get(IN_SANDBOX) is not None, "the SDK's insides moved: no direct answers"
         direct = super().get_serialization_context(command_info)
         assert direct == sdk_runner._Instance.get_serialization_context(self, command_info)
         self.asked.append("serialization")

@@ -3,9 +3,9 @@ of recorded histories: a change to the workflow must keep the runs already in fl
 
 Histories are named <version>-<scenario>.json, one of each SCENARIOS per version. 1.0 is from before admission
 took the clone slot (its runs ask for it in a step of their own: `Admitted.clone_slot` is None, and the workflow
-keeps that path for them); 1.1 from before the API started runs with BoxStep (they publish their memo and every
-search attribute at each step: the workflow keeps that for runs started without BoxStep); 1.2 since. Until the
-first release, a change to the workflow re-records 1.2 in place:
+keeps that path for them); 1.1 from before admission said `changes_only` (they publish their memo and every
+search attribute at each step: the workflow keeps that for runs admitted so); 1.2 since. Until the first
+release, a change to the workflow re-records 1.2 in place:
 
     rm tests/histories/1.2-*.json
     RECORD_HISTORIES=1.2 .venv/bin/pytest tests/test_workflow.py -k fresh_history -p no:cacheprovider
@@ -17,6 +17,7 @@ From the first release on, keep the old ones: a change that alters the command s
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,14 @@ import pytest
 from sqlalchemy import Engine
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHistory
-from temporalio.worker import Worker
+from temporalio.worker import Replayer, Worker
 
 from payloads import MSG_BOX_NOT_FOUND, MSG_CLONE_FAILED, MSG_CONFIGURE_FAILED
 from settings import Settings
 from tests.conftest import created_vms, reservations, result_of
 from tests.factories import BOX, auth, body
 from tests.parent_workflow import ParentWorkflow
-from tests.recorded import Recorded
+from tests.recorded import HISTORIES, Recorded
 from tests.waiting import until
 from workflows import CreateFromBoxInput, CreateFromBoxWorkflow
 
@@ -135,18 +136,33 @@ async def test_fresh_history_replays(api: httpx.AsyncClient, temporal: Client, p
 
 
 @pytest.mark.usefixtures("worker")
-async def test_a_creation_the_api_started_publishes_only_what_changes(
+async def test_a_creation_publishes_only_what_changes_between_its_first_and_last_steps(
     api: httpx.AsyncClient, temporal: Client, pve: Any
 ) -> None:
-    # Started with its state (memo, BoxStep): BoxStep and VmId move at the clone and the configuration, and the
-    # memo is written once, as the run ends (each write is an event, a command and a visibility update).
+    # The first step and the last publish everything; between them only BoxStep and VmId move (at the clone and
+    # the configuration), not the memo: each write is an event, a command and a visibility update.
     history = await run_scenario(api, temporal, pve, "success")
     kinds = [event.event_type for event in history.events]
-    assert kinds.count(EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES) == 3
-    assert kinds.count(EventType.EVENT_TYPE_WORKFLOW_PROPERTIES_MODIFIED) == 1
+    assert kinds.count(EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES) == 4
+    assert kinds.count(EventType.EVENT_TYPE_WORKFLOW_PROPERTIES_MODIFIED) == 2
     task_id = history.workflow_id
     state = (await api.get(f"/api/v1/vm/manage/tasks/{task_id}", headers=auth())).json()["data"]
     assert (state["status"], state["step"], state["vmid"], state["result_code"]) == ("succeeded", "done", "100", 200)
+
+
+@pytest.mark.parametrize("path", sorted(HISTORIES.glob("1.1-*.json")), ids=lambda path: path.stem)
+async def test_a_run_an_older_worker_began_replays_here_though_the_api_set_boxstep(path: Path) -> None:
+    # A rolling upgrade: the new API starts a run with BoxStep, an older worker admits it and publishes
+    # everything at each step, then this worker picks it up. Its admission (`changes_only` unset) decides the
+    # path, not what the run was started with.
+    history = json.loads(path.read_text())
+    started = history["events"][0]["workflowExecutionStartedEventAttributes"]
+    newer = json.loads(next(HISTORIES.glob("1.2-*.json")).read_text())["events"][0]
+    box_step = newer["workflowExecutionStartedEventAttributes"]["searchAttributes"]["indexedFields"]["BoxStep"]
+    started["searchAttributes"]["indexedFields"]["BoxStep"] = box_step
+    replayed = WorkflowHistory.from_json(path.stem, json.dumps(history))
+    result = await Replayer(workflows=[CreateFromBoxWorkflow]).replay_workflow(replayed, raise_on_replay_failure=False)
+    assert result.replay_failure is None, result.replay_failure
 
 
 def test_every_version_has_every_scenario_recorded() -> None:

@@ -88,7 +88,7 @@ class CreateFromBoxWorkflow:
         self._recorded = False  # the VM is recorded as made: nothing undoes it any more
         self._vm = VmRef(task_id="", node="", vmid=0)
         self._box_id = ""
-        self._state_at_start = False  # see _publish
+        self._changes_only = False  # see _publish
 
     @workflow.update
     async def admission(self) -> Admission:
@@ -113,7 +113,6 @@ class CreateFromBoxWorkflow:
         if is_reset():
             input = dataclasses.replace(input, admit_by=None)
         self._admit_by = input.admit_by
-        self._state_at_start = workflow.info().typed_search_attributes.get(STEP) is not None
         self._state = TaskState(owner=input.username, vm_name=input.name, node=input.target)
         self._publish(Step.ADMISSION)
         workflow.set_current_details("admitting: checking the box, template, PVE, plan and quota")
@@ -134,6 +133,7 @@ class CreateFromBoxWorkflow:
             raise refusal from None
 
         self._state.vmid = admitted.vmid
+        self._changes_only = admitted.changes_only
         self._admission = Admission(task_id=task_id, vmid=admitted.vmid, vm_name=input.name, node=input.target)
         self._vm = VmRef(task_id=task_id, node=input.target, vmid=admitted.vmid)
         clone = clone_input(self._vm, input, admitted)
@@ -324,7 +324,8 @@ class CreateFromBoxWorkflow:
 
     async def _start(self, input: CreateFromBoxInput, admitted: Admitted) -> None:
         self._state.ip_addresses = await start_and_address(self._vm, admitted.box.wait_for_ip_seconds)
-        self._publish(Step.START)
+        if not self._changes_only:  # else the addresses are in the memo written as the run ends, a moment later
+            self._publish(Step.START)
         await self._record(input, admitted)
 
     async def _record(self, input: CreateFromBoxInput, admitted: Admitted) -> None:
@@ -375,16 +376,15 @@ class CreateFromBoxWorkflow:
     def _publish(self, step: Step) -> None:
         """Publish the task's state: the search attributes (BoxStep, VmId, ...) and the memo GET tasks reads.
 
-        A run the API started has its state from the start (the memo, and the attributes with BoxStep): then
-        the steps between move only BoxStep and VmId, which the API reads over the memo's, and the memo is
-        written once, as the run ends. Each upsert costs the worker and the server a command, an event and a
-        visibility write (figure 4 of `make bench`). Another start (a parent workflow's) gets everything at
-        every step, as do the runs recorded before this (tests/histories/1.0-*, 1.1-*)."""
+        Once admitted by this version (`Admitted.changes_only`), the steps between the first and the last move
+        only BoxStep and VmId, which the API reads over the memo's, and the memo is written again only as the
+        run ends: each write is a command, an event and a visibility update (figure 4 of `make bench`). The
+        first step publishes everything in every version: it comes before the admission says which version the
+        run is (a run begun by an older worker during a rolling upgrade must replay on a newer one)."""
         self._state.step = step.value
         state = self._state
-        if self._state_at_start and step is not Step.DONE:
-            if step is not Step.ADMISSION:  # which the start carries
-                workflow.upsert_search_attributes(search_attributes.progress(step.value, state.vmid))
+        if self._changes_only and step is not Step.DONE:
+            workflow.upsert_search_attributes(search_attributes.progress(step.value, state.vmid))
             return
         workflow.upsert_memo({"state": dataclasses.asdict(state)})
         workflow.upsert_search_attributes(
