@@ -63,9 +63,11 @@ with workflow.unsafe.imports_passed_through():
         admission_outcome,
         admission_refusal,
         db_step,
+        error_type,
         innermost_reason,
         is_reset,
         pve_change,
+        refused_by_its_checks,
         to_the_end,
         watch_clone,
     )
@@ -124,7 +126,7 @@ class CreateFromBoxWorkflow:
             # Admission is the only phase before anything exists on PVE: give back what it may have held (the
             # clone slot too, unless the checks refused it before asking for one).
             await self._uncancellable(self._release(task_id))
-            if not _refused_by_its_checks(err):
+            if not refused_by_its_checks(err):
                 await self._release_clone_slot(task_id)
             self._end(Step.DONE, status_of(refusal.type), refusal.message)
             workflow.set_current_details(f"done: not admitted: {refusal.message}")
@@ -247,12 +249,12 @@ class CreateFromBoxWorkflow:
                 await self._clone_once(req)
                 return
             except ActivityError as err:
-                if _error_type(err) == VMID_TAKEN and vmid_changes < VMID_CHANGES:
+                if error_type(err) == VMID_TAKEN and vmid_changes < VMID_CHANGES:
                     # A VM made outside the service took our VMID after admission: take another one.
                     vmid_changes += 1
                     req.vmid = await self._reassign_vmid(req, input)
                     continue
-                if _error_type(err) == PVE_TASK_FAILED_TRANSIENT and starts < CLONE_STARTS:
+                if error_type(err) == PVE_TASK_FAILED_TRANSIENT and starts < CLONE_STARTS:
                     workflow.logger.warning("clone of VM %s failed on a lock; starting it again", req.vmid)
                     workflow.set_current_details(f"VM {req.vmid}: clone failed on a PVE lock; starting it again")
                     await workflow.sleep(timedelta(seconds=5 * starts), summary="back off before cloning again")
@@ -395,14 +397,3 @@ class CreateFromBoxWorkflow:
         self._state.result_code = code
         self._state.result_message = message
         self._publish(step)
-
-
-def _refused_by_its_checks(err: BaseException) -> bool:
-    """Admission's own checks refused the request (the box, PVE, the plan): they come before it asks for a clone
-    slot, so the run holds none."""
-    cause = err.cause if isinstance(err, ActivityError) else err  # a local activity's failure comes as it is
-    return isinstance(cause, ApplicationError) and cause.type in {f.value for f in Failure}
-
-
-def _error_type(err: ActivityError) -> str | None:
-    return err.cause.type if isinstance(err.cause, ApplicationError) else None

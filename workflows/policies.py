@@ -161,3 +161,15 @@ async def to_the_end(step: Awaitable[T], on_cancel: Callable[[], None]) -> T:
             if task.done():
                 return task.result()
             on_cancel()
+
+
+def refused_by_its_checks(err: BaseException) -> bool:
+    """Admission's own checks refused the request (the box, PVE, the plan): they come before it asks for a clone
+    slot, so the run holds none."""
+    cause = err.cause if isinstance(err, ActivityError) else err  # a local activity's failure comes as it is
+    return isinstance(cause, ApplicationError) and cause.type in {f.value for f in Failure}
+
+
+def error_type(err: ActivityError) -> str | None:
+    """The type of the ApplicationError an activity failed with, if it failed with one."""
+    return err.cause.type if isinstance(err.cause, ApplicationError) else None
