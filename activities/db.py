@@ -9,22 +9,16 @@ from contextlib import contextmanager
 
 from sqlalchemy import Engine
 from temporalio import activity
-from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
+from activities.failures import refuse
 from db import boxes, clone_slots, quota
 from db.engine import session
 from payloads import (
     CloneSlotRequest,
     CreateFromBoxInput,
-    Failure,
     FinishInput,
     ReassignInput,
 )
-
-
-def refuse(failure: Failure, message: str) -> ApplicationError:
-    # BENIGN: a refused request is an answer, not a fault; it is not logged as a worker warning.
-    return ApplicationError(message, type=failure.value, non_retryable=True, category=ApplicationErrorCategory.BENIGN)
 
 
 @contextmanager

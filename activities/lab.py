@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.db import DbActivities, refuse
+from activities.db import DbActivities
+from activities.failures import refuse
 from activities.pve import PveActivities
 from db import quota
 from payloads import (

@@ -8,22 +8,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from temporalio import activity
-from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+from temporalio.exceptions import ApplicationError
 
+from activities.failures import final_errors_as, refuse, still_running, task_failures_final, vm_not_ours
 from activities.heartbeats import Heartbeats
 from payloads import (
     MSG_CLONE_FAILED,
     MSG_PVE_NOT_READY,
     MSG_TEMPLATE_NOT_FOUND,
-    PVE_TASK_FAILED,
-    PVE_TASK_FAILED_TRANSIENT,
     SERVICE_TAG,
-    VM_NOT_OURS,
     VMID_TAKEN,
     AddressWatch,
     CloneInput,
@@ -40,7 +36,7 @@ from pve.agent import addresses
 from pve.client import PveClient, PveError, PveUnavailable
 from pve.disks import boot_disk
 from pve.ownership import is_owned_by, vm_description
-from pve.tasks import PveTaskFailed, is_transient_task_error, task_done, wait_task, wait_until_done
+from pve.tasks import task_done, wait_task, wait_until_done
 from pve.vmids import free_vmid_ranges
 from pve.vms import find_vm, stop_and_destroy, vm_config
 
@@ -56,45 +52,6 @@ TEMPLATE_DISK_TTL = 300.0
 # further apart, at most every 5 s.
 AGENT_FIRST_PAUSE = 1.0
 AGENT_MAX_PAUSE = 5.0
-
-
-@contextmanager
-def task_failures_final() -> Iterator[None]:
-    """A PVE task that ended in error ends the activity; the error's type says if starting over may help."""
-    try:
-        yield
-    except PveTaskFailed as exc:
-        raise ApplicationError(
-            f"PVE task failed: {exc}",
-            type=PVE_TASK_FAILED_TRANSIENT if is_transient_task_error(str(exc)) else PVE_TASK_FAILED,
-            non_retryable=True,
-        ) from exc
-
-
-def refuse(failure: Failure, message: str) -> ApplicationError:
-    # BENIGN: a refused request is an answer, not a fault; it is not logged as a worker warning.
-    return ApplicationError(message, type=failure.value, non_retryable=True, category=ApplicationErrorCategory.BENIGN)
-
-
-def still_running(what: str) -> ApplicationError:
-    # Retried by the caller's retry policy; BENIGN keeps these expected retries out of the worker's warnings.
-    return ApplicationError(what, type="StillRunning", category=ApplicationErrorCategory.BENIGN)
-
-
-def vm_not_ours(what: str) -> ApplicationError:
-    # Final: the VM this task made is gone, and whatever holds its VMID now is not the task's to change.
-    return ApplicationError(what, type=VM_NOT_OURS, non_retryable=True)
-
-
-@contextmanager
-def final_errors_as(failure: Failure, message: str | None = None) -> Iterator[None]:
-    """PVE's final errors end the step with `failure`; PveUnavailable stays retryable."""
-    try:
-        yield
-    except PveError as exc:
-        raise ApplicationError(
-            message or exc.message, f"PVE {exc.status}: {exc.message}", type=failure.value, non_retryable=True
-        ) from exc
 
 
 class PveActivities:
