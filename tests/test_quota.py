@@ -13,7 +13,7 @@ from sqlalchemy import Engine, event, text
 
 from db import quota
 from db.engine import session
-from db.models import COMMITTED, HELD, RELEASED, Vm
+from db.models import COMMITTED, HELD, RELEASED, Vm, utcnow
 from payloads import Failure
 from tests.conftest import reservations
 
@@ -68,6 +68,25 @@ def test_vmids_come_from_the_free_ranges_skipping_what_the_service_gave_out(engi
     picked = [quota.reserve(engine, f"r{i}", "alice", TINY, ranges) for i in range(3)]
     # 102, then past the held ones; none of them collides with another creation in flight.
     assert picked == [102, 104, 105]
+
+
+def test_the_vmid_pick_walks_past_long_runs_of_vmids_given_out(engine: Engine) -> None:
+    # 150 creations in flight from 1000 (more than one read's worth: the pick reads 64, then 128), then 10 of the
+    # service's VMs; the next VMID is 1160, once the VM that held it is deleted.
+    with session(engine) as db, db.begin():
+        for i in range(150):
+            db.add(quota._held(f"h{i}", "alice", TINY, 1000 + i))
+        for i in range(11):
+            vm = Vm(
+                task_id=f"v{i}", username="bob", vmid=1150 + i, node="pve2", name="x", cores=1, memory_mb=1, disk_gb=1
+            )
+            vm.deleted_at = utcnow() if i == 10 else None
+            db.add(vm)
+    with session(engine) as db:
+        assert quota.pick_vmid(db, [[1000, 2000]]) == 1160
+        assert quota.pick_vmid(db, [[1005, 1159], [3000, 3005]]) == 3000  # the first range is all given out
+        with pytest.raises(quota.NoFreeVmid):
+            quota.pick_vmid(db, [[1000, 1159]])
 
 
 def test_creations_of_different_users_never_pick_the_same_vmid(engine: Engine) -> None:
