@@ -345,3 +345,36 @@ async def test_without_targets_a_lab_goes_to_the_nodes_that_can_take_its_clones(
     pve.set_node_offline("pve2")
     offline = await api.post(LABS, json=lab(count=2, targets=["pve2"]), headers=auth())
     assert offline.status_code == 503 and "offline" in offline.json()["message"], offline.text
+
+
+@pytest.mark.usefixtures("teacher", "worker")
+async def test_a_failed_lab_reset_by_an_operator_makes_its_vms_once(
+    api: httpx.AsyncClient, pve: Any, engine: Engine, temporal: Client, settings: Settings
+) -> None:
+    from tests.test_operators import reset
+
+    settings.admission_timeout_seconds = 2  # the lab's deadline for its admission: long past when it is reset
+    pve.fail("POST", "/clone", error="permission_denied")  # every clone refused, the retries' too
+    posted = asyncio.get_running_loop().time()
+    answer = await api.post(LABS, json=lab(count=2, targets=["pve2"]), headers=auth())
+    assert answer.status_code == 200, answer.text
+    task_id = answer.json()["data"]["task_id"]
+    state = await lab_end(api, task_id)
+    assert (state["status"], state["result_message"]) == ("failed", "Created 0 of 2 VMs")
+    assert created_vms(pve) == [] and reservations(engine, HELD) == []
+
+    # The operator clears the cause and resets the lab (Web UI, or `temporal workflow reset`).
+    await asyncio.sleep(max(0.0, posted + 2.5 - asyncio.get_running_loop().time()))
+    pve.failures.clear()
+    reset(temporal, task_id)
+
+    await until(lambda: len(created_vms(pve)) == 2, timeout=60)
+    state = await lab_end(api, task_id)
+    assert (state["status"], state["result_message"]) == ("succeeded", "Created 2 of 2 VMs")
+    on_pve = owned_vms(pve)
+    assert len(on_pve) == 2
+    for vm in state["vms"]:
+        assert vm["status"] == "succeeded"
+        assert is_owned_by(str(on_pve[int(vm["vmid"])].config.get("description", "")), vm["task_id"])
+    assert sorted(r.vmid for r in vm_records(engine)) == sorted(on_pve)
+    assert reservations(engine, HELD) == []
