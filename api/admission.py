@@ -28,7 +28,7 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
-from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.common import TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -83,44 +83,61 @@ class Admitter:
         """Start the run `task_id` and wait for its admission; 503 (and nothing created, ever) if that takes
         longer than the admission timeout. WorkflowAlreadyStartedError if a run of that id is open. A request
         refused by the box, template or permission check answers without a run."""
+        return await self._admit(
+            task_id,
+            input,
+            CreateFromBoxWorkflow.run,
+            CreateFromBoxWorkflow.admission,
+            initial_state(input),
+            # With BoxStep too: the run then publishes only what changes (CreateFromBoxWorkflow._publish).
+            search_attributes.at_start(
+                input.username, box_id=input.box_id, node=input.target, step=Step.ADMISSION.value
+            ),
+            creation_summary(input),
+            creation_details(input),
+        )
+
+    async def admit_lab(self, task_id: str, input: LabInput) -> LabAdmission:
+        """As `admit`, for a lab: its LabWorkflow answers once every VM of it is admitted."""
+        return await self._admit(
+            task_id,
+            input,
+            LabWorkflow.run,
+            LabWorkflow.admission,
+            TaskState(owner=input.username, vm_name=input.name, kind=TaskKind.LAB.value),
+            search_attributes.at_start(input.username, box_id=input.box_id),
+            lab_summary(input),
+            lab_details(input),
+        )
+
+    async def _admit(
+        self,
+        task_id: str,
+        input: CreateFromBoxInput | LabInput,
+        run: Any,
+        update: Any,
+        state: TaskState,
+        attributes: TypedSearchAttributes,
+        summary: str,
+        details: str,
+    ) -> Any:
         await self.precheck(input.username, input.box_id)
         input.admit_by = self.deadline()
         start = WithStartWorkflowOperation(
-            CreateFromBoxWorkflow.run,
+            run,
             input,
             id=task_id,
             task_queue=self.task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
             # The owner and the task's state from the start, not from when a worker first runs it: a run that no
             # worker has picked up yet is listed by GET tasks, shown by GET tasks/{task_id} and can be cancelled.
-            memo={**request_memo(input), STATE_MEMO: dataclasses.asdict(initial_state(input))},
-            # With BoxStep too: the run then publishes only what changes (CreateFromBoxWorkflow._publish).
-            search_attributes=search_attributes.at_start(
-                input.username, box_id=input.box_id, node=input.target, step=Step.ADMISSION.value
-            ),
-            # What the Web UI lists the run by, instead of its id alone.
-            static_summary=creation_summary(input),
-            static_details=creation_details(input),
-        )
-        return await self._start_and_wait(task_id, CreateFromBoxWorkflow.admission, start)
-
-    async def admit_lab(self, task_id: str, input: LabInput) -> LabAdmission:
-        """As `admit`, for a lab: its LabWorkflow answers once every VM of it is admitted."""
-        await self.precheck(input.username, input.box_id)
-        input.admit_by = self.deadline()
-        state = TaskState(owner=input.username, vm_name=input.name, kind=TaskKind.LAB.value)
-        start = WithStartWorkflowOperation(
-            LabWorkflow.run,
-            input,
-            id=task_id,
-            task_queue=self.task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
             memo={**request_memo(input), STATE_MEMO: dataclasses.asdict(state)},
-            search_attributes=search_attributes.at_start(input.username, box_id=input.box_id),
-            static_summary=lab_summary(input),
-            static_details=lab_details(input),
+            search_attributes=attributes,
+            # What the Web UI lists the run by, instead of its id alone.
+            static_summary=summary,
+            static_details=details,
         )
-        return await self._start_and_wait(task_id, LabWorkflow.admission, start)
+        return await self._start_and_wait(task_id, update, start)
 
     def deadline(self) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=self.timeout)

@@ -14,7 +14,6 @@ import math
 import sqlite3
 import statistics
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,13 +21,10 @@ from datetime import datetime
 from typing import Any
 
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import WithStartWorkflowOperation
-from temporalio.common import WorkflowIDConflictPolicy
 
 from bench import figures
-from bench.baseline import BareAdmissionWorkflow
 from bench.figures import CREATE, Bench, Outcome, Row, met, percentile, ratio
-from bench.stack import ADMIN_DATA, BASELINE_QUEUE, BOX_ID, USER, BenchStack, log, rss_mb
+from bench.stack import ADMIN_DATA, BOX_ID, USER, BenchStack, log, rss_mb
 from bench.timeline import _local_activity
 from dev.stack import Proc
 
@@ -311,18 +307,7 @@ async def bare_admissions(bench: Bench, samples: int) -> list[float]:
     end: a control of how fast the machine and the Temporal server answer at that moment."""
     latencies = []
     for _ in range(samples):
-        start = WithStartWorkflowOperation(
-            BareAdmissionWorkflow.run,
-            id=f"bench-control-{uuid.uuid4().hex}",
-            task_queue=BASELINE_QUEUE,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-        )
-        started = time.perf_counter()
-        await bench.client.execute_update_with_start_workflow(
-            BareAdmissionWorkflow.admitted, start_workflow_operation=start
-        )
-        latencies.append(time.perf_counter() - started)
-        await (await start.workflow_handle()).result()
+        latencies.append((await bench.bare_admission("bench-control"))[0])
     return latencies
 
 
