@@ -11,12 +11,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError, CancelledError
 
 from payloads import LabInput, LabResult
 from tests.fast_env import FakeActivities, Hold, TimeSkippingServer, task_failed
-from tests.waiting import until
+from tests.waiting import until, until_async
 from workflows import LabWorkflow
 from workflows.lab import LAB_INCOMPLETE
 
@@ -60,6 +61,15 @@ async def start(server: TimeSkippingServer, task_queue: str, **changes: Any) -> 
     return await server.env.client.start_workflow(
         LabWorkflow.run, LabInput(**(fields | changes)), id=f"lab-{uuid.uuid4().hex[:12]}", task_queue=task_queue
     )
+
+
+async def children_started_and_seen(handle: WorkflowHandle[Any, Any]) -> int:
+    """How many child runs the lab's history shows started, once a workflow task of the lab has completed after
+    the last of them (0 before)."""
+    kinds = [event.event_type for event in (await handle.fetch_history()).events]
+    started = [i for i, kind in enumerate(kinds) if kind == EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED]
+    seen = started and EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED in kinds[started[-1] :]
+    return len(started) if seen else 0
 
 
 async def memo_vms(handle: WorkflowHandle[Any, Any]) -> list[dict[str, Any]]:
@@ -142,6 +152,9 @@ async def test_a_lab_cancelled_while_its_vms_wait_for_clone_slots_cleans_them_up
     fakes.always("try_clone_slot", 1)  # every creation waits in line
     handle = await start(server, task_queue)
     await until(lambda: fakes.names().count("try_clone_slot") == 3)
+    # ... and the lab has taken in that its three creations started (the time-skipping server has been seen to
+    # refuse a lab's workflow task that cancels a child whose start it had not yet taken in).
+    await until_async(lambda: children_started_and_seen(handle), 3)
     await handle.cancel()
     with pytest.raises(WorkflowFailureError) as caught:
         await handle.result()
