@@ -87,6 +87,9 @@ def _activity_line(a: dict[str, object]) -> str:
 @dataclass
 class RunSummary:
     admitted_after: float | None = None  # seconds from the run's start to the update's answer
+    # Seconds from the run's start until a worker took its first workflow task: the server's matching and the
+    # worker's poll, before any of the workflow's own code runs.
+    picked_up_after: float | None = None
     ended_after: float | None = None
     attempts: dict[str, int] = field(default_factory=dict)  # activity type -> attempts, summed over its calls
 
@@ -107,6 +110,8 @@ async def summary(client: Client, workflow_id: str) -> RunSummary:
             attrs = event.activity_task_started_event_attributes
             name = names.get(attrs.scheduled_event_id, "?")
             out.attempts[name] = out.attempts.get(name, 0) + attrs.attempt
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED and out.picked_up_after is None:
+            out.picked_up_after = _when(event, start)
         elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED and out.admitted_after is None:
             out.admitted_after = _when(event, start)
         elif kind in RUN_ENDED:
