@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -94,6 +95,23 @@ def build_worker(
     )
 
 
+# The collector's youngest generation is collected once this many more container objects were allocated than freed.
+# The default, 700, collected about once a creation, though reference counting frees almost all a creation makes;
+# 5,000 keeps each such collection short (4 ms at most, measured; 20,000 gave pauses of 17 ms).
+GC_FIRST_GENERATION = 5_000
+
+
+def settle_garbage_collector() -> None:
+    """Once started, leave what the worker imported out of every later collection (gc.freeze), and collect the
+    youngest generation less often. Measured under figure 4's load of `make bench` (300 creations, 8 clients): the
+    collector's time fell from 1.0 ms to 0.2 ms of the worker's CPU per creation, and its longest pause from 115 ms
+    (a full collection, two in such a run) to 12-21 ms (one collection of the middle generation)."""
+    gc.collect()
+    gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(GC_FIRST_GENERATION, middle, oldest)
+
+
 async def main() -> None:
     settings = get_settings()
     configure_logging(settings.log_format)
@@ -129,6 +147,7 @@ async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        settle_garbage_collector()
         async with worker:
             log.info("worker polling task queue %r on %s", settings.temporal_task_queue, settings.temporal_address)
             await stop.wait()
