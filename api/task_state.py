@@ -5,6 +5,7 @@ under an Idempotency-Key."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.errors import TEMPORAL_UNAVAILABLE, ApiError
 from api.schemas import LabVmState, TaskStateData, TaskStatus
-from payloads import LAB_VM_MEMO_KEY, LabVm, TaskKind, TaskState
+from payloads import LAB_VM_MEMO_KEY, LabVm, LabVmStatus, TaskKind, TaskState
 from workflows import CreateFromBoxWorkflow, DeleteVmWorkflow, LabWorkflow, PowerVmWorkflow
 from workflows.search_attributes import OWNER, STEP, VMID
 
@@ -92,6 +93,21 @@ async def owned_task(client: Client, task_id: str, username: str) -> Task:
     state = task.state
     if state is None or state.owner != username:
         raise ApiError(404, TASK_NOT_FOUND)
+    return task
+
+
+async def with_retried_vmids(client: Client, task: Task) -> Task:
+    """A lab's VM tried again on another target is a new creation that fixes its own VMID, which the lab learns
+    only when that creation ends: until then it is read from the creation's run (its VmId), as GET tasks/{its
+    task_id} shows it. A creation that cannot be asked leaves the VMID unknown (null), as before."""
+    state = task.state
+    if state is None or state.kind != TaskKind.LAB:
+        return task
+    pending = [vm for vm in state.vms if vm.vmid is None and vm.status == LabVmStatus.RUNNING.value]
+    creations = await asyncio.gather(*(find_task(client, vm.task_id) for vm in pending), return_exceptions=True)
+    for vm, creation in zip(pending, creations, strict=True):
+        if isinstance(creation, Task) and creation.state is not None:
+            vm.vmid = creation.state.vmid
     return task
 
 

@@ -157,6 +157,38 @@ async def test_a_lab_with_a_target_failing_ends_with_every_vm_made_elsewhere(
     assert len(vm_records(engine)) == 6 and reservations(engine, HELD) == []
 
 
+@pytest.mark.fakepve(time_scale=1)
+@pytest.mark.usefixtures("teacher", "worker")
+async def test_a_vm_tried_again_shows_its_new_vmid_while_its_creation_runs(
+    api: httpx.AsyncClient, pve: Any, engine: Engine
+) -> None:
+    pve.add_node("pve3")
+    fail_configure(pve, "pve3", range(100, 130))
+    # Every step on pve2 takes a while: the creation tried again there runs for seconds after its admission.
+    pve.slow_network(0.5, node="pve2")
+    answer = await api.post(LABS, json=lab(count=2, targets=["pve2", "pve3"]), headers=auth())
+    assert answer.status_code == 200, answer.text
+    task_id = answer.json()["data"]["task_id"]
+
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        vms = (await lab_state(api, task_id))["vms"]
+        seen = next((vm for vm in vms if vm["task_id"].endswith("-retry") and vm["vmid"]), None)
+        if seen is not None:
+            break
+        assert asyncio.get_running_loop().time() < deadline, f"no VM tried again with a VMID: {vms}"
+        await asyncio.sleep(0.2)
+    assert seen["status"] == "running"  # known while its creation runs, not only once it has ended
+    own = await lab_state(api, seen["task_id"])  # the creation's own task says the same VMID
+    assert (own["status"], own["vmid"]) == ("running", seen["vmid"])
+
+    state = await lab_end(api, task_id)
+    assert (state["status"], state["result_message"]) == ("succeeded", "Created 2 of 2 VMs")
+    retried = next(vm for vm in state["vms"] if vm["task_id"] == seen["task_id"])
+    assert (retried["vmid"], retried["node"]) == (seen["vmid"], "pve2")
+    assert int(seen["vmid"]) in owned_vms(pve) and reservations(engine, HELD) == []
+
+
 @pytest.mark.usefixtures("teacher", "worker")
 async def test_a_lab_with_permanent_failures_keeps_what_it_made(
     api: httpx.AsyncClient, pve: Any, engine: Engine

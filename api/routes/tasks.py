@@ -19,7 +19,7 @@ from api.errors import TEMPORAL_UNAVAILABLE, ApiError, error_responses
 from api.routes.vm_manage import one_of
 from api.routes.vms import BAD_CURSOR
 from api.schemas import TaskAnswer, TasksAnswer, TasksData, TaskStatus
-from api.task_state import TASK_NOT_FOUND, page_of_tasks, state_data
+from api.task_state import TASK_NOT_FOUND, page_of_tasks, state_data, with_retried_vmids
 from payloads import TaskKind
 
 router = APIRouter(prefix="/api/v1/vm/manage", tags=["tasks"])
@@ -73,8 +73,8 @@ async def list_tasks(
         {401: one_of(UNAUTHORIZED), 404: one_of(TASK_NOT_FOUND), 503: one_of(TEMPORAL_UNAVAILABLE)}
     ),
 )
-async def get_task(task: OwnedTask) -> TaskAnswer:
-    return TaskAnswer(code=200, message="OK", data=state_data(task))
+async def get_task(task: OwnedTask, client: TemporalDep) -> TaskAnswer:
+    return TaskAnswer(code=200, message="OK", data=state_data(await with_retried_vmids(client, task)))
 
 
 @router.post(
