@@ -57,6 +57,14 @@ def lab(**overrides: Any) -> dict[str, Any]:
     return {k: v for k, v in request.items() if v is not ...}
 
 
+async def post_lab(api: httpx.AsyncClient, **overrides: Any) -> dict[str, Any]:
+    """POST labs as alice, which must answer 200; returns its `data`."""
+    answer = await api.post(LABS, json=lab(**overrides), headers=auth())
+    assert answer.status_code == 200, answer.text
+    data: dict[str, Any] = answer.json()["data"]
+    return data
+
+
 async def lab_state(api: httpx.AsyncClient, task_id: str) -> dict[str, Any]:
     answer = await api.get(f"{TASKS}/{task_id}", headers=auth())
     assert answer.status_code == 200, answer.text
@@ -140,12 +148,10 @@ async def test_a_lab_with_a_target_failing_ends_with_every_vm_made_elsewhere(
 ) -> None:
     pve.add_node("pve3")
     fail_configure(pve, "pve3", range(100, 130))
-    answer = await api.post(LABS, json=lab(count=6, targets=["pve2", "pve3"]), headers=auth())
-    assert answer.status_code == 200, answer.text
-    first = answer.json()["data"]["vms"]
-    assert Counter(vm["node"] for vm in first) == {"pve2": 3, "pve3": 3}
+    admitted = await post_lab(api, count=6, targets=["pve2", "pve3"])
+    assert Counter(vm["node"] for vm in admitted["vms"]) == {"pve2": 3, "pve3": 3}
 
-    state = await lab_end(api, answer.json()["data"]["task_id"])
+    state = await lab_end(api, admitted["task_id"])
     assert (state["status"], state["result_message"]) == ("succeeded", "Created 6 of 6 VMs")
     retried = [vm for vm in state["vms"] if vm["task_id"].endswith("-retry")]
     assert len(retried) == 3
@@ -166,9 +172,7 @@ async def test_a_vm_tried_again_shows_its_new_vmid_while_its_creation_runs(
     fail_configure(pve, "pve3", range(100, 130))
     # Every step on pve2 takes a while: the creation tried again there runs for seconds after its admission.
     pve.slow_network(0.5, node="pve2")
-    answer = await api.post(LABS, json=lab(count=2, targets=["pve2", "pve3"]), headers=auth())
-    assert answer.status_code == 200, answer.text
-    task_id = answer.json()["data"]["task_id"]
+    task_id = (await post_lab(api, count=2, targets=["pve2", "pve3"]))["task_id"]
 
     deadline = asyncio.get_running_loop().time() + 60
     while True:
@@ -195,11 +199,10 @@ async def test_a_lab_with_permanent_failures_keeps_what_it_made(
 ) -> None:
     # One target: the VM that fails is tried again there, and fails again (whichever VMID it gets).
     fail_configure(pve, "pve2", range(101, 130, 2))
-    answer = await api.post(LABS, json=lab(count=4, targets=["pve2"]), headers=auth())
-    assert answer.status_code == 200, answer.text
-    assert [vm["vmid"] for vm in answer.json()["data"]["vms"]] == ["100", "101", "102", "103"]
+    admitted = await post_lab(api, count=4, targets=["pve2"])
+    assert [vm["vmid"] for vm in admitted["vms"]] == ["100", "101", "102", "103"]
 
-    state = await lab_end(api, answer.json()["data"]["task_id"])
+    state = await lab_end(api, admitted["task_id"])
     assert (state["status"], state["result_code"], state["result_message"]) == ("failed", 500, "Created 2 of 4 VMs")
     statuses = {vm["vm_name"]: vm["status"] for vm in state["vms"]}
     assert statuses == {"class-01": "succeeded", "class-02": "failed", "class-03": "succeeded", "class-04": "failed"}
@@ -241,9 +244,7 @@ async def test_a_lab_cancelled_midway_keeps_the_vms_made_and_cleans_up_the_rest(
 ) -> None:
     pve.add_ceph_storage("ceph")
     pve.ceph_slow(1)  # each clone takes 1 s, one at a time
-    answer = await api.post(LABS, json=lab(count=5, storage="ceph"), headers=auth())
-    assert answer.status_code == 200, answer.text
-    task_id = answer.json()["data"]["task_id"]
+    task_id = (await post_lab(api, count=5, storage="ceph"))["task_id"]
     await until(lambda: len(vm_records(engine)) >= 2, timeout=60)
     cancelled = await api.post(f"{TASKS}/{task_id}/cancel", headers=auth())
     assert cancelled.status_code == 200, cancelled.text
@@ -263,11 +264,10 @@ async def test_a_lab_cancelled_midway_keeps_the_vms_made_and_cleans_up_the_rest(
 
 @pytest.mark.usefixtures("teacher", "worker")
 async def test_a_lab_of_100_keeps_a_bounded_history(api: httpx.AsyncClient, pve: Any, temporal: Client) -> None:
-    answer = await api.post(LABS, json=lab(count=100, targets=["pve1", "pve2"]), headers=auth())
-    assert answer.status_code == 200, answer.text
-    names = [vm["vm_name"] for vm in answer.json()["data"]["vms"]]
+    admitted = await post_lab(api, count=100, targets=["pve1", "pve2"])
+    names = [vm["vm_name"] for vm in admitted["vms"]]
     assert names[0] == "class-001" and names[-1] == "class-100"  # three digits for every VM when there are 100
-    task_id = answer.json()["data"]["task_id"]
+    task_id = admitted["task_id"]
     state = await lab_end(api, task_id, timeout=240)
     assert (state["status"], state["result_message"]) == ("succeeded", "Created 100 of 100 VMs")
     assert len(created_vms(pve)) == 100
@@ -368,9 +368,8 @@ async def test_without_targets_a_lab_goes_to_the_nodes_that_can_take_its_clones(
         "shared": 0,
         "path": "/var/lib/vz",
     }
-    answer = await api.post(LABS, json=lab(count=3, storage="local"), headers=auth())
-    assert answer.status_code == 200, answer.text
-    assert {vm["node"] for vm in answer.json()["data"]["vms"]} == {"pve1"}
+    admitted = await post_lab(api, count=3, storage="local")
+    assert {vm["node"] for vm in admitted["vms"]} == {"pve1"}
     # Asked for by name, a node that cannot is refused with the reason, as for one VM.
     refused = await api.post(LABS, json=lab(count=3, storage="local", targets=["pve1", "pve2"]), headers=auth())
     assert refused.status_code == 400 and "is not shared" in refused.json()["message"]
@@ -388,9 +387,7 @@ async def test_a_failed_lab_reset_by_an_operator_makes_its_vms_once(
     settings.admission_timeout_seconds = 2  # the lab's deadline for its admission: long past when it is reset
     pve.fail("POST", "/clone", error="permission_denied")  # every clone refused, the retries' too
     posted = asyncio.get_running_loop().time()
-    answer = await api.post(LABS, json=lab(count=2, targets=["pve2"]), headers=auth())
-    assert answer.status_code == 200, answer.text
-    task_id = answer.json()["data"]["task_id"]
+    task_id = (await post_lab(api, count=2, targets=["pve2"]))["task_id"]
     state = await lab_end(api, task_id)
     assert (state["status"], state["result_message"]) == ("failed", "Created 0 of 2 VMs")
     assert created_vms(pve) == [] and reservations(engine, HELD) == []
