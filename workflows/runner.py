@@ -9,7 +9,7 @@ which touches no module the sandbox guards. `workflow_runner()` asks the instanc
 of the worker's CPU per creation, 8 % more creations a second (figure 4 of `make bench`, measured side by side).
 The workflow code itself still runs in the sandbox, as before.
 
-This leans on the SDK's private `_Instance` (temporalio as requirements.lock pins it): tests/test_runner.py
+This leans on the SDK's private `_Instance` (temporalio 1.35, as pyproject.toml allows): tests/test_runner.py
 checks that every answer is the SDK's own, so an upgrade that changes those insides fails there first. An
 instance without the sandboxed side where this expects it takes the SDK's own way.
 """
