@@ -51,7 +51,7 @@ def build_worker(
     db_activities = DbActivities(engine, clone_limits, functools.partial(tell_slot_granted, client))
     pve_activities = PveActivities(pve, settings.default_storage)
     admission = AdmissionActivities(db_activities, pve_activities, pve_read_threads=ACTIVITY_THREADS)
-    lab = LabActivities(db_activities, pve_activities)
+    lab = LabActivities(db_activities, pve_activities, client)
     vm_life = VmLifeActivities(pve, engine)
     return Worker(
         client,
@@ -62,6 +62,7 @@ def build_worker(
             lab.admit_lab,
             lab.retry_target,
             lab.release_lab,
+            lab.earlier_creation,
             db_activities.reassign_vmid,
             db_activities.try_clone_slot,
             db_activities.release_clone_slot,

@@ -1,12 +1,16 @@
 """A lab's activities: its admission (every VM checked and held at once, all or nothing) and the choice of a
-node for a VM tried again. Local activities: the POST waits for the first, and both take milliseconds."""
+node for a VM tried again, local activities (the POST waits for the first, and both take milliseconds); and,
+in a lab an operator reset, what became of the creations it had begun before."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 from temporalio import activity
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import DbActivities
 from activities.failures import refuse
@@ -18,6 +22,7 @@ from payloads import (
     MSG_PVE_NOT_READY,
     MSG_UNAVAILABLE,
     CreateFromBoxInput,
+    CreateFromBoxResult,
     Failure,
     InspectInput,
     LabAdmitInput,
@@ -38,10 +43,15 @@ def lab_task_ids(lab_task_id: str, count: int) -> list[str]:
     return [f"{lab_task_id}-{name.rsplit('-', 1)[1]}" for name in lab_vm_names("vm", count)]
 
 
+# While it waits for an earlier creation to end, earlier_creation heartbeats this often (seconds).
+EARLIER_HEARTBEAT_EVERY = 5.0
+
+
 class LabActivities:
-    def __init__(self, db: DbActivities, pve: PveActivities):
+    def __init__(self, db: DbActivities, pve: PveActivities, client: Client):
         self.db = db
         self.pve = pve
+        self.client = client
 
     @activity.defn
     def admit_lab(self, req: LabAdmitInput) -> LabAdmitted:
@@ -111,6 +121,27 @@ class LabActivities:
     def retry_target(self, req: RetryTargetInput) -> str:
         """The node to try a failed VM again on: another online target with the most free memory."""
         return other_target(req.targets, req.failed, online_nodes(self.pve.pve.get("cluster/resources")))
+
+    @activity.defn
+    async def earlier_creation(self, task_ids: list[str]) -> CreateFromBoxResult | None:
+        """What the creations of these task ids (a VM's, then its retry's) that the lab began before an operator
+        reset it came to: the result of the first that made its VM, once those before it have ended; None if
+        none did (never started, failed or cancelled: the reset run makes the VM itself)."""
+        for task_id in task_ids:
+            handle = self.client.get_workflow_handle(task_id, result_type=CreateFromBoxResult)
+            ended = asyncio.ensure_future(handle.result())
+            try:
+                while not (await asyncio.wait({ended}, timeout=EARLIER_HEARTBEAT_EVERY))[0]:
+                    activity.heartbeat()  # a creation may wait long for its clone slot
+                return ended.result()
+            except WorkflowFailureError:  # failed, cancelled or terminated: it made no VM
+                continue
+            except RPCError as exc:
+                if exc.status != RPCStatusCode.NOT_FOUND:  # NOT_FOUND: never started
+                    raise
+            finally:
+                ended.cancel()  # when the activity is cancelled (no-op once it has ended)
+        return None
 
     @activity.defn
     def release_lab(self, task_ids: list[str]) -> None:

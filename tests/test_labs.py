@@ -407,3 +407,53 @@ async def test_a_failed_lab_reset_by_an_operator_makes_its_vms_once(
         assert is_owned_by(str(on_pve[int(vm["vmid"])].config.get("description", "")), vm["task_id"])
     assert sorted(r.vmid for r in vm_records(engine)) == sorted(on_pve)
     assert reservations(engine, HELD) == []
+
+
+@pytest.mark.fakepve(time_scale=1)
+@pytest.mark.usefixtures("teacher", "worker")
+async def test_a_running_lab_reset_by_an_operator_makes_its_vms_once(
+    api: httpx.AsyncClient, pve: Any, engine: Engine, temporal: Client
+) -> None:
+    from tests.test_operators import reset
+
+    pve.slow_network(0.3, node="pve2")  # its creations are under way when the operator resets it
+    task_id = (await post_lab(api, count=2, targets=["pve2"]))["task_id"]
+    await until(lambda: len(created_vms(pve)) >= 1, timeout=60)
+    reset(temporal, task_id)
+
+    state = await lab_end(api, task_id, timeout=120)
+    on_pve = owned_vms(pve)
+    assert (state["status"], state["result_message"]) == ("succeeded", "Created 2 of 2 VMs")
+    assert len(on_pve) == 2
+    for vm in state["vms"]:
+        assert is_owned_by(str(on_pve[int(vm["vmid"])].config.get("description", "")), vm["task_id"])
+    assert sorted(r.vmid for r in vm_records(engine)) == sorted(on_pve)
+    assert reservations(engine, HELD) == []
+
+
+@pytest.mark.usefixtures("teacher", "worker")
+async def test_a_lab_that_made_some_vms_reset_keeps_them_and_makes_the_rest(
+    api: httpx.AsyncClient, pve: Any, engine: Engine, temporal: Client
+) -> None:
+    from tests.test_operators import reset
+
+    fail_configure(pve, "pve2", range(101, 102))  # class-02 fails, tried again there, and fails again
+    task_id = (await post_lab(api, count=2, targets=["pve2"]))["task_id"]
+    state = await lab_end(api, task_id)
+    assert (state["status"], state["result_message"]) == ("failed", "Created 1 of 2 VMs")
+    kept = owned_vms(pve)
+    assert sorted(kept) == [100]
+
+    pve.failures.clear()
+    reset(temporal, task_id)
+    state = await lab_end(api, task_id)
+    assert (state["status"], state["result_message"]) == ("succeeded", "Created 2 of 2 VMs")
+    first = state["vms"][0]
+    # The VM made before the reset is the lab's still: the same creation and VM, not made again.
+    assert (first["task_id"], first["vmid"]) == (f"{task_id}-01", "100")
+    on_pve = owned_vms(pve)
+    assert len(on_pve) == 2 and on_pve[100] is kept[100]
+    for vm in state["vms"]:
+        assert is_owned_by(str(on_pve[int(vm["vmid"])].config.get("description", "")), vm["task_id"])
+    assert sorted(r.vmid for r in vm_records(engine)) == sorted(on_pve)
+    assert reservations(engine, HELD) == []

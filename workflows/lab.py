@@ -186,6 +186,17 @@ class LabWorkflow:
         """One VM: its creation as a child, and once more on another target if it fails. Whatever happens, the
         VM ends with a status: the lab's own run never fails for one of its VMs."""
         first_task_id = vm.task_id
+        if is_reset():
+            # The run an operator reset may have begun this VM's creation (and its retry): one that made its VM
+            # is the lab's, and one still running is waited for. Starting anew beside either makes a VM twice.
+            earlier = await self._earlier_creation([first_task_id, f"{first_task_id}-retry"])
+            if earlier is not None:
+                vm.task_id, vm.vmid, vm.node = earlier.task_id, earlier.vmid, earlier.node
+                self._set(vm, LabVmStatus.SUCCEEDED)
+                return
+            if self._cancelled:
+                self._set(vm, LabVmStatus.CANCELLED)
+                return
         for attempt in (1, 2):
             if attempt == 2:
                 vm.node = await self._retry_target(targets, vm.node, input.memory_mb)
@@ -236,6 +247,16 @@ class LabWorkflow:
             with contextlib.suppress(Exception):
                 await workflow.get_external_workflow_handle(vm.task_id).cancel()
         return await child
+
+    async def _earlier_creation(self, task_ids: list[str]) -> CreateFromBoxResult | None:
+        return await workflow.execute_activity_method(
+            LabActivities.earlier_creation,
+            task_ids,
+            # As long as a creation may wait for its clone slot; the heartbeat tells a lost worker.
+            start_to_close_timeout=timedelta(days=7),
+            heartbeat_timeout=timedelta(seconds=30),
+            summary="what became of the creations begun before the reset",
+        )
 
     async def _retry_target(self, targets: list[str], failed: str, memory_mb: int) -> str:
         """Another target for a VM that failed on `failed`; the same one if PVE cannot be asked in time (the
