@@ -290,9 +290,9 @@ async def admission(bench: Bench, samples: int) -> Outcome:
     service: list[float] = []
     baseline: list[float] = []
     for _ in range(samples):
-        # At idle means the server too: a run that has just ended leaves the dev server work for some tens of
-        # milliseconds (its close, visibility), and a start that comes then waits behind it for a worker to be
-        # given its first task (measured: 25 ms at the median instead of 5 with no pause). Each side, the same.
+        # At idle means the server too: a start right after a run has ended waited longer for a worker to be
+        # given its first task (measured: 25-28 ms at the median with no pause, 5-7 ms after 0.3 s; the server
+        # is busy with that end, is my reading). Each side, the same pause.
         await asyncio.sleep(IDLE_PAUSE)
         service.append(await service_once())
         await asyncio.sleep(IDLE_PAUSE)
