@@ -104,9 +104,10 @@ GC_FIRST_GENERATION = 5_000
 
 def settle_garbage_collector() -> None:
     """Once started, leave what the worker imported out of every later collection (gc.freeze), and collect the
-    youngest generation less often. Measured under figure 4's load of `make bench` (300 creations, 8 clients): the
-    collector's time fell from 1.0 ms to 0.2 ms of the worker's CPU per creation, and its longest pause from 115 ms
-    (a full collection, two in such a run) to 12-21 ms (one collection of the middle generation)."""
+    youngest generation less often. Measured with a gc.callbacks timer in the worker, 300 instant creations by 8
+    clients (figure 4's load, longer): the collector's time fell from 1.0 ms to 0.2 ms of the worker's CPU per
+    creation, and its longest pause from 115 ms (a full collection, two in such a run) to 12-21 ms (one
+    collection of the middle generation). BENCHMARKS.md has the figures, and figure 5a the worker's memory."""
     gc.collect()
     gc.freeze()
     _, middle, oldest = gc.get_threshold()

@@ -162,7 +162,11 @@ class AdmissionData(BaseModel):
 
 class LabVmData(BaseModel):
     vm_name: str
-    vmid: str | None = Field(description="null while a VM tried again has not been admitted", examples=["106"])
+    vmid: str | None = Field(
+        description="a VM tried again: null until its new creation is admitted (GET tasks/{task_id}) or has ended "
+        "(GET tasks), and again null if that creation failed",
+        examples=["106"],
+    )
     node: str
     task_id: str = Field(description="its creation's task id (a new one when it was tried again)")
 

@@ -6,6 +6,7 @@ under an Idempotency-Key."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,7 +22,12 @@ from payloads import LAB_VM_MEMO_KEY, LabVm, LabVmStatus, TaskKind, TaskState
 from workflows import CreateFromBoxWorkflow, DeleteVmWorkflow, LabWorkflow, PowerVmWorkflow
 from workflows.search_attributes import OWNER, STEP, VMID
 
+log = logging.getLogger("api")
+
 TASK_NOT_FOUND = "Task not found"
+# A lab's VMs tried again whose VMIDs GET tasks/{task_id} looks up: this many at once, for this long in all.
+RETRIED_LOOKUPS = 8
+RETRIED_LOOKUP_SECONDS = 2.0
 # The workflows whose runs are a user's tasks (GET tasks/{task_id}); any other run under an id is no task.
 TASK_WORKFLOWS = frozenset(w.__name__ for w in (CreateFromBoxWorkflow, DeleteVmWorkflow, PowerVmWorkflow, LabWorkflow))
 # The memo key under which the workflow publishes its TaskState.
@@ -97,17 +103,36 @@ async def owned_task(client: Client, task_id: str, username: str) -> Task:
 
 
 async def with_retried_vmids(client: Client, task: Task) -> Task:
-    """A lab's VM tried again on another target is a new creation that fixes its own VMID, which the lab learns
-    only when that creation ends: until then it is read from the creation's run (its VmId), as GET tasks/{its
-    task_id} shows it. A creation that cannot be asked leaves the VMID unknown (null), as before."""
+    """A running lab's VM tried again on another target is a new creation that fixes its own VMID, which the lab
+    learns only when that creation ends: until then it is read from that creation's run (its VmId), as GET
+    tasks/{its task_id} shows it. Only a creation this very run of the lab started counts (after a reset, an
+    older run's is not the lab's), looked up at most RETRIED_LOOKUPS at once and for RETRIED_LOOKUP_SECONDS in
+    all: a VMID that cannot be learnt so stays unknown (null), as before."""
     state = task.state
-    if state is None or state.kind != TaskKind.LAB:
+    if state is None or state.kind != TaskKind.LAB or task.ended:
         return task
     pending = [vm for vm in state.vms if vm.vmid is None and vm.status == LabVmStatus.RUNNING.value]
-    creations = await asyncio.gather(*(find_task(client, vm.task_id) for vm in pending), return_exceptions=True)
-    for vm, creation in zip(pending, creations, strict=True):
-        if isinstance(creation, Task) and creation.state is not None:
+    if not pending:
+        return task
+    turns = asyncio.Semaphore(RETRIED_LOOKUPS)
+
+    async def vmid_of(vm: LabVm) -> None:
+        async with turns:
+            creation = await find_task(client, vm.task_id)
+        if creation is None or creation.state is None:
+            return
+        run = creation.description
+        if (
+            run.workflow_type == CreateFromBoxWorkflow.__name__
+            and (run.parent_id, run.parent_run_id) == (task.id, task.description.run_id)
+            and creation.state.owner == state.owner
+        ):
             vm.vmid = creation.state.vmid
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(vmid_of(vm) for vm in pending)), RETRIED_LOOKUP_SECONDS)
+    except (TimeoutError, RPCError) as exc:
+        log.debug("VMIDs of %s's VMs tried again not learnt: %r", task.id, exc)
     return task
 
 

@@ -334,10 +334,10 @@ async def _split(client: Client, side: str, latencies: list[float], workflow_ids
         return f"{side}: no update answered in the histories"
     # Of the time in the run, how long the first workflow task waited for a worker to take it: the server's
     # matching, the same code on both sides, and on a noisy machine the most variable part of the figure.
-    waits = sorted(r.picked_up_after for r in runs if r.picked_up_after is not None)
+    waits = [r.picked_up_after for r in runs if r.picked_up_after is not None]
     waited = (
         f", of which the first task waited for a worker {statistics.median(waits) * 1000:.0f} ms "
-        f"(p10 {waits[len(waits) // 10] * 1000:.0f}, p90 {waits[len(waits) * 9 // 10] * 1000:.0f})"
+        f"(p10 {percentile(waits, 10) * 1000:.0f}, p90 {percentile(waits, 90) * 1000:.0f})"
         if waits
         else ""
     )

@@ -170,8 +170,9 @@ async def test_a_vm_tried_again_shows_its_new_vmid_while_its_creation_runs(
 ) -> None:
     pve.add_node("pve3")
     fail_configure(pve, "pve3", range(100, 130))
-    # Every step on pve2 takes a while: the creation tried again there runs for seconds after its admission.
-    pve.slow_network(0.5, node="pve2")
+    # Every request to pve2 takes a second: the creation tried again there runs on for about 2 s after its
+    # admission (its configuration's reads and writes), long enough to be seen running with its VMID.
+    pve.slow_network(1.0, node="pve2")
     task_id = (await post_lab(api, count=2, targets=["pve2", "pve3"]))["task_id"]
 
     deadline = asyncio.get_running_loop().time() + 60

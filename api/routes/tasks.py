@@ -91,7 +91,7 @@ async def get_task(task: OwnedTask, client: TemporalDep) -> TaskAnswer:
     ),
 )
 async def cancel_task(task: OwnedTask, client: TemporalDep) -> TaskAnswer:
-    state = state_data(task)
+    state = state_data(await with_retried_vmids(client, task))
     if state.kind in NOT_CANCELLABLE:  # whether it runs or not: no deletion is ever cancelled
         raise ApiError(409, MSG_NOT_CANCELLABLE)
     if task.ended:
