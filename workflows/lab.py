@@ -189,7 +189,7 @@ class LabWorkflow:
         if is_reset():
             # The run an operator reset may have begun this VM's creation (and its retry): one that made its VM
             # is the lab's, and one still running is waited for. Starting anew beside either makes a VM twice.
-            earlier = await self._earlier_creation([first_task_id, f"{first_task_id}-retry"])
+            earlier = await self._earlier_creation([first_task_id, retry_task_id(first_task_id)])
             if earlier is not None:
                 vm.task_id, vm.vmid, vm.node = earlier.task_id, earlier.vmid, earlier.node
                 self._set(vm, LabVmStatus.SUCCEEDED)
@@ -203,7 +203,7 @@ class LabWorkflow:
                 if self._cancelled:
                     self._set(vm, LabVmStatus.CANCELLED)  # the lab was cancelled while choosing
                     return
-                vm.task_id, vm.vmid = f"{first_task_id}-retry", None
+                vm.task_id, vm.vmid = retry_task_id(first_task_id), None
                 self._set(vm, LabVmStatus.RUNNING)
             try:
                 result = await self._create(vm, input)
@@ -310,6 +310,11 @@ class LabWorkflow:
 
     def _keep_cancellation(self) -> None:
         self._cancelled = True
+
+
+def retry_task_id(task_id: str) -> str:
+    """The task id of a VM's creation tried once more (`lab-...-01-retry`)."""
+    return f"{task_id}-retry"
 
 
 def _budget(admit_by: datetime | None, default: timedelta) -> timedelta:
