@@ -303,7 +303,9 @@ async def test_the_client_connects_over_mtls_with_the_api_key(pki: Pki, temporal
         # Both files are really used: without the client certificate the frontend hangs up during the
         # handshake; without the CA the client refuses the frontend's certificate.
         only_ca = settings_of(temporal_address=address, temporal_tls_ca=str(pki.ca))
-        with pytest.raises(RuntimeError, match="transport error"):
+        # The hang-up reaches the client as a transport error, or, when it lands just after the connection was
+        # made, as that connection closed under the first call (seen once in CI): the same refusal either way.
+        with pytest.raises(RuntimeError, match="transport error|connection closed"):
             await asyncio.wait_for(connect_temporal(only_ca), 20)
         with pytest.raises(RuntimeError, match="UnknownIssuer"):
             await asyncio.wait_for(connect_temporal(settings_of(temporal_address=address, **files)), 20)
