@@ -57,10 +57,13 @@ class DbActivities:
             holds = clone_slots.acquire_in(db, slot.task_id, slot.node, slot.storage, self.clone_limits, slot.owner)
         return vmid, self._place(slot.task_id, holds)
 
-    def reserve_lab(self, task_ids: list[str], ask: CreateFromBoxInput, free_ranges: list[list[int]]) -> list[int]:
-        """Hold the quota and a VMID for each of a lab's creations, all or nothing; returns the VMIDs."""
+    def reserve_lab(
+        self, task_ids: list[str], ask: CreateFromBoxInput, free_ranges: list[list[int]], retries: dict[str, str]
+    ) -> list[int]:
+        """Hold the quota and a VMID for each of a lab's creations, all or nothing; returns the VMIDs. A VM whose
+        retry (`retries`: task id -> the retry's) holds quota or made it counts once (quota.reserve_all)."""
         with _refusals():
-            return quota.reserve_all(self.engine, task_ids, ask.username, _size(ask), free_ranges)
+            return quota.reserve_all(self.engine, task_ids, ask.username, _size(ask), free_ranges, retries)
 
     # ------------------------------------------------------------------------------------ activities
 

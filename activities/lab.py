@@ -43,6 +43,11 @@ def lab_task_ids(lab_task_id: str, count: int) -> list[str]:
     return [f"{lab_task_id}-{name.rsplit('-', 1)[1]}" for name in lab_vm_names("vm", count)]
 
 
+def retry_task_id(task_id: str) -> str:
+    """The task id of a VM's creation tried once more (`lab-...-01-retry`)."""
+    return f"{task_id}-retry"
+
+
 # While it waits for an earlier creation to end, earlier_creation heartbeats this often (seconds).
 EARLIER_HEARTBEAT_EVERY = 5.0
 
@@ -80,7 +85,9 @@ class LabActivities:
             # The caller has answered 503 and given the request up (see AdmissionActivities.admit).
             raise ApplicationError(MSG_UNAVAILABLE, type=Failure.UNAVAILABLE.value, non_retryable=True)
         task_ids = lab_task_ids(req.task_id, ask.count)
-        vmids = self.db.reserve_lab(task_ids, creation_input(ask, "", targets[0]), facts.free_ranges)
+        # In a lab reset after a VM was made by its retry, that VM counts once, under the retry's id.
+        retries = {task_id: retry_task_id(task_id) for task_id in task_ids}
+        vmids = self.db.reserve_lab(task_ids, creation_input(ask, "", targets[0]), facts.free_ranges, retries)
         nodes = spread(ask.count, targets, free_mb, ask.memory_mb)
         names = lab_vm_names(ask.name, ask.count)
         return LabAdmitted(

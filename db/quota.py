@@ -3,6 +3,7 @@
 Every function here is idempotent for its task id, because Temporal may run an activity more than once.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, func, text, union
@@ -162,16 +163,26 @@ def reserve_in(db: Session, task_id: str, username: str, size: Size, free_ranges
 
 
 def reserve_all(
-    engine: Engine, task_ids: list[str], username: str, size: Size, free_ranges: list[list[int]]
+    engine: Engine,
+    task_ids: list[str],
+    username: str,
+    size: Size,
+    free_ranges: list[list[int]],
+    retries: Mapping[str, str] | None = None,
 ) -> list[int]:
     """A lab's admission: hold the quota and a VMID for each of `task_ids` (VMs of one size), all or nothing,
     in one transaction; every VM is checked against the per-VM limits and their sum against the totals.
-    Returns the VMIDs in the order of `task_ids`. A repeat (the activity ran again) returns the same VMIDs."""
+    Returns the VMIDs in the order of `task_ids`. A repeat (the activity ran again) returns the same VMIDs.
+    `retries` maps a task id to the one its VM is tried again under: a VM whose retry holds quota or made it
+    (a lab reset after that) counts under the retry's id alone, with its VMID, and nothing more is held."""
+    retries = retries or {}
     with session(engine) as db, db.begin():
         user = lock_user(db, username)
-        rows = db.exec(select(Reservation).where(col(Reservation.task_id).in_(task_ids))).all()
-        vmids = {r.task_id: r.vmid for r in rows if r.state != RELEASED and r.vmid is not None}
-        missing = [task_id for task_id in task_ids if task_id not in vmids]
+        asked = [*task_ids, *(retries[t] for t in task_ids if t in retries)]
+        rows = db.exec(select(Reservation).where(col(Reservation.task_id).in_(asked))).all()
+        live = {r.task_id: r.vmid for r in rows if r.state != RELEASED and r.vmid is not None}
+        vmids = {t: live.get(t, live.get(retries.get(t, ""))) for t in task_ids}
+        missing = [task_id for task_id in task_ids if vmids[task_id] is None]
         if missing:
             # Those held already (a repeat) count in the usage; the rest are checked and held now.
             _check_plan(db, user, username, size, count=len(missing))
@@ -180,8 +191,8 @@ def reserve_all(
             db.flush()
             _lock_vmids(db)
             for task_id in missing:
-                vmids[task_id] = pick_vmid(db, free_ranges)
-                db.add(_held(task_id, username, size, vmids[task_id]))
+                vmid = vmids[task_id] = pick_vmid(db, free_ranges)
+                db.add(_held(task_id, username, size, vmid))
                 db.flush()  # the next pick sees this VMID as given out
         return [vmids[task_id] for task_id in task_ids]  # type: ignore[misc]
 

@@ -458,3 +458,30 @@ async def test_a_lab_that_made_some_vms_reset_keeps_them_and_makes_the_rest(
         assert is_owned_by(str(on_pve[int(vm["vmid"])].config.get("description", "")), vm["task_id"])
     assert sorted(r.vmid for r in vm_records(engine)) == sorted(on_pve)
     assert reservations(engine, HELD) == []
+
+
+@pytest.mark.usefixtures("worker")
+async def test_a_lab_reset_at_its_plans_limit_counts_a_vm_its_retry_made_once(
+    api: httpx.AsyncClient, pve: Any, engine: Engine, temporal: Client
+) -> None:
+    from tests.test_operators import reset
+
+    # alice's plan holds exactly the lab's 2 VMs.
+    pair = {**CLASS_PLAN, "id": "pair", "total": {"cores": 400, "memory_mb": 409600, "disk_gb": 10000, "vms": 2}}
+    users = [{**u, "plan": "pair"} if u["username"] == "alice" else u for u in ADMIN_DATA["users"]]
+    load_admin_data(engine, {**ADMIN_DATA, "plans": [*ADMIN_DATA["plans"], pair], "users": users})
+    # class-02's first creation fails once; tried again, it is made (its task id `...-02-retry`).
+    pve.fail("PUT", "/nodes/pve2/qemu/101/config", 400, "parameter verification failed", times=1)
+    task_id = (await post_lab(api, count=2, targets=["pve2"]))["task_id"]
+    state = await lab_end(api, task_id)
+    assert (state["status"], state["result_message"]) == ("succeeded", "Created 2 of 2 VMs")
+    assert state["vms"][1]["task_id"] == f"{task_id}-02-retry"
+    made = owned_vms(pve)
+
+    reset(temporal, task_id)
+    state = await lab_end(api, task_id)
+    # Admitted anew within the plan (the VM made under the retry's id counts once), and nothing made again.
+    assert (state["status"], state["result_message"]) == ("succeeded", "Created 2 of 2 VMs")
+    assert [vm["task_id"] for vm in state["vms"]] == [f"{task_id}-01", f"{task_id}-02-retry"]
+    assert owned_vms(pve) == made and len(vm_records(engine)) == 2
+    assert reservations(engine, HELD) == []

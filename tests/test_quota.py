@@ -60,6 +60,27 @@ def test_release_and_commit_happen_once(engine: Engine) -> None:
     assert quota.usage_of_user(engine, "alice").vms == 1
 
 
+
+def test_a_lab_admitted_again_counts_a_vm_its_retry_holds_or_made_once(engine: Engine) -> None:
+    # A lab of 3 on plan "small" (5 VMs in total): VM a made at once, b made by its retry b-retry, c failed.
+    ids, retries = ["a", "b", "c"], {"a": "a-retry", "b": "b-retry", "c": "c-retry"}
+    assert quota.reserve_all(engine, ids, "alice", SMALL, [[100, 199]], retries) == [100, 101, 102]
+    quota.commit(engine, created("a", 100))
+    quota.release(engine, "b")
+    assert quota.reserve(engine, "b-retry", "alice", SMALL, [[100, 199]]) == 101
+    quota.commit(engine, created("b-retry", 101))
+    quota.release(engine, "c")
+    quota.release(engine, "c-retry")  # never ran: nothing to give back
+
+    # The lab is reset: admitted anew, it holds quota again for c alone, and b is its retry's VM.
+    assert quota.reserve_all(engine, ids, "alice", SMALL, [[100, 199]], retries) == [100, 101, 102]
+    held = {r.task_id: r.vmid for r in reservations(engine, HELD)}
+    assert held == {"c": 102}
+    assert quota.usage_of_user(engine, "alice").vms == 3
+    # Without the retries' ids, b would be held again beside the VM its retry made.
+    assert quota.reserve_all(engine, ["b"], "alice", SMALL, [[100, 199]]) == [103]
+    assert quota.usage_of_user(engine, "alice").vms == 4
+
 def test_vmids_come_from_the_free_ranges_skipping_what_the_service_gave_out(engine: Engine) -> None:
     from activities.pve import free_vmid_ranges
 

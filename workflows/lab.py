@@ -29,7 +29,7 @@ from temporalio.exceptions import (
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
-    from activities.lab import LabActivities, creation_input, lab_task_ids
+    from activities.lab import LabActivities, creation_input, lab_task_ids, retry_task_id
     from payloads import (
         MSG_UNAVAILABLE,
         CreateFromBoxResult,
@@ -310,11 +310,6 @@ class LabWorkflow:
 
     def _keep_cancellation(self) -> None:
         self._cancelled = True
-
-
-def retry_task_id(task_id: str) -> str:
-    """The task id of a VM's creation tried once more (`lab-...-01-retry`)."""
-    return f"{task_id}-retry"
 
 
 def _budget(admit_by: datetime | None, default: timedelta) -> timedelta:
