@@ -305,7 +305,7 @@ async def test_the_client_connects_over_mtls_with_the_api_key(pki: Pki, temporal
         only_ca = settings_of(temporal_address=address, temporal_tls_ca=str(pki.ca))
         # The hang-up reaches the client as a transport error, or, when it lands just after the connection was
         # made, as that connection closed under the first call (seen once in CI): the same refusal either way.
-        with pytest.raises(RuntimeError, match="transport error|connection closed"):
+        with pytest.raises(RuntimeError, match=r"transport error|connection closed"):
             await asyncio.wait_for(connect_temporal(only_ca), 20)
         with pytest.raises(RuntimeError, match="UnknownIssuer"):
             await asyncio.wait_for(connect_temporal(settings_of(temporal_address=address, **files)), 20)
