@@ -60,7 +60,6 @@ def test_release_and_commit_happen_once(engine: Engine) -> None:
     assert quota.usage_of_user(engine, "alice").vms == 1
 
 
-
 def test_a_lab_admitted_again_counts_a_vm_its_retry_holds_or_made_once(engine: Engine) -> None:
     # A lab of 3 on plan "small" (5 VMs in total): VM a made at once, b made by its retry b-retry, c failed.
     ids, retries = ["a", "b", "c"], {"a": "a-retry", "b": "b-retry", "c": "c-retry"}
@@ -80,6 +79,7 @@ def test_a_lab_admitted_again_counts_a_vm_its_retry_holds_or_made_once(engine: E
     # Without the retries' ids, b would be held again beside the VM its retry made.
     assert quota.reserve_all(engine, ["b"], "alice", SMALL, [[100, 199]]) == [103]
     assert quota.usage_of_user(engine, "alice").vms == 4
+
 
 def test_vmids_come_from_the_free_ranges_skipping_what_the_service_gave_out(engine: Engine) -> None:
     from activities.pve import free_vmid_ranges
