@@ -111,6 +111,17 @@ class LabResult:
 
 
 @dataclass
+class EarlierCreation:
+    """In a lab an operator reset, what became of a VM's creations (its first try's and its retry's) that the lab
+    had begun before: one still running (its task id), else the VM one of them made (its record), else neither."""
+
+    running: str | None = None
+    made_by: str | None = None  # the task id of the creation that made it
+    vmid: int | None = None
+    node: str | None = None
+
+
+@dataclass
 class RetryTargetInput:
     """Where to try again a lab VM whose creation failed on `failed`: another of `targets`."""
 

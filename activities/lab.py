@@ -8,21 +8,21 @@ import asyncio
 from datetime import UTC, datetime
 
 from temporalio import activity
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.db import DbActivities
 from activities.failures import refuse
 from activities.pve import PveActivities
-from db import quota
+from db import quota, vms
 from payloads import (
     MAX_LAB_VMS,
     MSG_INVALID_NAME,
     MSG_PVE_NOT_READY,
     MSG_UNAVAILABLE,
     CreateFromBoxInput,
-    CreateFromBoxResult,
+    EarlierCreation,
     Failure,
     InspectInput,
     LabAdmitInput,
@@ -46,10 +46,6 @@ def lab_task_ids(lab_task_id: str, count: int) -> list[str]:
 def retry_task_id(task_id: str) -> str:
     """The task id of a VM's creation tried once more (`lab-...-01-retry`)."""
     return f"{task_id}-retry"
-
-
-# While it waits for an earlier creation to end, earlier_creation heartbeats this often (seconds).
-EARLIER_HEARTBEAT_EVERY = 5.0
 
 
 class LabActivities:
@@ -130,25 +126,24 @@ class LabActivities:
         return other_target(req.targets, req.failed, online_nodes(self.pve.pve.get("cluster/resources")))
 
     @activity.defn
-    async def earlier_creation(self, task_ids: list[str]) -> CreateFromBoxResult | None:
-        """What the creations of these task ids (a VM's, then its retry's) that the lab began before an operator
-        reset it came to: the result of the first that made its VM, once those before it have ended; None if
-        none did (never started, failed or cancelled: the reset run makes the VM itself)."""
+    async def earlier_creation(self, task_ids: list[str]) -> EarlierCreation:
+        """What became of the creations of these task ids (a VM's first try's, then its retry's) that the lab
+        had begun before an operator reset it: one still running, else the VM one of them made (from the
+        database, which holds it even after Temporal has forgotten the run), else neither. Runs first: once none
+        runs, what the database says is final."""
         for task_id in task_ids:
-            handle = self.client.get_workflow_handle(task_id, result_type=CreateFromBoxResult)
-            ended = asyncio.ensure_future(handle.result())
             try:
-                while not (await asyncio.wait({ended}, timeout=EARLIER_HEARTBEAT_EVERY))[0]:
-                    activity.heartbeat()  # a creation may wait long for its clone slot
-                return ended.result()
-            except WorkflowFailureError:  # failed, cancelled or terminated: it made no VM
-                continue
+                description = await self.client.get_workflow_handle(task_id).describe()
             except RPCError as exc:
-                if exc.status != RPCStatusCode.NOT_FOUND:  # NOT_FOUND: never started
+                if exc.status != RPCStatusCode.NOT_FOUND:  # NOT_FOUND: never started, or long forgotten
                     raise
-            finally:
-                ended.cancel()  # when the activity is cancelled (no-op once it has ended)
-        return None
+                continue
+            if description.status == WorkflowExecutionStatus.RUNNING:
+                return EarlierCreation(running=task_id)
+        record = await asyncio.to_thread(vms.made_by, self.db.engine, task_ids)
+        if record is None:
+            return EarlierCreation()
+        return EarlierCreation(made_by=record.task_id, vmid=record.vmid, node=record.node)
 
     @activity.defn
     def release_lab(self, task_ids: list[str]) -> None:

@@ -10,7 +10,7 @@ from datetime import datetime
 from sqlalchemy import Engine, and_, or_
 from sqlmodel import Session, col, select
 
-from db.engine import session
+from db.engine import reader, session
 from db.models import HELD, Reservation, Vm, utcnow
 from db.quota import lock_user
 from payloads import MSG_VM_BEING_CREATED, MSG_VM_NOT_FOUND
@@ -188,3 +188,10 @@ def page_of_vms(
     page = [_record(vm) for vm in rows[:limit]]
     more = len(rows) > limit
     return page, ((page[-1].created_at, page[-1].task_id) if more else None)
+
+
+def made_by(engine: Engine, task_ids: list[str]) -> Vm | None:
+    """The record of the VM that the first of these creations to make one made (deleted since or not)."""
+    with session(reader(engine)) as db:
+        rows = {vm.task_id: vm for vm in db.exec(select(Vm).where(col(Vm.task_id).in_(task_ids))).all()}
+    return next((rows[task_id] for task_id in task_ids if task_id in rows), None)

@@ -7,6 +7,8 @@ import asyncio
 import dataclasses
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -15,10 +17,12 @@ from sqlalchemy import Engine
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
 
+import worker as worker_module
 from api.idempotency import MSG_KEY_REUSED
 from db.load import load_admin_data
 from db.models import HELD
 from payloads import MSG_BOX_NOT_FOUND, MSG_INVALID_NAME, MSG_TOTAL_LIMIT, LabInput
+from pve.client import PveClient
 from pve.ownership import is_owned_by
 from settings import Settings
 from tests.conftest import created_vms, reservations, vm_records
@@ -484,4 +488,39 @@ async def test_a_lab_reset_at_its_plans_limit_counts_a_vm_its_retry_made_once(
     assert (state["status"], state["result_message"]) == ("succeeded", "Created 2 of 2 VMs")
     assert [vm["task_id"] for vm in state["vms"]] == [f"{task_id}-01", f"{task_id}-02-retry"]
     assert owned_vms(pve) == made and len(vm_records(engine)) == 2
+    assert reservations(engine, HELD) == []
+
+
+@pytest.fixture
+async def two_activity_slots(
+    temporal: Client, settings: Settings, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Worker]:
+    """A worker that runs 2 activities at once: a lab of 5 waiting on its creations stands for the 64 of a real
+    worker and a lab of 100."""
+    monkeypatch.setattr(worker_module, "ACTIVITY_THREADS", 2)
+    with ThreadPoolExecutor(max_workers=2) as executor:
+        worker = worker_module.build_worker(
+            temporal, settings.temporal_task_queue, engine, PveClient(settings), settings, executor
+        )
+        async with worker:
+            yield worker
+
+
+@pytest.mark.fakepve(time_scale=1)
+@pytest.mark.usefixtures("teacher", "two_activity_slots")
+async def test_a_lab_reset_while_more_vms_run_than_the_worker_has_activity_slots_ends(
+    api: httpx.AsyncClient, pve: Any, engine: Engine, temporal: Client
+) -> None:
+    from tests.test_operators import reset
+
+    pve.slow_network(0.3, node="pve2")
+    task_id = (await post_lab(api, count=5, targets=["pve2"]))["task_id"]
+    await until(lambda: len(created_vms(pve)) >= 1, timeout=60)
+    reset(temporal, task_id)
+    # The reset run waits for the creations it had begun without holding the slots they need to go on.
+    state = await lab_end(api, task_id, timeout=90)
+    assert (state["status"], state["result_message"]) == ("succeeded", "Created 5 of 5 VMs")
+    on_pve = owned_vms(pve)
+    assert len(on_pve) == 5
+    assert sorted(r.vmid for r in vm_records(engine)) == sorted(on_pve)
     assert reservations(engine, HELD) == []

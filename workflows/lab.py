@@ -33,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
     from payloads import (
         MSG_UNAVAILABLE,
         CreateFromBoxResult,
+        EarlierCreation,
         Failure,
         LabAdmission,
         LabAdmitInput,
@@ -64,6 +65,10 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.policies import to_the_end as _to_the_end
 
+# How long a reset lab waits before it looks again at a creation it had begun that still runs: doubling from the
+# first to the longest (a creation may wait hours for its clone slot; its history stays small meanwhile).
+EARLIER_FIRST_PAUSE = timedelta(seconds=2)
+EARLIER_LONGEST_PAUSE = timedelta(minutes=5)
 # The ApplicationError type of a lab that made only some of its VMs (result_code 500).
 LAB_INCOMPLETE = "LabIncomplete"
 # The memo keys of the state and of the admission's answer (api/task_state.py, api/idempotency.py read them).
@@ -127,8 +132,14 @@ class LabWorkflow:
         finally:
             publisher.cancel()
         # Quota held for a creation that never ran (cancelled before it started) goes back; what the others
-        # held, they gave back or turned into their VMs themselves.
-        await self._to_the_end(self._release([vm.task_id for vm in admitted.vms]))
+        # held, they gave back or turned into their VMs themselves. A reset run gives back what any creation of
+        # the lab's ids still holds (all have ended by now): its admission may have held a VM's first id again
+        # while the earlier run's retry of it was about to make it.
+        ended = [vm.task_id for vm in admitted.vms]
+        if is_reset():
+            firsts = lab_task_ids(task_id, input.count)
+            ended = [*firsts, *(retry_task_id(first) for first in firsts)]
+        await self._to_the_end(self._release(ended))
         made = sum(vm.status == LabVmStatus.SUCCEEDED for vm in self._vms)
         message = lab_result_message(made, input.count)
         self._end(200 if made == input.count else 500, message)
@@ -187,11 +198,11 @@ class LabWorkflow:
         VM ends with a status: the lab's own run never fails for one of its VMs."""
         first_task_id = vm.task_id
         if is_reset():
-            # The run an operator reset may have begun this VM's creation (and its retry): one that made its VM
-            # is the lab's, and one still running is waited for. Starting anew beside either makes a VM twice.
+            # The run an operator reset may have begun this VM's creation (and its retry): one still running is
+            # waited for, and a VM one of them made is the lab's. Starting anew beside either makes a VM twice.
             earlier = await self._earlier_creation([first_task_id, retry_task_id(first_task_id)])
-            if earlier is not None:
-                vm.task_id, vm.vmid, vm.node = earlier.task_id, earlier.vmid, earlier.node
+            if earlier.made_by is not None:
+                vm.task_id, vm.vmid, vm.node = earlier.made_by, earlier.vmid, earlier.node or vm.node
                 self._set(vm, LabVmStatus.SUCCEEDED)
                 return
             if self._cancelled:
@@ -248,15 +259,28 @@ class LabWorkflow:
                 await workflow.get_external_workflow_handle(vm.task_id).cancel()
         return await child
 
-    async def _earlier_creation(self, task_ids: list[str]) -> CreateFromBoxResult | None:
-        return await workflow.execute_activity_method(
-            LabActivities.earlier_creation,
-            task_ids,
-            # As long as a creation may wait for its clone slot; the heartbeat tells a lost worker.
-            start_to_close_timeout=timedelta(days=7),
-            heartbeat_timeout=timedelta(seconds=30),
-            summary="what became of the creations begun before the reset",
-        )
+    async def _earlier_creation(self, task_ids: list[str]) -> EarlierCreation:
+        """Looks again, further apart each time, while one of them runs: waiting holds no worker's activity slot
+        (those creations need them), only a timer. A cancelled lab asks the one running to cancel, as it asks
+        its own creations."""
+        pause, asked = EARLIER_FIRST_PAUSE, set()
+        while True:
+            earlier = await workflow.execute_local_activity_method(
+                LabActivities.earlier_creation,
+                task_ids,
+                start_to_close_timeout=DB_TIMEOUT,
+                retry_policy=PVE_RETRY,
+                summary="what became of the creations begun before the reset",
+            )
+            if earlier.running is None:
+                return earlier
+            if self._cancelled and earlier.running not in asked:
+                asked.add(earlier.running)
+                with contextlib.suppress(Exception):  # it may have just ended
+                    await workflow.get_external_workflow_handle(earlier.running).cancel()
+            workflow.set_current_details(f"waiting for {earlier.running}, begun before the reset, to end")
+            await workflow.sleep(pause, summary=f"wait for {earlier.running} to end")
+            pause = min(pause * 2, EARLIER_LONGEST_PAUSE)
 
     async def _retry_target(self, targets: list[str], failed: str, memory_mb: int) -> str:
         """Another target for a VM that failed on `failed`; the same one if PVE cannot be asked in time (the
