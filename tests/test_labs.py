@@ -146,12 +146,17 @@ async def test_a_lab_over_the_plan_is_refused_with_nothing_created(
     assert answer.status_code == 200, answer.text
 
 
-@pytest.mark.usefixtures("teacher", "worker")
+@pytest.fixture
+def pve3_failing(pve: Any) -> None:
+    """A third node, pve3, on which configuring any VM fails for good."""
+    pve.add_node("pve3")
+    fail_configure(pve, "pve3", range(100, 130))
+
+
+@pytest.mark.usefixtures("teacher", "pve3_failing", "worker")
 async def test_a_lab_with_a_target_failing_ends_with_every_vm_made_elsewhere(
     api: httpx.AsyncClient, pve: Any, engine: Engine
 ) -> None:
-    pve.add_node("pve3")
-    fail_configure(pve, "pve3", range(100, 130))
     admitted = await post_lab(api, count=6, targets=["pve2", "pve3"])
     assert Counter(vm["node"] for vm in admitted["vms"]) == {"pve2": 3, "pve3": 3}
 
@@ -168,12 +173,10 @@ async def test_a_lab_with_a_target_failing_ends_with_every_vm_made_elsewhere(
 
 
 @pytest.mark.fakepve(time_scale=1)
-@pytest.mark.usefixtures("teacher", "worker")
+@pytest.mark.usefixtures("teacher", "pve3_failing", "worker")
 async def test_a_vm_tried_again_shows_its_new_vmid_while_its_creation_runs(
     api: httpx.AsyncClient, pve: Any, engine: Engine
 ) -> None:
-    pve.add_node("pve3")
-    fail_configure(pve, "pve3", range(100, 130))
     # Every request to pve2 takes a second: the creation tried again there runs on for about 2 s after its
     # admission (its configuration's reads and writes), long enough to be seen running with its VMID.
     pve.slow_network(1.0, node="pve2")
