@@ -243,6 +243,11 @@ class Admitted:
     # admitted by an earlier worker, which keep publishing everything at each step: their histories (and a run
     # begun by an older worker during a rolling upgrade) replay as they were recorded.
     changes_only: bool = False
+    # True from this version of admission on: the clone's activity frees the clone slot once the clone has ended
+    # well, and the configuration's records the VM when it is the last step (CreationActivities), each saving the
+    # run a local activity and a workflow task's round (figure 4 of `make bench`). False in runs admitted by an
+    # earlier worker, which free and record in local activities of their own and replay as they were recorded.
+    steps_merged: bool = False
 
 
 @dataclass
@@ -274,6 +279,7 @@ class CloneInput:
 class CloneStarted:
     upid: str | None  # None: the VM was already there, made by an earlier attempt of this task
     finished: bool = False  # the clone already ended well while the activity watched it
+    slot_freed: bool = False  # and the activity freed the clone slot (CreationActivities.clone_vm)
 
 
 @dataclass
@@ -324,3 +330,11 @@ class FinishInput:
     box_id: str | None = None  # what GET vms shows; None in histories from before it was kept
     storage: str | None = None
     ip_addresses: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ConfigureAndRecord:
+    """Configure the VM, then record it (the creation's last step): CreationActivities.configure_and_record_vm."""
+
+    configure: ConfigureInput
+    record: FinishInput

@@ -15,6 +15,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.admission import AdmissionActivities
+from activities.creation import CreationActivities
 from activities.db import DbActivities
 from activities.lab import LabActivities
 from activities.metrics import metrics_runtime, pve_error_counter, report_clone_slot_waiting
@@ -50,6 +51,7 @@ def build_worker(
     clone_limits = Limits(settings.clone_limit_per_node, settings.clone_limit_per_storage)
     db_activities = DbActivities(engine, clone_limits, functools.partial(tell_slot_granted, client))
     pve_activities = PveActivities(pve, settings.default_storage)
+    creation = CreationActivities(pve_activities, db_activities, asyncio.get_running_loop())
     admission = AdmissionActivities(db_activities, pve_activities, pve_read_threads=ACTIVITY_THREADS)
     lab = LabActivities(db_activities, pve_activities, client)
     vm_life = VmLifeActivities(pve, engine)
@@ -68,6 +70,8 @@ def build_worker(
             db_activities.release_clone_slot,
             db_activities.commit_creation,
             db_activities.release_quota,
+            creation.clone_vm,
+            creation.configure_and_record_vm,
             pve_activities.inspect_template,
             pve_activities.start_clone,
             pve_activities.await_task,

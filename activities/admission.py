@@ -75,6 +75,7 @@ class AdmissionActivities:
             box=box_options(registered.box),
             clone_slot=clone_slot,
             changes_only=True,
+            steps_merged=True,
         )
 
 

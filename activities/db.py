@@ -92,24 +92,31 @@ class DbActivities:
 
     @activity.defn
     def commit_creation(self, done: FinishInput) -> None:
-        vm = quota.CreatedVm(
-            done.task_id,
-            done.username,
-            done.vmid,
-            done.node,
-            done.name,
-            _size(done),
-            done.box_id,
-            done.storage,
-            done.ip_addresses,
-        )
-        quota.commit(self.engine, vm)
+        quota.commit(self.engine, _created_vm(done))
+
+    def record_unless_given_back(self, done: FinishInput) -> bool:
+        """commit_creation, unless the run has given the quota back meanwhile (then False: see quota.commit)."""
+        return quota.commit(self.engine, _created_vm(done), unless_given_back=True)
 
     @activity.defn
     def release_quota(self, task_id: str) -> None:
         """Undo what the creation holds against the plan: its quota, or its record if that was written (see
         quota.undo_creation). The workflow calls it after admission failed, or after destroying the VM."""
         quota.undo_creation(self.engine, task_id)
+
+
+def _created_vm(done: FinishInput) -> quota.CreatedVm:
+    return quota.CreatedVm(
+        done.task_id,
+        done.username,
+        done.vmid,
+        done.node,
+        done.name,
+        _size(done),
+        done.box_id,
+        done.storage,
+        done.ip_addresses,
+    )
 
 
 def _size(wanted: CreateFromBoxInput | FinishInput) -> quota.Size:

@@ -239,10 +239,19 @@ def reassign_vmid(engine: Engine, task_id: str, free_ranges: list[list[int]]) ->
         return vmid
 
 
-def commit(engine: Engine, vm: CreatedVm) -> None:
-    """Record the created VM and turn its reservation into usage, once."""
+def commit(engine: Engine, vm: CreatedVm, unless_given_back: bool = False) -> bool:
+    """Record the created VM and turn its reservation into usage, once; True if it is recorded.
+
+    `unless_given_back`: record nothing (False) if the creation's quota was given back, which only its undo does
+    (undo_creation). For a record written by an activity that the run may have stopped waiting for (cancelled):
+    the run's undo then comes first or second, never half (both hold the user's lock), and either way leaves no
+    record of a VM it destroyed."""
     with session(engine) as db, db.begin():
         lock_user(db, vm.username)
+        if unless_given_back:
+            held = db.get(Reservation, vm.task_id)
+            if held is None or held.state == RELEASED:
+                return False
         if db.get(Vm, vm.task_id) is None:
             db.add(
                 Vm(
@@ -263,6 +272,7 @@ def commit(engine: Engine, vm: CreatedVm) -> None:
         if reservation is not None and reservation.state != COMMITTED:
             reservation.state = COMMITTED
             reservation.updated_at = utcnow()
+        return True
 
 
 def release(engine: Engine, task_id: str) -> bool:

@@ -60,6 +60,29 @@ def test_release_and_commit_happen_once(engine: Engine) -> None:
     assert quota.usage_of_user(engine, "alice").vms == 1
 
 
+def test_a_record_that_comes_after_the_undo_of_its_creation_is_not_written(engine: Engine) -> None:
+    # The merged configure-and-record activity of a run cancelled meanwhile: the run destroyed the VM and gave the
+    # quota back (undo_creation) while the activity still ran. Its record must not count that VM.
+    assert attempt(engine, 1) == 1001
+    assert quota.undo_creation(engine, "t1") is True
+    assert quota.commit(engine, created("t1", 1001), unless_given_back=True) is False
+    assert [r.state for r in reservations(engine)] == [RELEASED]
+    with session(engine) as db:
+        assert db.get(Vm, "t1") is None
+    assert quota.usage_of_user(engine, "alice").vms == 0
+
+    # The other order: recorded first (and again, as a retry would), then undone: the record is taken back.
+    assert attempt(engine, 2) == 1002
+    assert quota.commit(engine, created("t2", 1002), unless_given_back=True) is True
+    assert quota.commit(engine, created("t2", 1002), unless_given_back=True) is True
+    assert quota.usage_of_user(engine, "alice").vms == 1
+    assert quota.undo_creation(engine, "t2") is True
+    assert quota.usage_of_user(engine, "alice").vms == 0
+    with session(engine) as db:
+        record = db.get(Vm, "t2")
+        assert record is not None and record.deleted_at is not None
+
+
 def test_a_lab_admitted_again_counts_a_vm_its_retry_holds_or_made_once(engine: Engine) -> None:
     # A lab of 3 on plan "small" (5 VMs in total): VM a made at once, b made by its retry b-retry, c failed.
     ids, retries = ["a", "b", "c"], {"a": "a-retry", "b": "b-retry", "c": "c-retry"}

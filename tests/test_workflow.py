@@ -4,14 +4,15 @@ of recorded histories: a change to the workflow must keep the runs already in fl
 Histories are named <version>-<scenario>.json, one of each SCENARIOS per version. 1.0 is from before admission
 took the clone slot (its runs ask for it in a step of their own: `Admitted.clone_slot` is None, and the workflow
 keeps that path for them); 1.1 from before admission said `changes_only` (they publish their memo and every
-search attribute at each step: the workflow keeps that for runs admitted so); 1.2 since. Until the first
-release, a change to the workflow re-records 1.2 in place:
+search attribute at each step: the workflow keeps that for runs admitted so); 1.2 from before admission said
+`steps_merged` (they free the clone slot and record the VM in local activities of their own); 1.3 since. Until
+the first release, a change to the workflow re-records 1.3 in place:
 
-    rm tests/histories/1.2-*.json
-    RECORD_HISTORIES=1.2 .venv/bin/pytest tests/test_workflow.py -k fresh_history -p no:cacheprovider
+    rm tests/histories/1.3-*.json
+    RECORD_HISTORIES=1.3 .venv/bin/pytest tests/test_workflow.py -k fresh_history -p no:cacheprovider
 
 From the first release on, keep the old ones: a change that alters the command sequence goes under
-`workflow.patched`, and its version's histories are recorded beside them (RECORD_HISTORIES=1.2 ...).
+`workflow.patched`, and its version's histories are recorded beside them (RECORD_HISTORIES=1.3 ...).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ the API starts the run with update-with-start and waits on the `admission` updat
 can instead run it as a child: admission refusals then fail the run with the seed's message.
 
 Phases after admission: wait for a clone slot (sleeping until a finishing run hands one over), clone, free
-the slot, configure and record. From the clone on, any failure or cancellation destroys the VM (if it is this
+the slot, configure and record (the clone's activity frees the slot, the configuration's records the VM, where
+they can: Admitted.steps_merged). From the clone on, any failure or cancellation destroys the VM (if it is this
 task's) and gives the quota back.
 """
 
@@ -42,7 +43,6 @@ with workflow.unsafe.imports_passed_through():
         CreateFromBoxInput,
         CreateFromBoxResult,
         Failure,
-        InspectInput,
         PveTaskRef,
         ReassignInput,
         Step,
@@ -50,8 +50,8 @@ with workflow.unsafe.imports_passed_through():
         VmRef,
         status_of,
     )
+    from workflows import creation_steps as steps
     from workflows import search_attributes
-    from workflows.creation_steps import clone_input, configure_input, finish_input, start_and_address
     from workflows.policies import (
         CLEANUP_RETRY,
         CLONE_STARTS,
@@ -91,6 +91,8 @@ class CreateFromBoxWorkflow:
         self._vm = VmRef(task_id="", node="", vmid=0)
         self._box_id = ""
         self._changes_only = False  # see _publish
+        self._steps_merged = False  # see Admitted.steps_merged
+        self._slot_freed = False  # the clone's activity freed the clone slot
 
     @workflow.update
     async def admission(self) -> Admission:
@@ -136,9 +138,10 @@ class CreateFromBoxWorkflow:
 
         self._state.vmid = admitted.vmid
         self._changes_only = admitted.changes_only
+        self._steps_merged = admitted.steps_merged
         self._admission = Admission(task_id=task_id, vmid=admitted.vmid, vm_name=input.name, node=input.target)
         self._vm = VmRef(task_id=task_id, node=input.target, vmid=admitted.vmid)
-        clone = clone_input(self._vm, input, admitted)
+        clone = steps.clone_input(self._vm, input, admitted)
         in_turn = self._clone_in_turn(clone, input, admitted.clone_slot)
         await self._phase(Step.CLONE, in_turn, MSG_CLONE_FAILED, Failure.CLONE_FAILED)
         start = input.start if input.start is not None else admitted.box.start
@@ -211,7 +214,8 @@ class CreateFromBoxWorkflow:
         except (Exception, asyncio.CancelledError):  # not `finally`: an evicted run must not act
             await self._release_clone_slot(req.task_id)
             raise
-        await self._release_clone_slot(req.task_id)
+        if not self._slot_freed:
+            await self._release_clone_slot(req.task_id)
 
     async def _wait_for_clone_slot(self, slot: CloneSlotRequest, place: int | None) -> None:
         """Take a free slot, or queue for one and sleep until the run that frees one hands it over (with a
@@ -265,6 +269,7 @@ class CreateFromBoxWorkflow:
         workflow.set_current_details(f"cloning VM {req.vmid} onto {req.target}")
         started = await self._start_clone(req)
         if started.finished:
+            self._slot_freed = started.slot_freed
             return
         if started.upid is not None:
             workflow.set_current_details(f"cloning VM {req.vmid} onto {req.target}: watching PVE task {started.upid}")
@@ -280,8 +285,7 @@ class CreateFromBoxWorkflow:
         """Ask PVE for the clone. A cancellation that arrives meanwhile waits until the activity has ended: a
         request on its way may still make the VM, and a cleanup that looked before PVE had made it would leave
         it behind. (If PVE keeps failing, that includes the activity's retries, up to PVE_BUDGET.)"""
-        clone = pve_change(PveActivities.start_clone, req, timedelta(seconds=90), f"clone VM {req.vmid}")
-        request = asyncio.ensure_future(clone)
+        request = asyncio.ensure_future(steps.start_clone(req, self._steps_merged))
         try:
             return await asyncio.shield(request)
         except asyncio.CancelledError:
@@ -291,14 +295,7 @@ class CreateFromBoxWorkflow:
         raise asyncio.CancelledError()
 
     async def _reassign_vmid(self, req: CloneInput, input: CreateFromBoxInput) -> int:
-        facts = await workflow.execute_activity_method(
-            PveActivities.inspect_template,
-            InspectInput(template=req.template, target=req.target, storage=req.storage, disk_gb=input.disk_gb),
-            start_to_close_timeout=timedelta(seconds=60),
-            schedule_to_close_timeout=PVE_BUDGET,
-            retry_policy=PVE_RETRY,
-            summary=f"VMID {req.vmid} taken outside the service: free VMIDs",
-        )
+        facts = await steps.free_vmids(req, input.disk_gb)
         vmid = await db_step(
             DbActivities.reassign_vmid,
             ReassignInput(task_id=req.task_id, free_ranges=facts.free_ranges),
@@ -315,23 +312,27 @@ class CreateFromBoxWorkflow:
     async def _configure(self, input: CreateFromBoxInput, admitted: Admitted, record: bool) -> None:
         vm = self._vm
         workflow.set_current_details(f"configuring VM {vm.vmid}")
-        configure = configure_input(vm, input, admitted)
+        configure = steps.configure_input(vm, input, admitted)
+        if record and self._steps_merged:
+            await steps.configure_and_record(configure, steps.finish_input(vm, input, admitted, []))
+            self._recorded = True
+            return
         # configure_vm wrote to the VM only while it carried this task's marker. The record that follows asks PVE
         # nothing more: it touches only the database, and a VM that vanishes after configure is the same as one
         # deleted by hand after success (the repair tool marks it deleted; anything under its VMID without the
         # marker is reported, and neither a deletion nor the repair tool acts on it).
-        await pve_change(PveActivities.configure_vm, configure, timedelta(minutes=3), f"configure VM {vm.vmid}")
+        await pve_change(PveActivities.configure_vm, configure, steps.CONFIGURE_TIMEOUT, f"configure VM {vm.vmid}")
         if record:
             await self._record(input, admitted)
 
     async def _start(self, input: CreateFromBoxInput, admitted: Admitted) -> None:
-        self._state.ip_addresses = await start_and_address(self._vm, admitted.box.wait_for_ip_seconds)
+        self._state.ip_addresses = await steps.start_and_address(self._vm, admitted.box.wait_for_ip_seconds)
         if not self._changes_only:  # else the addresses are in the memo written as the run ends, a moment later
             self._publish(Step.START)
         await self._record(input, admitted)
 
     async def _record(self, input: CreateFromBoxInput, admitted: Admitted) -> None:
-        done = finish_input(self._vm, input, admitted, self._state.ip_addresses)
+        done = steps.finish_input(self._vm, input, admitted, self._state.ip_addresses)
         # The last step, and to its end: once the VM is recorded, it is the owner's and counts against the plan,
         # so a cancellation that comes meanwhile (a lab cancelled as its VMs are made) is too late to undo it.
         await self._uncancellable(db_step(DbActivities.commit_creation, done, summary=f"record VM {self._vm.vmid}"))

@@ -5,24 +5,32 @@ time is no failure: the VM is made, and its task shows no address."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
+    from activities.creation import CreationActivities
     from activities.pve import PveActivities
     from payloads import (
         AddressWatch,
         Admitted,
         CloneInput,
+        CloneStarted,
+        ConfigureAndRecord,
         ConfigureInput,
         CreateFromBoxInput,
         FinishInput,
+        InspectInput,
+        TemplateFacts,
         VmRef,
     )
     from workflows.policies import PVE_BUDGET, PVE_HEARTBEAT, PVE_RETRY, innermost_reason, pve_change
 
+# Cores, memory and the options in one write, then the disk's resize (a PVE task).
+CONFIGURE_TIMEOUT = timedelta(minutes=3)
 # A start is one short PVE task; PVE's own start timeout is 30 s for most guests.
 START_TIMEOUT = timedelta(minutes=2)
 # Beyond the wait itself: the activity's last look at the agent, and room for a worker's death and a retry.
@@ -63,6 +71,35 @@ def finish_input(vm: VmRef, input: CreateFromBoxInput, admitted: Admitted, ip_ad
         box_id=input.box_id,
         storage=admitted.facts.storage,
         ip_addresses=ip_addresses,
+    )
+
+
+def start_clone(req: CloneInput, steps_merged: bool) -> Awaitable[CloneStarted]:
+    """Ask PVE for the clone and watch it for a moment; with `steps_merged` (Admitted.steps_merged), a clone that
+    ended well meanwhile also frees its clone slot in the same activity."""
+    clone = CreationActivities.clone_vm if steps_merged else PveActivities.start_clone
+    return pve_change(clone, req, timedelta(seconds=90), f"clone VM {req.vmid}")
+
+
+def free_vmids(req: CloneInput, disk_gb: int) -> Awaitable[TemplateFacts]:
+    """PVE's view again, for the VMIDs free now (the admission's VMID was taken outside the service)."""
+    return workflow.execute_activity_method(
+        PveActivities.inspect_template,
+        InspectInput(template=req.template, target=req.target, storage=req.storage, disk_gb=disk_gb),
+        start_to_close_timeout=timedelta(seconds=60),
+        schedule_to_close_timeout=PVE_BUDGET,
+        retry_policy=PVE_RETRY,
+        summary=f"VMID {req.vmid} taken outside the service: free VMIDs",
+    )
+
+
+async def configure_and_record(configure: ConfigureInput, record: FinishInput) -> None:
+    """Configure the VM, then record it, in one activity (Admitted.steps_merged, when nothing follows the
+    configuration). Cancellable as the configuration is: the activity records nothing once the run has undone
+    the creation (CreationActivities.configure_and_record_vm)."""
+    merged = ConfigureAndRecord(configure=configure, record=record)
+    await pve_change(
+        CreationActivities.configure_and_record_vm, merged, CONFIGURE_TIMEOUT, f"configure and record VM {record.vmid}"
     )
 
 
