@@ -121,25 +121,41 @@ async def lab_ended(bench: Bench, task_id: str, timeout: float = 120) -> dict[st
 
 @dataclass
 class Clone:
-    started: float  # start_clone scheduled, seconds from the lab's start (server clock)
+    started: float  # the clone's activity scheduled, seconds from the lab's start (server clock)
     released: float  # its clone slot freed
     ended: float  # the creation's end
+
+
+# The clone's activity: `clone_vm` since the steps were merged (it frees the slot itself when the clone ended
+# while it watched: its completion is then the slot's release), `start_clone` in runs admitted before.
+CLONE_ACTIVITIES = ("clone_vm", "start_clone")
 
 
 async def _clone_of(bench: Bench, task_id: str, zero: datetime) -> Clone:
     history = await bench.client.get_workflow_handle(task_id).fetch_history()
     started = released = ended = math.nan
+    clones: set[int] = set()  # the clone activities' scheduled events
     for event in history.events:
         at = (event.event_time.ToDatetime() - zero).total_seconds()
         kind = event.event_type
         if kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-            if event.activity_task_scheduled_event_attributes.activity_type.name == "start_clone":
+            if event.activity_task_scheduled_event_attributes.activity_type.name in CLONE_ACTIVITIES:
                 started = at if math.isnan(started) else started
+                clones.add(event.event_id)
+        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+            completed = event.activity_task_completed_event_attributes
+            if completed.scheduled_event_id in clones and _freed_the_slot(completed.result.payloads):
+                released = at
         elif kind == EventType.EVENT_TYPE_MARKER_RECORDED and _local_activity(event) == "release_clone_slot":
             released = at
         elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:
             ended = at
     return Clone(started, released, ended)
+
+
+def _freed_the_slot(payloads: Any) -> bool:
+    """The clone's activity answered `slot_freed` (CloneStarted, as JSON)."""
+    return any(bool(json.loads(payload.data).get("slot_freed")) for payload in payloads)
 
 
 async def lab_timeline(bench: Bench, task_id: str, children: list[str]) -> tuple[list[Clone], float]:
