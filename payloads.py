@@ -243,10 +243,11 @@ class Admitted:
     # admitted by an earlier worker, which keep publishing everything at each step: their histories (and a run
     # begun by an older worker during a rolling upgrade) replay as they were recorded.
     changes_only: bool = False
-    # True from this version of admission on: the clone's activity frees the clone slot once the clone has ended
-    # well, and the configuration's records the VM when it is the last step (CreationActivities), each saving the
-    # run a local activity and a workflow task's round (figure 4 of `make bench`). False in runs admitted by an
-    # earlier worker, which free and record in local activities of their own and replay as they were recorded.
+    # True from this version of admission on: the run asks the clone's activity to free the clone slot once the
+    # clone has ended well, and the configuration's to record the VM when that is the last step
+    # (activities/creation.py), each saving the run a local activity and a workflow task's round (figure 4 of
+    # `make bench`). False in runs admitted by an earlier worker, which free and record in local activities of
+    # their own and replay as they were recorded.
     steps_merged: bool = False
 
 
@@ -273,13 +274,16 @@ class CloneInput:
     target: str
     storage: str
     pool: str | None = None  # the PVE pool the new VM joins (the box's)
+    # Free the clone slot in the same activity once the clone has ended well (Admitted.steps_merged); a worker
+    # of an earlier version ignores it, and CloneStarted.slot_freed then says no.
+    free_slot: bool = False
 
 
 @dataclass
 class CloneStarted:
     upid: str | None  # None: the VM was already there, made by an earlier attempt of this task
     finished: bool = False  # the clone already ended well while the activity watched it
-    slot_freed: bool = False  # and the activity freed the clone slot (CreationActivities.clone_vm)
+    slot_freed: bool = False  # and the activity freed the clone slot (CreationActivities.start_clone)
 
 
 @dataclass
@@ -292,29 +296,6 @@ class VmRef:
     task_id: str
     node: str
     vmid: int
-
-
-@dataclass
-class ConfigureInput:
-    task_id: str
-    node: str
-    vmid: int
-    cpu_cores: int
-    memory_mb: int
-    disk_key: str
-    disk_gb: int
-    template_disk_gb: int
-    box: BoxOptions = field(default_factory=BoxOptions)  # its cloud-init, tags and network are written
-    ssh_keys: list[str] = field(default_factory=list)  # the request's, beside the box's
-    storage: str | None = None  # where a cloud-init drive goes (the clone's storage)
-
-
-@dataclass
-class AddressWatch:
-    """Wait up to `seconds` (counted from the first attempt) for the guest agent to report an address."""
-
-    vm: VmRef
-    seconds: int
 
 
 @dataclass
@@ -333,8 +314,26 @@ class FinishInput:
 
 
 @dataclass
-class ConfigureAndRecord:
-    """Configure the VM, then record it (the creation's last step): CreationActivities.configure_and_record_vm."""
+class ConfigureInput:
+    task_id: str
+    node: str
+    vmid: int
+    cpu_cores: int
+    memory_mb: int
+    disk_key: str
+    disk_gb: int
+    template_disk_gb: int
+    box: BoxOptions = field(default_factory=BoxOptions)  # its cloud-init, tags and network are written
+    ssh_keys: list[str] = field(default_factory=list)  # the request's, beside the box's
+    storage: str | None = None  # where a cloud-init drive goes (the clone's storage)
+    # Record the VM in the same activity once it is configured (Admitted.steps_merged, when nothing follows the
+    # configuration); the activity answers True. A worker of an earlier version ignores it and answers None.
+    record: FinishInput | None = None
 
-    configure: ConfigureInput
-    record: FinishInput
+
+@dataclass
+class AddressWatch:
+    """Wait up to `seconds` (counted from the first attempt) for the guest agent to report an address."""
+
+    vm: VmRef
+    seconds: int

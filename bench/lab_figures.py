@@ -126,9 +126,9 @@ class Clone:
     ended: float  # the creation's end
 
 
-# The clone's activity: `clone_vm` since the steps were merged (it frees the slot itself when the clone ended
-# while it watched: its completion is then the slot's release), `start_clone` in runs admitted before.
-CLONE_ACTIVITIES = ("clone_vm", "start_clone")
+# The clone's activity. Since the steps were merged it frees the slot itself when the clone ended while it watched
+# (its answer says `slot_freed`): its completion, a moment after the free, then stands for the slot's release.
+CLONE_ACTIVITIES = ("start_clone",)
 
 
 async def _clone_of(bench: Bench, task_id: str, zero: datetime) -> Clone:

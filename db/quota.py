@@ -243,14 +243,15 @@ def commit(engine: Engine, vm: CreatedVm, unless_given_back: bool = False) -> bo
     """Record the created VM and turn its reservation into usage, once; True if it is recorded.
 
     `unless_given_back`: record nothing (False) if the creation's quota was given back, which only its undo does
-    (undo_creation). For a record written by an activity that the run may have stopped waiting for (cancelled):
-    the run's undo then comes first or second, never half (both hold the user's lock), and either way leaves no
-    record of a VM it destroyed."""
+    (undo_creation), or is held for another VMID (the run was reset and admitted anew since). For a record
+    written by an activity that the run may have stopped waiting for (cancelled): the run's undo then comes
+    first or second, never half (both hold the user's lock), and either way leaves no record of a VM it
+    destroyed."""
     with session(engine) as db, db.begin():
         lock_user(db, vm.username)
         if unless_given_back:
             held = db.get(Reservation, vm.task_id)
-            if held is None or held.state == RELEASED:
+            if held is None or held.state == RELEASED or held.vmid != vm.vmid:
                 return False
         if db.get(Vm, vm.task_id) is None:
             db.add(

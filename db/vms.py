@@ -78,7 +78,8 @@ def _live(db: Session, vmid: int, username: str | None = None) -> list[Vm]:
 
 
 def _refusal(db: Session, username: str, vmid: int) -> NotDeletable:
-    """Why the user has no VM `vmid`: its creation still runs (the record is written when it ends), or none."""
+    """Why the user has no VM `vmid`: its creation still runs (the record is written as its
+    last step), or none."""
     creating = db.exec(
         select(Reservation.task_id).where(
             Reservation.username == username, Reservation.vmid == vmid, Reservation.state == HELD

@@ -219,8 +219,6 @@ class FakeActivities:
             self.start_vm,
             self.vm_addresses,
             self.commit_creation,
-            self.clone_vm,
-            self.configure_and_record_vm,
             self.destroy_vm,
             self.release_quota,
             self.admit_lab,
@@ -277,7 +275,8 @@ class FakeActivities:
 
     @activity.defn(name="configure_vm")
     async def configure_vm(self, req: Any) -> Any:
-        return await self._answer("configure_vm", req, lambda: None)
+        # As activities/creation.py answers: True once it recorded the VM it was asked to record.
+        return await self._answer("configure_vm", req, lambda: True if req.get("record") else None)
 
     @activity.defn(name="start_vm")
     async def start_vm(self, ref: Any) -> Any:
@@ -290,16 +289,6 @@ class FakeActivities:
     @activity.defn(name="commit_creation")
     async def commit_creation(self, req: Any) -> Any:
         return await self._answer("commit_creation", req, lambda: None)
-
-    # The merged steps (activities/creation.py), which a run admitted with `steps_merged` calls instead.
-
-    @activity.defn(name="clone_vm")
-    async def clone_vm(self, req: Any) -> Any:
-        return await self._answer("clone_vm", req, lambda: CloneStarted(upid=CLONE_UPID))
-
-    @activity.defn(name="configure_and_record_vm")
-    async def configure_and_record_vm(self, req: Any) -> Any:
-        return await self._answer("configure_and_record_vm", req, lambda: None)
 
     @activity.defn(name="destroy_vm")
     async def destroy_vm(self, ref: Any) -> Any:

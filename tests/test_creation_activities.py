@@ -1,34 +1,41 @@
-"""activities/creation.py: the clone's activity frees the clone slot once the clone ended well, and leaves it to
-the run otherwise; the configuration's records the VM unless the run has undone the creation meanwhile. The PVE
-and database halves are stubs here: each half is tested on its own (test_pve_activities.py, test_quota.py), and
-end to end by every creation of the suite, which takes these activities."""
+"""activities/creation.py: the clone's activity frees the clone slot once the clone ended well, when asked, and
+leaves it to the run otherwise; the configuration's records the VM, when asked, unless the run has undone the
+creation meanwhile. The PVE and database halves are stubs here: each half is tested on its own
+(test_pve_activities.py, test_quota.py), and end to end by every creation of the suite, which takes these
+activities."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any, cast
 
 import pytest
+from temporalio import workflow
+from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
+from temporalio.worker import Worker
 
 from activities.creation import CreationActivities
 from payloads import (
     CloneInput,
     CloneStarted,
-    ConfigureAndRecord,
     ConfigureInput,
     Failure,
     FinishInput,
     TemplateRef,
 )
+from workflows.policies import PVE_HEARTBEAT, pve_change
 
 UPID = "UPID:pve1:00001234:00005678:6560A1B2:qmclone:9000:root@pam:"
-CLONE = CloneInput("task-1", TemplateRef(node="pve1", vmid=9000), 100, "web-01", "pve2", "NFS")
-MERGED = ConfigureAndRecord(
-    configure=ConfigureInput("task-1", "pve2", 100, 2, 2048, "scsi0", 20, 10),
-    record=FinishInput("task-1", "alice", 100, "pve2", "web-01", 2, 2048, 20),
-)
+CLONE = CloneInput("task-1", TemplateRef(node="pve1", vmid=9000), 100, "web-01", "pve2", "NFS", free_slot=True)
+CONFIGURE = ConfigureInput("task-1", "pve2", 100, 2, 2048, "scsi0", 20, 10)
+RECORD = FinishInput("task-1", "alice", 100, "pve2", "web-01", 2, 2048, 20)
+MERGED = dataclasses.replace(CONFIGURE, record=RECORD)
 
 
 class Halves:
@@ -62,7 +69,7 @@ def creation(halves: Halves) -> CreationActivities:
 
 async def test_a_clone_that_ended_well_frees_its_slot_in_the_same_activity() -> None:
     halves = Halves(CloneStarted(upid=UPID, finished=True))
-    started = await asyncio.to_thread(creation(halves).clone_vm, CLONE)  # a thread, as the worker runs it
+    started = await asyncio.to_thread(creation(halves).start_clone, CLONE)  # a thread, as the worker runs it
     assert started == CloneStarted(upid=UPID, finished=True, slot_freed=True)
     assert halves.calls == [("start_clone", 100), ("release_clone_slot", "task-1")]
 
@@ -70,26 +77,76 @@ async def test_a_clone_that_ended_well_frees_its_slot_in_the_same_activity() -> 
 @pytest.mark.parametrize("started", [CloneStarted(upid=UPID), CloneStarted(upid=None)], ids=["running", "adopted"])
 async def test_a_clone_still_running_keeps_its_slot(started: CloneStarted) -> None:
     halves = Halves(started)
-    assert await asyncio.to_thread(creation(halves).clone_vm, CLONE) == started  # the run watches, then frees
+    assert await asyncio.to_thread(creation(halves).start_clone, CLONE) == started  # the run watches, then frees
     assert halves.calls == [("start_clone", 100)]
 
 
 async def test_a_free_that_fails_is_left_to_the_run(caplog: pytest.LogCaptureFixture) -> None:
     halves = Halves(CloneStarted(upid=UPID, finished=True), free_fails=True)
     with caplog.at_level(logging.WARNING, logger="activities.creation"):
-        started = await asyncio.to_thread(creation(halves).clone_vm, CLONE)
+        started = await asyncio.to_thread(creation(halves).start_clone, CLONE)
     assert started == CloneStarted(upid=UPID, finished=True, slot_freed=False)
     assert "task-1: could not free its clone slot at once; the run frees it" in caplog.text
 
 
-async def test_the_configuration_records_the_vm_after_configuring_it() -> None:
+async def test_a_clone_not_asked_to_free_its_slot_keeps_it() -> None:
+    # A run admitted before the steps were merged frees the slot in a local activity of its own.
+    halves = Halves(CloneStarted(upid=UPID, finished=True))
+    not_asked = dataclasses.replace(CLONE, free_slot=False)
+    assert await asyncio.to_thread(creation(halves).start_clone, not_asked) == CloneStarted(upid=UPID, finished=True)
+    assert halves.calls == [("start_clone", 100)]
+
+
+async def test_the_configuration_records_the_vm_after_configuring_it_when_asked() -> None:
     halves = Halves(CloneStarted(upid=UPID))
-    await asyncio.to_thread(creation(halves).configure_and_record_vm, MERGED)
+    assert await asyncio.to_thread(creation(halves).configure_vm, MERGED) is True
     assert halves.calls == [("configure_vm", 100), ("record", "task-1")]
+
+    halves.calls.clear()  # not asked (a run admitted before): configured only, and the run records it
+    assert await asyncio.to_thread(creation(halves).configure_vm, CONFIGURE) is None
+    assert halves.calls == [("configure_vm", 100)]
 
 
 async def test_a_configuration_whose_creation_was_undone_meanwhile_fails_for_good() -> None:
     halves = Halves(CloneStarted(upid=UPID), recorded=False)
     with pytest.raises(ApplicationError) as caught:
-        await asyncio.to_thread(creation(halves).configure_and_record_vm, MERGED)
+        await asyncio.to_thread(creation(halves).configure_vm, MERGED)
     assert (caught.value.type, caught.value.non_retryable) == (Failure.CONFIGURE_FAILED.value, True)
+
+
+# ---------------------------------------------------------------------- on a real server, as the run asks
+
+
+@workflow.defn(sandboxed=False)
+class CloneOnce:
+    @workflow.run
+    async def run(self, req: CloneInput) -> CloneStarted:
+        return await pve_change(CreationActivities.start_clone, req, timedelta(seconds=90), "clone")
+
+
+class SlowHandOver(Halves):
+    async def release_clone_slot(self, task_id: str) -> list[str]:
+        self.calls.append(("release_clone_slot", task_id))
+        await asyncio.sleep(PVE_HEARTBEAT.total_seconds() + 2)  # a database or Temporal that is slow to answer
+        return []
+
+
+async def test_a_slow_hand_over_heartbeats_and_keeps_its_attempt(temporal: Client) -> None:
+    # Without heartbeats while the slot is handed over, an attempt whose hand-over outlasts the heartbeat
+    # timeout would be timed out and its answer thrown away (then retried, the VM adopted, the slot freed again).
+    halves = SlowHandOver(CloneStarted(upid=UPID, finished=True))
+    queue = f"creation-{uuid.uuid4().hex[:8]}"
+    with ThreadPoolExecutor(max_workers=4) as executor:
+        activities = CreationActivities(cast(Any, halves), cast(Any, halves), asyncio.get_running_loop())
+        async with Worker(
+            temporal,
+            task_queue=queue,
+            workflows=[CloneOnce],
+            activities=[activities.start_clone],
+            activity_executor=executor,
+            max_heartbeat_throttle_interval=timedelta(seconds=2),  # as worker.py
+        ):
+            run = temporal.execute_workflow(CloneOnce.run, CLONE, id=queue, task_queue=queue)
+            started = await asyncio.wait_for(run, 45)  # timed out, the attempts would go on for minutes
+    assert started == CloneStarted(upid=UPID, finished=True, slot_freed=True)
+    assert halves.calls == [("start_clone", 100), ("release_clone_slot", "task-1")]  # one attempt

@@ -26,13 +26,16 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import Engine
+from sqlmodel import select
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHistory
 from temporalio.worker import Replayer, Worker
 
+from db.engine import session
+from db.models import COMMITTED, CloneSlot
 from payloads import MSG_BOX_NOT_FOUND, MSG_CLONE_FAILED, MSG_CONFIGURE_FAILED
 from settings import Settings
-from tests.conftest import created_vms, reservations, result_of
+from tests.conftest import created_vms, reservations, result_of, vm_records
 from tests.factories import BOX, auth, body
 from tests.parent_workflow import ParentWorkflow
 from tests.recorded import HISTORIES, Recorded
@@ -138,7 +141,7 @@ async def test_fresh_history_replays(api: httpx.AsyncClient, temporal: Client, p
 
 @pytest.mark.usefixtures("worker")
 async def test_a_creation_publishes_only_what_changes_between_its_first_and_last_steps(
-    api: httpx.AsyncClient, temporal: Client, pve: Any
+    api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine
 ) -> None:
     # The first step and the last publish everything; between them only BoxStep and VmId move (at the clone and
     # the configuration), not the memo: each write is an event, a command and a visibility update.
@@ -146,6 +149,20 @@ async def test_a_creation_publishes_only_what_changes_between_its_first_and_last
     kinds = [event.event_type for event in history.events]
     assert kinds.count(EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES) == 4
     assert kinds.count(EventType.EVENT_TYPE_WORKFLOW_PROPERTIES_MODIFIED) == 2
+    # One local activity (admission) and two activities: the clone's frees the clone slot, the configuration's
+    # records the VM (activities/creation.py), each a workflow turn fewer than as local activities of their own.
+    assert kinds.count(EventType.EVENT_TYPE_MARKER_RECORDED) == 1
+    scheduled = [
+        event.activity_task_scheduled_event_attributes.activity_type.name
+        for event in history.events
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+    assert scheduled == ["start_clone", "configure_vm"]
+    [record] = vm_records(engine)
+    assert (record.task_id, record.vmid) == (history.workflow_id, 100) and [vm.vmid for vm in created_vms(pve)] == [100]
+    assert [r.state for r in reservations(engine)] == [COMMITTED]
+    with session(engine) as db:
+        assert db.exec(select(CloneSlot)).all() == []  # freed by the clone's activity
     task_id = history.workflow_id
     state = (await api.get(f"/api/v1/vm/manage/tasks/{task_id}", headers=auth())).json()["data"]
     assert (state["status"], state["step"], state["vmid"], state["result_code"]) == ("succeeded", "done", "100", 200)

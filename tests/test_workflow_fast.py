@@ -224,6 +224,7 @@ async def test_a_request_is_admitted_cloned_configured_and_recorded(runs: Runs, 
         "box": dataclasses.asdict(BoxOptions()),
         "ssh_keys": [],
         "storage": "NFS",
+        "record": None,  # recorded by a step of its own in a run admitted before the steps were merged
     }
     [record] = fakes.args("commit_creation")
     assert (record["username"], record["vmid"], record["node"], record["name"]) == (
@@ -652,9 +653,10 @@ async def test_a_start_that_fails_is_a_configuration_failure_and_cleans_up(runs:
 
 
 # ------------------------------------------------------------------------------------- merged steps
-# Runs admitted with `steps_merged` (this version's admission): the clone's activity frees the clone slot, and the
-# configuration's records the VM when nothing follows it (activities/creation.py). The tests above run the path
-# of runs admitted before it (`steps_merged` unset), which stays for those still in flight across an upgrade.
+# Runs admitted with `steps_merged` (this version's admission) ask the clone's activity to free the clone slot
+# (CloneInput.free_slot), and the configuration's to record the VM when nothing follows it (ConfigureInput.record):
+# activities/creation.py. The tests above run the path of runs admitted before (`steps_merged` unset), which
+# stays for those still in flight across an upgrade.
 
 MERGED = Admitted(
     template=TEMPLATE, facts=FACTS, vmid=ADMITTED_VMID, clone_slot=0, changes_only=True, steps_merged=True
@@ -664,48 +666,66 @@ CLONED_AND_FREED = CloneStarted(upid=CLONE_UPID, finished=True, slot_freed=True)
 
 async def test_a_merged_creation_is_one_local_and_two_remote_activities(runs: Runs, fakes: FakeActivities) -> None:
     fakes.script("admit", MERGED)
-    fakes.script("clone_vm", CLONED_AND_FREED)
+    fakes.script("start_clone", CLONED_AND_FREED)
     handle = await runs.start()
 
     assert (await handle.result()).vmid == ADMITTED_VMID
-    assert fakes.names() == ["admit", "clone_vm", "configure_and_record_vm"]  # the slot came with admission
-    [merged] = fakes.args("configure_and_record_vm")
-    assert (merged["configure"]["vmid"], merged["configure"]["cpu_cores"]) == (ADMITTED_VMID, 2)
-    assert (merged["record"]["task_id"], merged["record"]["vmid"], merged["record"]["username"]) == (
-        handle.id,
-        ADMITTED_VMID,
-        "alice",
-    )
+    assert fakes.names() == ["admit", "start_clone", "configure_vm"]  # the slot came with admission
+    [clone] = fakes.args("start_clone")
+    assert clone["free_slot"] is True
+    [config] = fakes.args("configure_vm")
+    assert (config["vmid"], config["cpu_cores"]) == (ADMITTED_VMID, 2)
+    record = config["record"]
+    assert (record["task_id"], record["vmid"], record["username"]) == (handle.id, ADMITTED_VMID, "alice")
     assert (await end_state(handle))["result_code"] == 200
 
 
 @pytest.mark.parametrize(
     "started",
-    [CloneStarted(upid=CLONE_UPID), CloneStarted(upid=CLONE_UPID, finished=True, slot_freed=False)],
-    ids=["clone-outlasted-the-activity", "free-failed"],
+    [
+        CloneStarted(upid=CLONE_UPID),
+        CloneStarted(upid=CLONE_UPID, finished=True, slot_freed=False),
+        CloneStarted(upid=CLONE_UPID, finished=True),
+    ],
+    ids=["clone-outlasted-the-activity", "free-failed", "older-worker"],
 )
 async def test_a_slot_the_clones_activity_did_not_free_is_freed_by_the_run(
     runs: Runs, fakes: FakeActivities, started: CloneStarted
 ) -> None:
     fakes.script("admit", MERGED)
-    fakes.script("clone_vm", started)
+    fakes.script("start_clone", started)
     handle = await runs.start()
 
     assert (await handle.result()).vmid == ADMITTED_VMID
     watched = ["await_task"] if not started.finished else []
-    assert fakes.names() == ["admit", "clone_vm", *watched, "release_clone_slot", "configure_and_record_vm"]
+    assert fakes.names() == ["admit", "start_clone", *watched, "release_clone_slot", "configure_vm"]
     assert fakes.args("release_clone_slot") == [handle.id]
+
+
+async def test_a_vm_an_older_worker_configured_without_recording_it_is_recorded_by_the_run(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    # A worker of the version before ignores ConfigureInput.record and answers None: the run records the VM.
+    fakes.script("admit", MERGED)
+    fakes.script("start_clone", CLONED_AND_FREED)
+    fakes.script("configure_vm", None)
+    handle = await runs.start()
+
+    assert (await handle.result()).vmid == ADMITTED_VMID
+    assert fakes.names() == ["admit", "start_clone", "configure_vm", "commit_creation"]
+    assert fakes.args("commit_creation")[0]["task_id"] == handle.id
 
 
 async def test_a_merged_configuration_that_fails_is_undone(runs: Runs, fakes: FakeActivities) -> None:
     fakes.script("admit", MERGED)
-    fakes.script("clone_vm", CLONED_AND_FREED)
-    fakes.script("configure_and_record_vm", task_failed("resize: storage 'NFS' is full"))
+    fakes.script("start_clone", CLONED_AND_FREED)
+    fakes.script("configure_vm", task_failed("resize: storage 'NFS' is full"))
     handle = await runs.start()
 
     assert (await failure_of(handle)).message == MSG_CONFIGURE_FAILED
-    # Freed by the clone: not again; the undo takes back the record too if the activity had written it.
-    assert fakes.names() == ["admit", "clone_vm", "configure_and_record_vm", *UNDONE]
+    # Freed by the clone: not again. (The undo takes back the record too if the activity had written it:
+    # quota.undo_creation, test_quota.py.)
+    assert fakes.names() == ["admit", "start_clone", "configure_vm", *UNDONE]
     assert_undone(fakes, handle.id, ADMITTED_VMID)
 
 
@@ -713,16 +733,16 @@ async def test_a_run_cancelled_during_its_merged_configuration_is_undone(runs: R
     # Unlike the record's own step, the merged one is cancellable: the run undoes the creation at once, and the
     # activity records nothing after that undo (quota.commit's `unless_given_back`, tested in test_quota.py).
     fakes.script("admit", MERGED)
-    fakes.script("clone_vm", CLONED_AND_FREED)
+    fakes.script("start_clone", CLONED_AND_FREED)
     configuring = Hold()
-    fakes.script("configure_and_record_vm", configuring)
+    fakes.script("configure_vm", configuring)
     handle = await runs.start()
     await asyncio.wait_for(configuring.reached.wait(), 10)
 
     await cancel_while_held(handle, fakes, configuring)
 
     await assert_cancelled(handle)
-    assert fakes.names() == ["admit", "clone_vm", "configure_and_record_vm", *UNDONE]
+    assert fakes.names() == ["admit", "start_clone", "configure_vm", *UNDONE]
     assert_undone(fakes, handle.id, ADMITTED_VMID)
 
 
@@ -731,10 +751,11 @@ async def test_a_merged_creation_that_starts_its_vm_records_it_after_the_start(
 ) -> None:
     # The record carries the guest's address, which only comes after the start: it stays a step of its own.
     fakes.script("admit", dataclasses.replace(MERGED, box=BoxOptions(start=True, wait_for_ip_seconds=30)))
-    fakes.script("clone_vm", CLONED_AND_FREED)
+    fakes.script("start_clone", CLONED_AND_FREED)
     handle = await runs.start()
 
     assert (await handle.result()).vmid == ADMITTED_VMID
-    assert fakes.names() == ["admit", "clone_vm", "configure_vm", "start_vm", "vm_addresses", "commit_creation"]
+    assert fakes.names() == ["admit", "start_clone", "configure_vm", "start_vm", "vm_addresses", "commit_creation"]
+    assert fakes.args("configure_vm")[0]["record"] is None
     [record] = fakes.args("commit_creation")
     assert record["ip_addresses"] == [ADDRESS]

@@ -66,7 +66,6 @@ with workflow.unsafe.imports_passed_through():
         error_type,
         innermost_reason,
         is_reset,
-        pve_change,
         refused_by_its_checks,
         to_the_end,
         watch_clone,
@@ -141,7 +140,7 @@ class CreateFromBoxWorkflow:
         self._steps_merged = admitted.steps_merged
         self._admission = Admission(task_id=task_id, vmid=admitted.vmid, vm_name=input.name, node=input.target)
         self._vm = VmRef(task_id=task_id, node=input.target, vmid=admitted.vmid)
-        clone = steps.clone_input(self._vm, input, admitted)
+        clone = steps.clone_input(self._vm, input, admitted, free_slot=self._steps_merged)
         in_turn = self._clone_in_turn(clone, input, admitted.clone_slot)
         await self._phase(Step.CLONE, in_turn, MSG_CLONE_FAILED, Failure.CLONE_FAILED)
         start = input.start if input.start is not None else admitted.box.start
@@ -285,7 +284,7 @@ class CreateFromBoxWorkflow:
         """Ask PVE for the clone. A cancellation that arrives meanwhile waits until the activity has ended: a
         request on its way may still make the VM, and a cleanup that looked before PVE had made it would leave
         it behind. (If PVE keeps failing, that includes the activity's retries, up to PVE_BUDGET.)"""
-        request = asyncio.ensure_future(steps.start_clone(req, self._steps_merged))
+        request = asyncio.ensure_future(steps.start_clone(req))
         try:
             return await asyncio.shield(request)
         except asyncio.CancelledError:
@@ -314,15 +313,15 @@ class CreateFromBoxWorkflow:
         workflow.set_current_details(f"configuring VM {vm.vmid}")
         configure = steps.configure_input(vm, input, admitted)
         if record and self._steps_merged:
-            await steps.configure_and_record(configure, steps.finish_input(vm, input, admitted, []))
-            self._recorded = True
-            return
+            configure.record = steps.finish_input(vm, input, admitted, [])
         # configure_vm wrote to the VM only while it carried this task's marker. The record that follows asks PVE
         # nothing more: it touches only the database, and a VM that vanishes after configure is the same as one
         # deleted by hand after success (the repair tool marks it deleted; anything under its VMID without the
         # marker is reported, and neither a deletion nor the repair tool acts on it).
-        await pve_change(PveActivities.configure_vm, configure, steps.CONFIGURE_TIMEOUT, f"configure VM {vm.vmid}")
-        if record:
+        recorded = await steps.configure(configure)
+        if recorded:
+            self._recorded = True
+        elif record:
             await self._record(input, admitted)
 
     async def _start(self, input: CreateFromBoxInput, admitted: Admitted) -> None:

@@ -19,7 +19,6 @@ with workflow.unsafe.imports_passed_through():
         Admitted,
         CloneInput,
         CloneStarted,
-        ConfigureAndRecord,
         ConfigureInput,
         CreateFromBoxInput,
         FinishInput,
@@ -37,9 +36,11 @@ START_TIMEOUT = timedelta(minutes=2)
 ADDRESS_MARGIN = timedelta(seconds=60)
 
 
-def clone_input(vm: VmRef, input: CreateFromBoxInput, admitted: Admitted) -> CloneInput:
+def clone_input(vm: VmRef, input: CreateFromBoxInput, admitted: Admitted, free_slot: bool) -> CloneInput:
     template, storage = admitted.template, admitted.facts.storage
-    return CloneInput(vm.task_id, template, vm.vmid, input.name, vm.node, storage, pool=admitted.box.pool)
+    return CloneInput(
+        vm.task_id, template, vm.vmid, input.name, vm.node, storage, pool=admitted.box.pool, free_slot=free_slot
+    )
 
 
 def configure_input(vm: VmRef, input: CreateFromBoxInput, admitted: Admitted) -> ConfigureInput:
@@ -74,11 +75,10 @@ def finish_input(vm: VmRef, input: CreateFromBoxInput, admitted: Admitted, ip_ad
     )
 
 
-def start_clone(req: CloneInput, steps_merged: bool) -> Awaitable[CloneStarted]:
-    """Ask PVE for the clone and watch it for a moment; with `steps_merged` (Admitted.steps_merged), a clone that
-    ended well meanwhile also frees its clone slot in the same activity."""
-    clone = CreationActivities.clone_vm if steps_merged else PveActivities.start_clone
-    return pve_change(clone, req, timedelta(seconds=90), f"clone VM {req.vmid}")
+def start_clone(req: CloneInput) -> Awaitable[CloneStarted]:
+    """Ask PVE for the clone and watch it for a moment; with `req.free_slot`, a clone that ended well meanwhile
+    also frees its clone slot in the same activity (CloneStarted.slot_freed)."""
+    return pve_change(CreationActivities.start_clone, req, timedelta(seconds=90), f"clone VM {req.vmid}")
 
 
 def free_vmids(req: CloneInput, disk_gb: int) -> Awaitable[TemplateFacts]:
@@ -93,14 +93,12 @@ def free_vmids(req: CloneInput, disk_gb: int) -> Awaitable[TemplateFacts]:
     )
 
 
-async def configure_and_record(configure: ConfigureInput, record: FinishInput) -> None:
-    """Configure the VM, then record it, in one activity (Admitted.steps_merged, when nothing follows the
-    configuration). Cancellable as the configuration is: the activity records nothing once the run has undone
-    the creation (CreationActivities.configure_and_record_vm)."""
-    merged = ConfigureAndRecord(configure=configure, record=record)
-    await pve_change(
-        CreationActivities.configure_and_record_vm, merged, CONFIGURE_TIMEOUT, f"configure and record VM {record.vmid}"
-    )
+def configure(req: ConfigureInput) -> Awaitable[bool | None]:
+    """Configure the VM; with `req.record`, record it in the same activity (True: recorded; None: the worker did
+    not, being of an earlier version). Cancellable: the activity records nothing once the run has undone the
+    creation."""
+    what = "configure and record" if req.record is not None else "configure"
+    return pve_change(CreationActivities.configure_vm, req, CONFIGURE_TIMEOUT, f"{what} VM {req.vmid}")
 
 
 async def start_and_address(vm: VmRef, wait_seconds: int) -> list[str]:

@@ -40,7 +40,7 @@ BAD_CURSOR = "Invalid query parameter: 'next' is not a cursor of this listing"
 
 def owned_vm(vmid: str, username: CurrentUser, engine: EngineDep) -> vms.VmRecord:
     """The caller's VM `vmid`, not deleted: 404 `VM not found` otherwise (a VMID that is no number included),
-    409 `VM is still being created` while its creation runs (its record is written when that ends)."""
+    409 `VM is still being created` while its creation runs (its record is written as its last step)."""
     if not vmid.isdecimal() or not 0 < int(vmid) <= MAX_VMID:
         raise ApiError(404, MSG_VM_NOT_FOUND)
     try:
