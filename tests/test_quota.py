@@ -83,6 +83,36 @@ def test_a_record_that_comes_after_the_undo_of_its_creation_is_not_written(engin
         assert record is not None and record.deleted_at is not None
 
 
+@pytest.mark.parametrize("first", ["undo", "record"])
+def test_a_record_and_the_undo_of_its_creation_racing_leave_no_record(engine: Engine, first: str) -> None:
+    # The same two at once, both queued behind a transaction that holds the user's lock (PostgreSQL's row lock,
+    # SQLite's write lock), each order tried first: whichever the database lets through first, the end is the
+    # same, the quota given back and no live record.
+    assert attempt(engine, 1) == 1001
+    ended: dict[str, bool] = {}
+
+    def undo() -> None:
+        ended["undo"] = quota.undo_creation(engine, "t1")
+
+    def record() -> None:
+        ended["record"] = quota.commit(engine, created("t1", 1001), unless_given_back=True)
+
+    with session(engine) as holder, holder.begin():
+        quota.lock_user(holder, "alice")
+        threads = [threading.Thread(target=step) for step in ((undo, record) if first == "undo" else (record, undo))]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.3)  # queued in this order, most likely: the end must not depend on it
+    for thread in threads:
+        thread.join(30)
+    assert ended["undo"] is True  # the undo always gives the quota back (and takes a record written first back)
+    assert [r.state for r in reservations(engine)] == [RELEASED]
+    with session(engine) as db:
+        written = db.get(Vm, "t1")
+        assert written is None or written.deleted_at is not None
+    assert quota.usage_of_user(engine, "alice").vms == 0
+
+
 def test_a_lab_admitted_again_counts_a_vm_its_retry_holds_or_made_once(engine: Engine) -> None:
     # A lab of 3 on plan "small" (5 VMs in total): VM a made at once, b made by its retry b-retry, c failed.
     ids, retries = ["a", "b", "c"], {"a": "a-retry", "b": "b-retry", "c": "c-retry"}
