@@ -190,6 +190,16 @@ async def cancel_while_held(handle: WorkflowHandle[Any, Any], fakes: FakeActivit
     cleanup.release()
 
 
+async def cancelled_during(runs: Runs, fakes: FakeActivities, activity: str) -> WorkflowHandle[Any, Any]:
+    """Start a run and cancel it while activity `activity` (its next call) is under way (see cancel_while_held)."""
+    held = Hold()
+    fakes.script(activity, held)
+    handle = await runs.start()
+    await asyncio.wait_for(held.reached.wait(), 10)
+    await cancel_while_held(handle, fakes, held)
+    return handle
+
+
 # ------------------------------------------------------------------------------------- the way through
 
 
@@ -485,12 +495,7 @@ async def test_a_run_cancelled_while_its_clone_request_is_on_its_way_waits_for_t
 async def test_a_run_cancelled_while_the_clone_runs_destroys_it_and_gives_back_its_quota(
     runs: Runs, fakes: FakeActivities
 ) -> None:
-    clone_running = Hold()
-    fakes.script("await_task", clone_running)
-    handle = await runs.start()
-    await asyncio.wait_for(clone_running.reached.wait(), 10)
-
-    await cancel_while_held(handle, fakes, clone_running)
+    handle = await cancelled_during(runs, fakes, "await_task")
 
     await assert_cancelled(handle)
     assert fakes.names() == [*CLONED, *UNDONE]
@@ -501,12 +506,7 @@ async def test_a_run_cancelled_while_the_clone_runs_destroys_it_and_gives_back_i
 async def test_a_run_cancelled_during_configuration_destroys_the_vm_and_gives_back_its_quota(
     runs: Runs, fakes: FakeActivities
 ) -> None:
-    configuring = Hold()
-    fakes.script("configure_vm", configuring)
-    handle = await runs.start()
-    await asyncio.wait_for(configuring.reached.wait(), 10)
-
-    await cancel_while_held(handle, fakes, configuring)
+    handle = await cancelled_during(runs, fakes, "configure_vm")
 
     await assert_cancelled(handle)
     assert fakes.names() == [*CLONED, "configure_vm", *UNDONE]
@@ -734,12 +734,7 @@ async def test_a_run_cancelled_during_its_merged_configuration_is_undone(runs: R
     # activity records nothing after that undo (quota.commit's `unless_given_back`, tested in test_quota.py).
     fakes.script("admit", MERGED)
     fakes.script("start_clone", CLONED_AND_FREED)
-    configuring = Hold()
-    fakes.script("configure_vm", configuring)
-    handle = await runs.start()
-    await asyncio.wait_for(configuring.reached.wait(), 10)
-
-    await cancel_while_held(handle, fakes, configuring)
+    handle = await cancelled_during(runs, fakes, "configure_vm")
 
     await assert_cancelled(handle)
     assert fakes.names() == ["admit", "start_clone", "configure_vm", *UNDONE]
