@@ -151,7 +151,7 @@ class PveActivities:
 
     # ------------------------------------------------------------------------------ clone
 
-    @activity.defn
+    # Registered through CreationActivities, which runs it and the database step that may follow.
     def start_clone(self, req: CloneInput) -> CloneStarted:
         """Start a full clone of the template as VMID req.vmid, or adopt the one an earlier attempt started."""
         try:
@@ -230,7 +230,7 @@ class PveActivities:
 
     # -------------------------------------------------------------------------- configure
 
-    @activity.defn
+    # Registered through CreationActivities, which runs it and the database step that may follow.
     def configure_vm(self, req: ConfigureInput) -> None:
         """Set cores, memory, tags, network and cloud-init in one write, then grow the boot disk, on this task's
         VM only. Each write carries the digest of the config whose marker was checked just before, so PVE
