@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from sqlalchemy import Row
 
 from db.models import Box
 
@@ -194,7 +195,8 @@ class BoxSettings:
     network: NetworkSettings | None = None
 
     @classmethod
-    def of(cls, box: Box) -> BoxSettings:
+    def of(cls, box: Box | Row[Any]) -> BoxSettings:
+        """From a box, or a row of a box's columns."""
         return cls(
             start=box.start,
             wait_for_ip_seconds=box.wait_for_ip_seconds,

@@ -17,12 +17,13 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Engine, and_, func, or_, text
+from sqlalchemy import Engine, Row, and_, bindparam, delete, func, insert, or_, text, update
 from sqlmodel import Session, col, select
 
-from db.engine import session
-from db.models import CloneGrant, CloneSlot, CloneWaiter
+from db.engine import session, table_of
+from db.models import CloneGrant, CloneSlot, CloneWaiter, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,9 @@ class Limits:
 
     def fit(self, db: Session, node: str, storage: str) -> bool:
         """True if one more clone fits on the node and the storage (0: no limit)."""
-        if self.per_node and _count(db, CloneSlot.node == node) >= self.per_node:
+        if self.per_node and db.execute(_ON_NODE, {"node": node}).scalar_one() >= self.per_node:
             return False
-        return not (self.per_storage and _count(db, CloneSlot.storage == storage) >= self.per_storage)
+        return not (self.per_storage and db.execute(_ON_STORAGE, {"storage": storage}).scalar_one() >= self.per_storage)
 
 
 def acquire(engine: Engine, task_id: str, node: str, storage: str, limits: Limits, owner: str = "") -> bool:
@@ -56,20 +57,47 @@ def acquire(engine: Engine, task_id: str, node: str, storage: str, limits: Limit
 def acquire_in(db: Session, task_id: str, node: str, storage: str, limits: Limits, owner: str = "") -> bool:
     """`acquire` inside the caller's write transaction (admission holds the quota and the slot in one)."""
     _lock(db)
-    if db.get(CloneSlot, task_id) is not None:
-        _forget_grant(db, task_id)  # the slot it was handed is taken up: no need to tell it again
+    task = {"task_id": task_id}
+    if db.execute(_SLOT_OF, task).first() is not None:
+        db.execute(_FORGET_GRANT, task)  # the slot it was handed is taken up: no need to tell it again
         return True
-    queued = db.get(CloneWaiter, task_id)
+    queued = db.execute(_WAITER_OF, task).first()
     if limits.fit(db, node, storage):
         if queued is not None:
-            db.delete(queued)
-        db.add(CloneSlot(task_id=task_id, node=node, storage=storage, owner=owner))
+            db.execute(_LEAVE_QUEUE, task)
+        db.execute(_NEW_SLOT, dict(task_id=task_id, node=node, storage=storage, owner=owner, acquired_at=utcnow()))
         return True
     if queued is None:
-        db.add(CloneWaiter(task_id=task_id, node=node, storage=storage, owner=owner))
+        db.execute(
+            insert(_waiters).values(task_id=task_id, node=node, storage=storage, owner=owner, queued_at=utcnow())
+        )
     elif owner and not queued.owner:
-        queued.owner = owner  # queued before owners were kept: its place stays, its turns become fair
+        # Queued before owners were kept: its place stays, its turns become fair.
+        db.execute(update(_waiters).where(_waiters.c.task_id == task_id).values(owner=owner))
     return False
+
+
+# What admission asks on every creation's path, as Core statements built once (see db.engine.table_of).
+_slots, _waiters, _grants = table_of(CloneSlot), table_of(CloneWaiter), table_of(CloneGrant)
+_SLOT_OF = _slots.select().with_only_columns(_slots.c.task_id).where(_slots.c.task_id == bindparam("task_id"))
+_WAITER_OF = _waiters.select().with_only_columns(_waiters.c.owner).where(_waiters.c.task_id == bindparam("task_id"))
+_ON_NODE = _slots.select().with_only_columns(func.count()).where(_slots.c.node == bindparam("node"))
+_ON_STORAGE = _slots.select().with_only_columns(func.count()).where(_slots.c.storage == bindparam("storage"))
+_NEW_SLOT = insert(_slots)
+# And what a release and its hand-over ask (every creation frees its slot).
+_SLOT_OWNER = _slots.select().with_only_columns(_slots.c.owner).where(_slots.c.task_id == bindparam("task_id"))
+_FREE_SLOT = delete(_slots).where(_slots.c.task_id == bindparam("task_id"))
+_LEAVE_QUEUE = delete(_waiters).where(_waiters.c.task_id == bindparam("task_id"))
+_FORGET_GRANT = delete(_grants).where(_grants.c.task_id == bindparam("task_id"))
+_GRANTED_BY = (
+    _grants.select()
+    .with_only_columns(_grants.c.task_id)
+    .where(_grants.c.granted_by == bindparam("task_id"))
+    .order_by(_grants.c.granted_at, _grants.c.task_id)
+)
+_NEW_GRANT = insert(_grants)
+_RUNNING = _slots.select().with_only_columns(_slots.c.owner, _slots.c.node, _slots.c.storage, _slots.c.acquired_at)
+_QUEUE = _waiters.select().order_by(_waiters.c.queued_at, _waiters.c.task_id)
 
 
 def place_in_line(engine: Engine, task_id: str) -> int:
@@ -124,19 +152,11 @@ def release(engine: Engine, task_id: str, limits: Limits) -> list[str]:
     yet, to be told so: a repeat of the release (a local activity runs again when a worker died before its
     answer was recorded) names them again. Callers that tell runs use `release_and_hand_over`."""
     with _locked(engine) as db:
-        slot, waiter = db.get(CloneSlot, task_id), db.get(CloneWaiter, task_id)
-        for row in (slot, waiter):
-            if row is not None:
-                db.delete(row)
-        _forget_grant(db, task_id)
-        db.flush()
-        granted = list(
-            db.exec(
-                select(CloneGrant.task_id)
-                .where(CloneGrant.granted_by == task_id)
-                .order_by(col(CloneGrant.granted_at), col(CloneGrant.task_id))
-            ).all()
-        )
+        task = {"task_id": task_id}
+        slot = db.execute(_SLOT_OWNER, task).first()
+        for statement in (_FREE_SLOT, _LEAVE_QUEUE, _FORGET_GRANT):
+            db.execute(statement, task)
+        granted = list(db.execute(_GRANTED_BY, task).scalars().all())
         return granted + _hand_over(db, limits, task_id, slot.owner if slot is not None else None)
 
 
@@ -198,7 +218,7 @@ class _Running:
             return False
         return not (limits.per_storage and self.storage[storage] >= limits.per_storage)
 
-    def turn(self, waiter: CloneWaiter) -> tuple[int, tuple[int, datetime | int], datetime, str]:
+    def turn(self, waiter: Row[Any]) -> tuple[int, tuple[int, datetime | int], datetime, str]:
         """The waiter's order in the hand-over, lowest first."""
         owner, node, storage = waiter.owner, waiter.node, waiter.storage
         # The owner's clones on the node or the storage (one on both counts once).
@@ -216,11 +236,11 @@ def _hand_over(db: Session, limits: Limits, granted_by: str, freed_by: str | Non
     tie with its lab's older waiters, and a third owner would wait for one of the labs to end. One query for
     the slots, one for the waiters, whatever the queue's length: the waiters of one owner for one node and
     storage form a line served in order, so each turn looks only at the head of each line, kept in a heap."""
-    running = _Running(db.exec(select(CloneSlot.owner, CloneSlot.node, CloneSlot.storage, CloneSlot.acquired_at)).all())
+    running = _Running(db.execute(_RUNNING).all())  # type: ignore[arg-type]
     if freed_by is not None:
         running.had_turn(freed_by)
-    lines: dict[tuple[str, str, str], deque[CloneWaiter]] = {}
-    for waiter in db.exec(select(CloneWaiter).order_by(col(CloneWaiter.queued_at), col(CloneWaiter.task_id))).all():
+    lines: dict[tuple[str, str, str], deque[Row[Any]]] = {}
+    for waiter in db.execute(_QUEUE).all():
         lines.setdefault((waiter.owner, waiter.node, waiter.storage), deque()).append(waiter)
     # The heads of the lines, lowest turn first. A turn only grows as slots are granted, so an entry whose
     # turn has grown is put back with its new one; a line that no longer fits never will in this hand-over.
@@ -236,21 +256,17 @@ def _hand_over(db: Session, limits: Limits, granted_by: str, freed_by: str | Non
             heapq.heappush(heads, (now, n, key))
             continue
         lines[key].popleft()
-        db.delete(waiter)
-        db.add(CloneSlot(task_id=waiter.task_id, node=waiter.node, storage=waiter.storage, owner=waiter.owner))
-        db.add(CloneGrant(task_id=waiter.task_id, granted_by=granted_by))
+        at = utcnow()
+        db.execute(_LEAVE_QUEUE, {"task_id": waiter.task_id})
+        slot = {"task_id": waiter.task_id, "node": waiter.node, "storage": waiter.storage, "owner": waiter.owner}
+        db.execute(_NEW_SLOT, {**slot, "acquired_at": at})
+        db.execute(_NEW_GRANT, {"task_id": waiter.task_id, "granted_by": granted_by, "granted_at": at})
         running.add(*key)
         running.had_turn(waiter.owner)
         granted.append(waiter.task_id)
         if lines[key]:
             heapq.heappush(heads, (running.turn(lines[key][0]), n, key))
     return granted
-
-
-def _forget_grant(db: Session, task_id: str) -> None:
-    grant = db.get(CloneGrant, task_id)
-    if grant is not None:
-        db.delete(grant)
 
 
 @contextmanager
@@ -266,7 +282,3 @@ def _lock(db: Session) -> None:
     serialised every write transaction already."""
     if db.get_bind().dialect.name == "postgresql":
         db.exec(text(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY})"))  # type: ignore[call-overload]
-
-
-def _count(db: Session, condition) -> int:  # type: ignore[no-untyped-def]
-    return int(db.exec(select(func.count()).select_from(CloneSlot).where(condition)).one())

@@ -5,11 +5,12 @@ Every function here is idempotent for its task id, because Temporal may run an a
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import Engine, func, text, union
-from sqlmodel import Session, col, select
+from sqlalchemy import Engine, Row, bindparam, delete, func, insert, select, text, union, union_all, update
+from sqlmodel import Session
 
-from db.engine import session
+from db.engine import session, table_of
 from db.models import COMMITTED, HELD, RELEASED, Plan, Reservation, User, Vm, utcnow
 from payloads import MSG_PER_VM_LIMIT, MSG_PLAN_NOT_FOUND, MSG_TOTAL_LIMIT, Failure
 
@@ -60,27 +61,39 @@ class Usage:
 
 
 def usage_of(db, username: str) -> Usage:  # type: ignore[no-untyped-def]
-    """What counts against the user's totals: live VMs the service created, plus creations in flight."""
+    """What counts against the user's totals: live VMs the service created, plus creations in flight. One
+    statement, so one snapshot (on PostgreSQL each statement of a transaction may see a later commit)."""
     usage = Usage()
-    vm_sums = db.exec(
-        select(func.count(), func.sum(Vm.cores), func.sum(Vm.memory_mb), func.sum(Vm.disk_gb)).where(
-            Vm.username == username, col(Vm.deleted_at).is_(None)
-        )
-    ).one()
-    held_sums = db.exec(
-        select(
-            func.count(),
-            func.sum(Reservation.cores),
-            func.sum(Reservation.memory_mb),
-            func.sum(Reservation.disk_gb),
-        ).where(Reservation.username == username, Reservation.state == HELD)
-    ).one()
-    for count, cores, memory, disk in (vm_sums, held_sums):
+    for count, cores, memory, disk in db.execute(_USAGE, {"username": username}).all():
         usage.vms += count or 0
         usage.cores += cores or 0
         usage.memory_mb += memory or 0
         usage.disk_gb += disk or 0
     return usage
+
+
+# The statements on a creation's path are Core statements on the tables, built once (see db.engine.table_of).
+_users, _plans, _reservations, _vms = table_of(User), table_of(Plan), table_of(Reservation), table_of(Vm)
+_USAGE = union_all(
+    select(func.count(), func.sum(_vms.c.cores), func.sum(_vms.c.memory_mb), func.sum(_vms.c.disk_gb)).where(
+        _vms.c.username == bindparam("username"), _vms.c.deleted_at.is_(None)
+    ),
+    select(
+        func.count(),
+        func.sum(_reservations.c.cores),
+        func.sum(_reservations.c.memory_mb),
+        func.sum(_reservations.c.disk_gb),
+    ).where(_reservations.c.username == bindparam("username"), _reservations.c.state == HELD.value),
+)
+_LOCK_USER = (
+    select(_users.c.username, _users.c.plan_id).where(_users.c.username == bindparam("username")).with_for_update()
+)
+_NEW_RESERVATION = insert(_reservations)
+_NEW_VM = insert(_vms)
+_PLAN = select(_plans).where(_plans.c.id == bindparam("plan_id"))
+_RESERVATION = select(_reservations.c.state, _reservations.c.vmid).where(
+    _reservations.c.task_id == bindparam("task_id")
+)
 
 
 # Any constant: the advisory lock that serialises VMID choice across users on PostgreSQL (the user row lock
@@ -93,12 +106,13 @@ def _lock_vmids(db) -> None:  # type: ignore[no-untyped-def]
         db.exec(text(f"SELECT pg_advisory_xact_lock({VMID_LOCK_KEY})"))
 
 
-def lock_user(db, username: str) -> User | None:  # type: ignore[no-untyped-def]
+def lock_user(db, username: str) -> Row[Any] | None:  # type: ignore[no-untyped-def]
     """Every transaction that changes what counts against a user's plan takes this lock first, so the admission
     check (which holds it) never reads a change half made: PostgreSQL's READ COMMITTED gives each statement its
     own snapshot, and a commit landing between the reads of VMs and of held reservations would count that
-    creation in neither. On SQLite, BEGIN IMMEDIATE serialises these transactions already."""
-    return db.exec(select(User).where(User.username == username).with_for_update()).first()
+    creation in neither. On SQLite, BEGIN IMMEDIATE serialises these transactions already. Returns the user's
+    username and plan_id, None for no such user."""
+    return db.execute(_LOCK_USER, {"username": username}).first()  # type: ignore[no-any-return]
 
 
 # Given-out VMIDs read at first while looking for a free one, doubled at each further read.
@@ -127,11 +141,23 @@ def _given_out(db, first: int, last: int, limit: int) -> list[int]:  # type: ign
     """The first `limit` VMIDs from `first` to `last` held by a live creation or one of the service's VMs, in
     order. One statement, so one snapshot: a commit moving a creation from held to a VM record lands in one of
     its two halves (and the VMID lock keeps other creations from taking any meanwhile)."""
+    bounds = {"first": first, "last": last, "limit": limit}
+    return list(db.execute(_GIVEN_OUT, bounds).scalars().all())
+
+
+def _given_out_statement():  # type: ignore[no-untyped-def]
     given_out = union(
-        select(Reservation.vmid).where(Reservation.state == HELD, col(Reservation.vmid).between(first, last)),
-        select(Vm.vmid).where(col(Vm.deleted_at).is_(None), col(Vm.vmid).between(first, last)),
+        select(_reservations.c.vmid).where(
+            _reservations.c.state == HELD.value, _reservations.c.vmid.between(bindparam("first"), bindparam("last"))
+        ),
+        select(_vms.c.vmid).where(
+            _vms.c.deleted_at.is_(None), _vms.c.vmid.between(bindparam("first"), bindparam("last"))
+        ),
     ).subquery()
-    return list(db.exec(select(given_out.c.vmid).order_by(given_out.c.vmid).limit(limit)).all())
+    return select(given_out.c.vmid).order_by(given_out.c.vmid).limit(bindparam("limit"))
+
+
+_GIVEN_OUT = _given_out_statement()
 
 
 def reserve(engine: Engine, task_id: str, username: str, size: Size, free_ranges: list[list[int]]) -> int:
@@ -144,9 +170,9 @@ def reserve(engine: Engine, task_id: str, username: str, size: Size, free_ranges
 def reserve_in(db: Session, task_id: str, username: str, size: Size, free_ranges: list[list[int]]) -> int:
     """`reserve` inside the caller's write transaction (admission takes the clone slot in the same one)."""
     user = lock_user(db, username)  # first: one user's slow transaction holds up only that user
-    existing = db.get(Reservation, task_id)
+    existing = db.execute(_RESERVATION, {"task_id": task_id}).first()
     if existing is not None and existing.state != RELEASED and existing.vmid is not None:
-        return existing.vmid  # a retry of a reservation made (or committed) already
+        return int(existing.vmid)  # a retry of a reservation made (or committed) already
     _check_plan(db, user, username, size, count=1)
     # The lock every user's creations share, taken last: a retry and a refusal never wait for it. It is held
     # until the commit: for the VMID pick and the insert, and, in admission's transaction, for the clone slot
@@ -156,9 +182,8 @@ def reserve_in(db: Session, task_id: str, username: str, size: Size, free_ranges
     vmid = pick_vmid(db, free_ranges)
     if existing is not None:
         # Released by a cleanup, and now the run goes on again (reset from the Web UI): hold it anew.
-        db.delete(existing)
-        db.flush()
-    db.add(_held(task_id, username, size, vmid))
+        db.execute(delete(_reservations).where(_reservations.c.task_id == task_id))
+    _hold(db, task_id, username, size, vmid)
     return vmid
 
 
@@ -179,7 +204,7 @@ def reserve_all(
     with session(engine) as db, db.begin():
         user = lock_user(db, username)
         asked = [*task_ids, *(retries[t] for t in task_ids if t in retries)]
-        rows = db.exec(select(Reservation).where(col(Reservation.task_id).in_(asked))).all()
+        rows = db.execute(select(Reservation).where(_reservations.c.task_id.in_(asked))).scalars().all()
         live = {r.task_id: r.vmid for r in rows if r.state != RELEASED and r.vmid is not None}
         vmids = {t: live.get(t, live.get(retries.get(t, ""))) for t in task_ids}
         missing = [task_id for task_id in task_ids if vmids[task_id] is None]
@@ -192,15 +217,15 @@ def reserve_all(
             _lock_vmids(db)
             for task_id in missing:
                 vmid = vmids[task_id] = pick_vmid(db, free_ranges)
-                db.add(_held(task_id, username, size, vmid))
-                db.flush()  # the next pick sees this VMID as given out
+                _hold(db, task_id, username, size, vmid)  # written at once: the next pick sees it given out
         return [vmids[task_id] for task_id in task_ids]  # type: ignore[misc]
 
 
-def _check_plan(db, user: User | None, username: str, size: Size, count: int) -> None:  # type: ignore[no-untyped-def]
+def _check_plan(db, user: Row[Any] | None, username: str, size: Size, count: int) -> None:  # type: ignore[no-untyped-def]
     """Refused unless `count` VMs of `size` fit the user's plan: each within the per-VM limits, all of them
-    with what the user has and has in flight within the totals (the seed's order: plan, per VM, totals)."""
-    plan = db.get(Plan, user.plan_id) if user is not None and user.plan_id else None
+    with what the user has and has in flight within the totals (the seed's order: plan, per VM, totals).
+    `user`: lock_user's answer."""
+    plan = db.execute(_PLAN, {"plan_id": user.plan_id}).first() if user is not None and user.plan_id else None
     if plan is None:
         raise Refused(Failure.PLAN_NOT_FOUND, MSG_PLAN_NOT_FOUND)
     if size.cores > plan.per_vm_cores or size.memory_mb > plan.per_vm_memory_mb or size.disk_gb > plan.per_vm_disk_gb:
@@ -215,14 +240,22 @@ def _check_plan(db, user: User | None, username: str, size: Size, count: int) ->
         raise Refused(Failure.TOTAL_LIMIT, MSG_TOTAL_LIMIT)
 
 
-def _held(task_id: str, username: str, size: Size, vmid: int) -> Reservation:
-    return Reservation(
-        task_id=task_id,
-        username=username,
-        cores=size.cores,
-        memory_mb=size.memory_mb,
-        disk_gb=size.disk_gb,
-        vmid=vmid,
+def _hold(db, task_id: str, username: str, size: Size, vmid: int) -> None:  # type: ignore[no-untyped-def]
+    """Hold the quota of one VM of `size` and `vmid` for task_id (a new reservation row)."""
+    now = utcnow()
+    db.execute(
+        _NEW_RESERVATION,
+        dict(
+            task_id=task_id,
+            username=username,
+            cores=size.cores,
+            memory_mb=size.memory_mb,
+            disk_gb=size.disk_gb,
+            vmid=vmid,
+            state=HELD.value,
+            created_at=now,
+            updated_at=now,
+        ),
     )
 
 
@@ -247,15 +280,15 @@ def commit(engine: Engine, vm: CreatedVm, unless_given_back: bool = False) -> bo
     written by an activity that the run may have stopped waiting for (cancelled): the run's undo then comes
     first or second, never half (both hold the user's lock), and either way leaves no record of a VM it
     destroyed."""
-    with session(engine) as db, db.begin():
+    with engine.begin() as db:
         lock_user(db, vm.username)
-        if unless_given_back:
-            held = db.get(Reservation, vm.task_id)
-            if held is None or held.state == RELEASED or held.vmid != vm.vmid:
-                return False
-        if db.get(Vm, vm.task_id) is None:
-            db.add(
-                Vm(
+        held = db.execute(_RESERVATION, {"task_id": vm.task_id}).first()
+        if unless_given_back and (held is None or held.state == RELEASED or held.vmid != vm.vmid):
+            return False
+        if db.execute(select(_vms.c.task_id).where(_vms.c.task_id == vm.task_id)).first() is None:
+            db.execute(
+                _NEW_VM,
+                dict(
                     task_id=vm.task_id,
                     username=vm.username,
                     vmid=vm.vmid,
@@ -264,15 +297,20 @@ def commit(engine: Engine, vm: CreatedVm, unless_given_back: bool = False) -> bo
                     cores=vm.size.cores,
                     memory_mb=vm.size.memory_mb,
                     disk_gb=vm.size.disk_gb,
+                    created_at=utcnow(),
                     box_id=vm.box_id,
                     storage=vm.storage,
                     ip_addresses=list(vm.ip_addresses),
-                )
+                    deleted_at=None,
+                    deleting_task_id=None,
+                ),
             )
-        reservation = db.get(Reservation, vm.task_id)
-        if reservation is not None and reservation.state != COMMITTED:
-            reservation.state = COMMITTED
-            reservation.updated_at = utcnow()
+        if held is not None and held.state != COMMITTED:
+            db.execute(
+                update(_reservations)
+                .where(_reservations.c.task_id == vm.task_id)
+                .values(state=COMMITTED.value, updated_at=utcnow())
+            )
         return True
 
 

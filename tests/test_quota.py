@@ -149,7 +149,7 @@ def test_the_vmid_pick_walks_past_long_runs_of_vmids_given_out(engine: Engine) -
     # service's VMs; the next VMID is 1160, once the VM that held it is deleted.
     with session(engine) as db, db.begin():
         for i in range(150):
-            db.add(quota._held(f"h{i}", "alice", TINY, 1000 + i))
+            quota._hold(db, f"h{i}", "alice", TINY, 1000 + i)
         for i in range(11):
             vm = Vm(
                 task_id=f"v{i}", username="bob", vmid=1150 + i, node="pve2", name="x", cores=1, memory_mb=1, disk_gb=1
