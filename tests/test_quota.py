@@ -179,8 +179,10 @@ def test_creations_of_different_users_never_pick_the_same_vmid(engine: Engine) -
 
 def test_a_commit_during_the_usage_check_is_counted(engine: Engine) -> None:
     """A commit moves a creation from held to a VM record. The admission check reads both: it must see the move
-    entirely or not at all, or it counts that creation nowhere and admits one VM too many. The commit here
-    lands exactly between the admission's two reads, when nothing orders them."""
+    entirely or not at all, or it counts that creation nowhere and admits one VM too many. The commit here starts
+    inside the admission's transaction, just before its usage read (one statement for both halves since stop 18;
+    before, two reads, and the commit started between them): the user's lock must keep it waiting until the
+    admission ends, whatever the reads."""
     for i in range(5):  # plan "small": at most 5 VMs in total, all held now
         assert attempt(engine, i) == 1000 + i
     committing = threading.Thread(target=quota.commit, args=(engine, created("t0", 1000)))
