@@ -58,7 +58,7 @@ def acquire_in(db: Session, task_id: str, node: str, storage: str, limits: Limit
     """`acquire` inside the caller's write transaction (admission holds the quota and the slot in one)."""
     _lock(db)
     task = {"task_id": task_id}
-    if db.execute(_SLOT_OF, task).first() is not None:
+    if db.execute(_SLOT_OWNER, task).first() is not None:
         db.execute(_FORGET_GRANT, task)  # the slot it was handed is taken up: no need to tell it again
         return True
     queued = db.execute(_WAITER_OF, task).first()
@@ -68,9 +68,7 @@ def acquire_in(db: Session, task_id: str, node: str, storage: str, limits: Limit
         db.execute(_NEW_SLOT, dict(task_id=task_id, node=node, storage=storage, owner=owner, acquired_at=utcnow()))
         return True
     if queued is None:
-        db.execute(
-            insert(_waiters).values(task_id=task_id, node=node, storage=storage, owner=owner, queued_at=utcnow())
-        )
+        db.execute(_NEW_WAITER, dict(task_id=task_id, node=node, storage=storage, owner=owner, queued_at=utcnow()))
     elif owner and not queued.owner:
         # Queued before owners were kept: its place stays, its turns become fair.
         db.execute(update(_waiters).where(_waiters.c.task_id == task_id).values(owner=owner))
@@ -79,13 +77,13 @@ def acquire_in(db: Session, task_id: str, node: str, storage: str, limits: Limit
 
 # What admission asks on every creation's path, as Core statements built once (see db.engine.table_of).
 _slots, _waiters, _grants = table_of(CloneSlot), table_of(CloneWaiter), table_of(CloneGrant)
-_SLOT_OF = _slots.select().with_only_columns(_slots.c.task_id).where(_slots.c.task_id == bindparam("task_id"))
+_SLOT_OWNER = _slots.select().with_only_columns(_slots.c.owner).where(_slots.c.task_id == bindparam("task_id"))
 _WAITER_OF = _waiters.select().with_only_columns(_waiters.c.owner).where(_waiters.c.task_id == bindparam("task_id"))
 _ON_NODE = _slots.select().with_only_columns(func.count()).where(_slots.c.node == bindparam("node"))
 _ON_STORAGE = _slots.select().with_only_columns(func.count()).where(_slots.c.storage == bindparam("storage"))
 _NEW_SLOT = insert(_slots)
+_NEW_WAITER = insert(_waiters)
 # And what a release and its hand-over ask (every creation frees its slot).
-_SLOT_OWNER = _slots.select().with_only_columns(_slots.c.owner).where(_slots.c.task_id == bindparam("task_id"))
 _FREE_SLOT = delete(_slots).where(_slots.c.task_id == bindparam("task_id"))
 _LEAVE_QUEUE = delete(_waiters).where(_waiters.c.task_id == bindparam("task_id"))
 _FORGET_GRANT = delete(_grants).where(_grants.c.task_id == bindparam("task_id"))

@@ -108,10 +108,10 @@ def _lock_vmids(db) -> None:  # type: ignore[no-untyped-def]
 
 def lock_user(db, username: str) -> Row[Any] | None:  # type: ignore[no-untyped-def]
     """Every transaction that changes what counts against a user's plan takes this lock first, so the admission
-    check (which holds it) never reads a change half made: PostgreSQL's READ COMMITTED gives each statement its
-    own snapshot, and a commit landing between the reads of VMs and of held reservations would count that
-    creation in neither. On SQLite, BEGIN IMMEDIATE serialises these transactions already. Returns the user's
-    username and plan_id, None for no such user."""
+    check (which holds it) sees no change of that user's usage between its read and the reservation it then
+    writes: two creations of one user checked at once would each fit where both do not. On SQLite, BEGIN
+    IMMEDIATE serialises these transactions already. Returns the user's username and plan_id, None for no such
+    user."""
     return db.execute(_LOCK_USER, {"username": username}).first()  # type: ignore[no-any-return]
 
 
