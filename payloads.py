@@ -91,6 +91,9 @@ VM_NOT_OURS = "VmNotOurs"
 PVE_TASK_FAILED = "PveTaskFailed"
 PVE_TASK_FAILED_TRANSIENT = "PveTaskFailedTransient"
 
+# The ApplicationError types no retry of the step can change (the activities' retry policies stop at them).
+FINAL_FAILURES = [f.value for f in Failure] + [PVE_TASK_FAILED, PVE_TASK_FAILED_TRANSIENT, VMID_TAKEN, VM_NOT_OURS]
+
 # The tag configure gives the service's VMs: a label for people. Ownership is the marker (pve.ownership).
 SERVICE_TAG = "pve-boxes"
 
@@ -249,6 +252,11 @@ class Admitted:
     # `make bench`). False in runs admitted by an earlier worker, which free and record in local activities of
     # their own and replay as they were recorded.
     steps_merged: bool = False
+    # True from this version of admission on: the clone's activity, once the clone has ended well, also configures
+    # the VM, saving the run an activity and a workflow task's round (figure 4 of `make bench`); the run's own
+    # configuration step follows only if that did not succeed (CloneStarted.configured), and the record is a local
+    # activity of the run's. False in runs admitted by an earlier worker: they replay as they were recorded.
+    configure_with_clone: bool = False
 
 
 @dataclass
@@ -266,24 +274,15 @@ class CloneSlotRequest:
 
 
 @dataclass
-class CloneInput:
-    task_id: str
-    template: TemplateRef
-    vmid: int
-    name: str
-    target: str
-    storage: str
-    pool: str | None = None  # the PVE pool the new VM joins (the box's)
-    # Free the clone slot in the same activity once the clone has ended well (Admitted.steps_merged); a worker
-    # of an earlier version ignores it, and CloneStarted.slot_freed then says no.
-    free_slot: bool = False
-
-
-@dataclass
 class CloneStarted:
     upid: str | None  # None: the VM was already there, made by an earlier attempt of this task
     finished: bool = False  # the clone already ended well while the activity watched it
     slot_freed: bool = False  # and the activity freed the clone slot (CreationActivities.start_clone)
+    # and it configured the VM as CloneInput.configure asked; if not, the run's own configuration step does
+    # (CreationActivities.start_clone)
+    configured: bool = False
+    # or it met a final error there (FINAL_FAILURES), which the run's configuration step fails with at once
+    configure_failure: str | None = None
 
 
 @dataclass
@@ -329,6 +328,23 @@ class ConfigureInput:
     # Record the VM in the same activity once it is configured (Admitted.steps_merged, when nothing follows the
     # configuration); the activity answers True. A worker of an earlier version ignores it and answers None.
     record: FinishInput | None = None
+
+
+@dataclass
+class CloneInput:
+    task_id: str
+    template: TemplateRef
+    vmid: int
+    name: str
+    target: str
+    storage: str
+    pool: str | None = None  # the PVE pool the new VM joins (the box's)
+    # Free the clone slot in the same activity once the clone has ended well (Admitted.steps_merged); a worker
+    # of an earlier version ignores it, and CloneStarted.slot_freed then says no.
+    free_slot: bool = False
+    # Configure the VM in the same activity once the clone has ended well (Admitted.configure_with_clone); a
+    # worker of an earlier version ignores it, and CloneStarted.configured then says no.
+    configure: ConfigureInput | None = None
 
 
 @dataclass

@@ -76,6 +76,7 @@ class AdmissionActivities:
             clone_slot=clone_slot,
             changes_only=True,
             steps_merged=True,
+            configure_with_clone=True,
         )
 
 

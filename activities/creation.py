@@ -1,13 +1,17 @@
-"""A creation's two PVE steps, each with the database step that may follow it in the same activity: the clone,
-then freeing its clone slot; the configuration, then the record of the VM (when it is the creation's last step).
-Each pair as one activity saves the run a local activity and a workflow task's round trip between the two, which
-was most of what a creation cost beyond its PVE work (figure 4 of `make bench`, BENCHMARKS.md).
+"""A creation's two PVE steps, each with the steps that may follow it in the same activity: the clone, then
+freeing its clone slot and, once the clone has ended well, the configuration; the configuration, then the record
+of the VM (when it is the creation's last step). Each step joined to the one before saves the run an activity or
+a local activity and a workflow task's round trip between the two, which was most of what a creation cost beyond
+its PVE work (figure 4 of `make bench`, BENCHMARKS.md).
 
-The activities keep the names and inputs of the PVE steps they extend (`start_clone`, `configure_vm`): the
-database step is asked for by a field of the input (`CloneInput.free_slot`, `ConfigureInput.record`) and
-answered in the result. A worker of an earlier version ignores the field and answers without it, and the run
-then frees the slot or records the VM in a local activity of its own, as before; so during a rolling upgrade
-any worker may take the activity."""
+The activities keep the names and inputs of the PVE steps they extend (`start_clone`, `configure_vm`): a step
+joined on is asked for by a field of the input (`CloneInput.free_slot` and `.configure`, `ConfigureInput.record`)
+and answered in the result. A worker of an earlier version ignores the field and answers without it, and the run
+then takes that step itself, as before; so during a rolling upgrade any worker may take the activity. The
+configuration joined to the clone is tried once: if that fails, the run's own configuration step does it again,
+with its retries, or, after an error no retry changes, fails at once with it; either way a creation whose
+configuration fails answers the configuration's message, never the clone's. The clone's activity never records
+the VM: a cancellation during the clone undoes the creation (CreateFromBoxWorkflow._start_clone)."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from temporalio.exceptions import ApplicationError
 from activities.db import DbActivities
 from activities.heartbeats import Heartbeats
 from activities.pve import PveActivities
-from payloads import MSG_CONFIGURE_FAILED, CloneInput, CloneStarted, ConfigureInput, Failure
+from payloads import FINAL_FAILURES, MSG_CONFIGURE_FAILED, CloneInput, CloneStarted, ConfigureInput, Failure
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +45,19 @@ class CreationActivities:
 
     @activity.defn(name="start_clone")
     def start_clone(self, req: CloneInput) -> CloneStarted:
-        """PveActivities.start_clone; with `req.free_slot`, a clone that ended well while it watched also frees
-        its clone slot and hands it over (DbActivities.release_clone_slot) at once. `slot_freed` says whether it
-        did: if not (the clone outlasted the activity, or the free failed), the run frees the slot itself."""
+        """PveActivities.start_clone; a clone that ended well while it watched then, with `req.free_slot`, also
+        frees its clone slot and hands it over (DbActivities.release_clone_slot), and with `req.configure`
+        configures the VM (configure_vm). `slot_freed` and `configured` say whether it did: if not (the clone
+        outlasted the activity, or that step failed), the run takes the step itself."""
         started = self.pve.start_clone(req)
-        if not (req.free_slot and started.finished):
+        if not started.finished:
             return started
         with self._heartbeats.during():
-            return dataclasses.replace(started, slot_freed=self._free_slot(req.task_id))
+            if req.free_slot:
+                started = dataclasses.replace(started, slot_freed=self._free_slot(req.task_id))
+            if req.configure is not None:
+                started = self._configure_at_once(req.configure, started)
+        return started
 
     def _free_slot(self, task_id: str) -> bool:
         hand_over = asyncio.run_coroutine_threadsafe(self.db.release_clone_slot(task_id), self.loop)
@@ -59,6 +68,19 @@ class CreationActivities:
             log.warning("%s: could not free its clone slot at once; the run frees it", task_id, exc_info=True)
             return False
         return True
+
+    def _configure_at_once(self, req: ConfigureInput, started: CloneStarted) -> CloneStarted:
+        """configure_vm's work, once. A final error is handed to the run, which fails its configuration with it
+        (no retry could change it: configure_vm's policy would not retry it either); any other leaves the
+        configuration to the run's own step, with its retries."""
+        try:
+            self.configure_vm(req)
+        except Exception as exc:
+            if isinstance(exc, ApplicationError) and (exc.non_retryable or exc.type in FINAL_FAILURES):
+                return dataclasses.replace(started, configure_failure=str(exc))
+            log.warning("%s: could not configure VM %s with its clone (%s); the run does", req.task_id, req.vmid, exc)
+            return started
+        return dataclasses.replace(started, configured=True)
 
     @activity.defn(name="configure_vm")
     def configure_vm(self, req: ConfigureInput) -> bool | None:

@@ -1,8 +1,8 @@
-"""activities/creation.py: the clone's activity frees the clone slot once the clone ended well, when asked, and
-leaves it to the run otherwise; the configuration's records the VM, when asked, unless the run has undone the
-creation meanwhile. The PVE and database halves are stubs here: each half is tested on its own
-(test_pve_activities.py, test_quota.py), and end to end by every creation of the suite, which takes these
-activities."""
+"""activities/creation.py: the clone's activity frees the clone slot and configures the VM once the clone ended
+well, when asked, and leaves them to the run otherwise (a final error of the configuration handed to the run);
+the configuration's records the VM, when asked, unless the run has undone the creation meanwhile. The PVE and
+database halves are stubs here: each half is tested on its own (test_pve_activities.py, test_quota.py), and end
+to end by every creation of the suite, which takes these activities."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from temporalio.worker import Worker
 
 from activities.creation import CreationActivities
 from payloads import (
+    VM_NOT_OURS,
     CloneInput,
     CloneStarted,
     ConfigureInput,
@@ -29,6 +30,7 @@ from payloads import (
     FinishInput,
     TemplateRef,
 )
+from pve.client import PveUnavailable
 from workflows.policies import PVE_HEARTBEAT, pve_change
 
 UPID = "UPID:pve1:00001234:00005678:6560A1B2:qmclone:9000:root@pam:"
@@ -41,8 +43,15 @@ MERGED = dataclasses.replace(CONFIGURE, record=RECORD)
 class Halves:
     """PveActivities' and DbActivities' parts that CreationActivities calls, recording the calls."""
 
-    def __init__(self, started: CloneStarted, free_fails: bool = False, recorded: bool = True) -> None:
+    def __init__(
+        self,
+        started: CloneStarted,
+        free_fails: bool = False,
+        recorded: bool = True,
+        configure_fails: Exception | None = None,
+    ) -> None:
         self.started, self.free_fails, self.recorded = started, free_fails, recorded
+        self.configure_fails = configure_fails
         self.calls: list[tuple[str, Any]] = []
 
     def start_clone(self, req: CloneInput) -> CloneStarted:
@@ -57,6 +66,8 @@ class Halves:
 
     def configure_vm(self, req: ConfigureInput) -> None:
         self.calls.append(("configure_vm", req.vmid))
+        if self.configure_fails is not None:
+            raise self.configure_fails
 
     def record_unless_given_back(self, done: FinishInput) -> bool:
         self.calls.append(("record", done.task_id))
@@ -95,6 +106,49 @@ async def test_a_clone_not_asked_to_free_its_slot_keeps_it() -> None:
     not_asked = dataclasses.replace(CLONE, free_slot=False)
     assert await asyncio.to_thread(creation(halves).start_clone, not_asked) == CloneStarted(upid=UPID, finished=True)
     assert halves.calls == [("start_clone", 100)]
+
+
+WITH_CONFIGURE = dataclasses.replace(CLONE, configure=CONFIGURE)
+
+
+async def test_a_clone_that_ended_well_frees_its_slot_then_configures_the_vm_when_asked() -> None:
+    halves = Halves(CloneStarted(upid=UPID, finished=True))
+    started = await asyncio.to_thread(creation(halves).start_clone, WITH_CONFIGURE)
+    assert started == CloneStarted(upid=UPID, finished=True, slot_freed=True, configured=True)
+    assert halves.calls == [("start_clone", 100), ("release_clone_slot", "task-1"), ("configure_vm", 100)]
+
+
+@pytest.mark.parametrize("started", [CloneStarted(upid=UPID), CloneStarted(upid=None)], ids=["running", "adopted"])
+async def test_a_clone_still_running_is_not_configured(started: CloneStarted) -> None:
+    halves = Halves(started)
+    assert await asyncio.to_thread(creation(halves).start_clone, WITH_CONFIGURE) == started
+    assert halves.calls == [("start_clone", 100)]
+
+
+async def test_a_configuration_that_may_succeed_later_is_left_to_the_run(caplog: pytest.LogCaptureFixture) -> None:
+    # A lock, a dropped connection: the run's configuration step tries again, with its retry policy.
+    halves = Halves(CloneStarted(upid=UPID, finished=True), configure_fails=PveUnavailable("connection reset"))
+    with caplog.at_level(logging.WARNING, logger="activities.creation"):
+        started = await asyncio.to_thread(creation(halves).start_clone, WITH_CONFIGURE)
+    assert started == CloneStarted(upid=UPID, finished=True, slot_freed=True)
+    assert "task-1: could not configure VM 100 with its clone (connection reset); the run does" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ApplicationError("Parameter verification failed.", type=Failure.CONFIGURE_FAILED.value, non_retryable=True),
+        ApplicationError("VM 100 on node pve2 is not task task-1's", type=VM_NOT_OURS),  # final by its type
+    ],
+    ids=["pve-400", "not-ours"],
+)
+async def test_a_final_configuration_error_is_handed_to_the_run(error: ApplicationError) -> None:
+    # No retry would change it: the run fails its configuration with it at once, without asking PVE again.
+    halves = Halves(CloneStarted(upid=UPID, finished=True), configure_fails=error)
+    started = await asyncio.to_thread(creation(halves).start_clone, WITH_CONFIGURE)
+    # As the run's configuration step would have kept it (policies.innermost_reason): type and message.
+    assert started == CloneStarted(upid=UPID, finished=True, slot_freed=True, configure_failure=str(error))
+    assert started.configure_failure is not None and error.message in started.configure_failure
 
 
 async def test_the_configuration_records_the_vm_after_configuring_it_when_asked() -> None:

@@ -162,8 +162,9 @@ def destroyed_by_hand(pve: Any) -> None:
 async def test_a_run_whose_vm_vanished_before_configuration_fails_and_touches_no_other_vm(
     api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine, vanish: Callable[[Any], None]
 ) -> None:
-    # The first config write meets a lock and is retried a second later; meanwhile the VM is gone.
-    pve.fail("PUT", "/nodes/pve2/qemu/100/config", error="config_lock_timeout", times=1)
+    # The config write meets a lock twice (in the clone's activity, then in the configuration's first attempt) and
+    # is retried a second later; meanwhile the VM is gone.
+    pve.fail("PUT", "/nodes/pve2/qemu/100/config", error="config_lock_timeout", times=2)
     task_id = (await api.post(CREATE, json=body(), headers=auth())).json()["data"]["task_id"]
     await until(lambda: any(r[0] == "PUT" and r[1].endswith("/qemu/100/config") for r in pve.requests), timeout=30)
     vanish(pve)

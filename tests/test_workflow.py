@@ -5,14 +5,16 @@ Histories are named <version>-<scenario>.json, one of each SCENARIOS per version
 took the clone slot (its runs ask for it in a step of their own: `Admitted.clone_slot` is None, and the workflow
 keeps that path for them); 1.1 from before admission said `changes_only` (they publish their memo and every
 search attribute at each step: the workflow keeps that for runs admitted so); 1.2 from before admission said
-`steps_merged` (they free the clone slot and record the VM in local activities of their own); 1.3 since. Until
-the first release, a change to the workflow re-records 1.3 in place:
+`steps_merged` (they free the clone slot and record the VM in local activities of their own); 1.3 from before
+admission said `configure_with_clone` (the configuration is an activity of its own after the clone's); 1.4
+since. A change to the workflow that only the latest version's runs see re-records that version in place:
 
-    rm tests/histories/1.3-*.json
-    RECORD_HISTORIES=1.3 .venv/bin/pytest tests/test_workflow.py -k fresh_history -p no:cacheprovider
+    rm tests/histories/1.4-*.json
+    RECORD_HISTORIES=1.4 .venv/bin/pytest tests/test_workflow.py -k fresh_history -p no:cacheprovider
 
-From the first release on, keep the old ones: a change that alters the command sequence goes under
-`workflow.patched`, and its version's histories are recorded beside them (RECORD_HISTORIES=1.3 ...).
+A change of the command sequence keeps the old ones: the new path is taken only by runs whose admission says so
+(a field of `Admitted`, as above; no `workflow.patched`, see tests/test_structure.py), and its
+histories are recorded beside them as the next version.
 """
 
 from __future__ import annotations
@@ -143,23 +145,26 @@ async def test_fresh_history_replays(api: httpx.AsyncClient, temporal: Client, p
 async def test_a_creation_publishes_only_what_changes_between_its_first_and_last_steps(
     api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine
 ) -> None:
-    # The first step and the last publish everything; between them only BoxStep and VmId move (at the clone and
-    # the configuration), not the memo: each write is an event, a command and a visibility update.
+    # The first step and the last publish everything; between them only BoxStep and VmId move (at the clone), not
+    # the memo: each write is an event, a command and a visibility update.
     history = await run_scenario(api, temporal, pve, "success")
     kinds = [event.event_type for event in history.events]
-    assert kinds.count(EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES) == 4
+    assert kinds.count(EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES) == 3
     assert kinds.count(EventType.EVENT_TYPE_WORKFLOW_PROPERTIES_MODIFIED) == 2
-    # One local activity (admission) and two activities: the clone's frees the clone slot, the configuration's
-    # records the VM (activities/creation.py), each a workflow turn fewer than as local activities of their own.
-    assert kinds.count(EventType.EVENT_TYPE_MARKER_RECORDED) == 1
+    # Two local activities (admission, record) and one activity: the clone's frees the clone slot, then configures
+    # the VM (activities/creation.py), a workflow turn fewer for each than as an activity of its own. The record,
+    # in the workflow task that takes the clone's answer, ends the run in that same task.
+    assert kinds.count(EventType.EVENT_TYPE_MARKER_RECORDED) == 2
     scheduled = [
         event.activity_task_scheduled_event_attributes.activity_type.name
         for event in history.events
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
     ]
-    assert scheduled == ["start_clone", "configure_vm"]
+    assert scheduled == ["start_clone"]
     [record] = vm_records(engine)
-    assert (record.task_id, record.vmid) == (history.workflow_id, 100) and [vm.vmid for vm in created_vms(pve)] == [100]
+    assert (record.task_id, record.vmid) == (history.workflow_id, 100)
+    [vm] = created_vms(pve)
+    assert (vm.vmid, vm.config["cores"], vm.config["memory"]) == (100, "2", "2048")  # configured, by the clone's
     assert [r.state for r in reservations(engine)] == [COMMITTED]
     with session(engine) as db:
         assert db.exec(select(CloneSlot)).all() == []  # freed by the clone's activity

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -754,3 +755,114 @@ async def test_a_merged_creation_that_starts_its_vm_records_it_after_the_start(
     assert fakes.args("configure_vm")[0]["record"] is None
     [record] = fakes.args("commit_creation")
     assert record["ip_addresses"] == [ADDRESS]
+
+
+# ------------------------------------------------------------------------- configured with the clone
+
+WITH_CLONE = dataclasses.replace(MERGED, configure_with_clone=True)
+CONFIGURED = CloneStarted(upid=CLONE_UPID, finished=True, slot_freed=True, configured=True)
+
+
+async def box_steps(handle: WorkflowHandle[Any, Any]) -> list[str]:
+    """Every BoxStep the run published, in order (decoded from its history)."""
+    steps = []
+    async for event in handle.fetch_history_events():
+        if event.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
+            fields = event.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
+            if "BoxStep" in fields:
+                steps.append(json.loads(fields["BoxStep"].data))
+    return steps
+
+
+async def test_a_vm_configured_by_the_clones_activity_is_recorded_by_the_run(runs: Runs, fakes: FakeActivities) -> None:
+    fakes.script("admit", WITH_CLONE)
+    fakes.script("start_clone", CONFIGURED)
+    handle = await runs.start()
+
+    assert (await handle.result()).vmid == ADMITTED_VMID
+    assert fakes.names() == ["admit", "start_clone", "commit_creation"]  # one activity, and the record
+    [clone] = fakes.args("start_clone")
+    configure = clone["configure"]
+    assert (configure["vmid"], configure["cpu_cores"], configure["memory_mb"]) == (ADMITTED_VMID, 2, 2048)
+    assert configure["record"] is None  # never with the clone: see the cancellation test below
+    [record] = fakes.args("commit_creation")
+    assert (record["task_id"], record["vmid"], record["username"]) == (handle.id, ADMITTED_VMID, "alice")
+    # The configuration was no step of the run's own: BoxStep went from the clone to the end.
+    assert await box_steps(handle) == ["admission", "clone", "done"]
+    assert (await end_state(handle))["result_code"] == 200
+
+
+async def test_a_configuration_the_clones_activity_did_not_do_is_the_runs_own_step(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    # Not configured (a lock, a dropped connection, or a worker of the version before): the run's own step
+    # configures and records, as for runs admitted before.
+    fakes.script("admit", WITH_CLONE)
+    fakes.script("start_clone", CloneStarted(upid=CLONE_UPID, finished=True, slot_freed=True))
+    handle = await runs.start()
+
+    assert (await handle.result()).vmid == ADMITTED_VMID
+    assert fakes.names() == ["admit", "start_clone", "configure_vm"]
+    assert fakes.args("configure_vm")[0]["record"]["vmid"] == ADMITTED_VMID
+    assert await box_steps(handle) == ["admission", "clone", "configure", "done"]
+
+
+async def test_a_final_error_met_by_the_clones_activity_fails_the_configuration_at_once(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    fakes.script("admit", WITH_CLONE)
+    reason = "PVE 400: Parameter verification failed."
+    fakes.script("start_clone", dataclasses.replace(CONFIGURED, configured=False, configure_failure=reason))
+    handle = await runs.start()
+
+    failure = await failure_of(handle)
+    assert (failure.message, failure.details) == (MSG_CONFIGURE_FAILED, (reason,))
+    assert fakes.names() == ["admit", "start_clone", *UNDONE]  # PVE is not asked again
+    assert_undone(fakes, handle.id, ADMITTED_VMID)
+    assert (await end_state(handle))["result_message"] == MSG_CONFIGURE_FAILED
+
+
+async def test_a_run_cancelled_while_the_clones_activity_configures_undoes_the_creation(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    # The activity ends (a clone request may be on its way), then the run undoes it all: the VM was configured
+    # but never recorded, so nothing of it stays.
+    fakes.script("admit", WITH_CLONE)
+    configuring = Hold(then=CONFIGURED)
+    fakes.script("start_clone", configuring)
+    handle = await runs.start()
+    await asyncio.wait_for(configuring.reached.wait(), 10)
+
+    await handle.cancel()
+    await until_async(lambda: cancel_seen(handle), True, timeout=10)
+    assert fakes.names() == ["admit", "start_clone"]
+    configuring.release()
+
+    await assert_cancelled(handle)
+    assert fakes.names() == ["admit", "start_clone", "release_clone_slot", *UNDONE]
+    assert_undone(fakes, handle.id, ADMITTED_VMID)
+
+
+async def test_a_vm_configured_with_the_clone_and_started_is_recorded_after_the_start(
+    runs: Runs, fakes: FakeActivities
+) -> None:
+    fakes.script("admit", dataclasses.replace(WITH_CLONE, box=BoxOptions(start=True, wait_for_ip_seconds=30)))
+    fakes.script("start_clone", CONFIGURED)
+    handle = await runs.start()
+
+    assert (await handle.result()).vmid == ADMITTED_VMID
+    assert fakes.names() == ["admit", "start_clone", "start_vm", "vm_addresses", "commit_creation"]
+    assert fakes.args("commit_creation")[0]["ip_addresses"] == [ADDRESS]
+    assert await box_steps(handle) == ["admission", "clone", "start", "done"]
+
+
+async def test_a_vmid_replaced_before_the_clone_is_the_one_configured(runs: Runs, fakes: FakeActivities) -> None:
+    fakes.script("admit", WITH_CLONE)
+    fakes.script("start_clone", vmid_taken(), CONFIGURED)
+    handle = await runs.start()
+
+    result = await handle.result()
+    assert result.vmid == ADMITTED_VMID + 1
+    clones = fakes.args("start_clone")
+    assert [(c["vmid"], c["configure"]["vmid"]) for c in clones] == [(101, 101), (102, 102)]
+    assert fakes.args("commit_creation")[0]["vmid"] == 102

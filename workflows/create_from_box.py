@@ -5,9 +5,9 @@ the API starts the run with update-with-start and waits on the `admission` updat
 can instead run it as a child: admission refusals then fail the run with the seed's message.
 
 Phases after admission: wait for a clone slot (sleeping until a finishing run hands one over), clone, free
-the slot, configure and record (the clone's activity frees the slot, the configuration's records the VM, where
-they can: Admitted.steps_merged). From the clone on, any failure or cancellation destroys the VM (if it is this
-task's) and gives the quota back.
+the slot, configure and record (the clone's activity frees the slot and configures the VM, the configuration's
+records the VM, where they can: Admitted.steps_merged and .configure_with_clone). From the clone on, any failure
+or cancellation destroys the VM (if it is this task's) and gives the quota back.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class CreateFromBoxWorkflow:
         self._box_id = ""
         self._changes_only = False  # see _publish
         self._steps_merged = False  # see Admitted.steps_merged
-        self._slot_freed = False  # the clone's activity freed the clone slot
+        self._cloned = CloneStarted(upid=None)  # the clone's activity's answer once it ended well: what it did too
 
     @workflow.update
     async def admission(self) -> Admission:
@@ -144,8 +144,9 @@ class CreateFromBoxWorkflow:
         in_turn = self._clone_in_turn(clone, input, admitted.clone_slot)
         await self._phase(Step.CLONE, in_turn, MSG_CLONE_FAILED, Failure.CLONE_FAILED)
         start = input.start if input.start is not None else admitted.box.start
+        step = Step.CLONE if self._cloned.configured else Step.CONFIGURE  # configured with the clone: the record
         configure = self._configure(input, admitted, record=not start)
-        await self._phase(Step.CONFIGURE, configure, MSG_CONFIGURE_FAILED, Failure.CONFIGURE_FAILED)
+        await self._phase(step, configure, MSG_CONFIGURE_FAILED, Failure.CONFIGURE_FAILED)
         if start:  # a start that fails is a configuration that failed (the contract)
             await self._phase(Step.START, self._start(input, admitted), MSG_CONFIGURE_FAILED, Failure.CONFIGURE_FAILED)
         self._end(Step.DONE, 200, MSG_CREATED)
@@ -155,8 +156,9 @@ class CreateFromBoxWorkflow:
 
     async def _phase(self, step: Step, work: Awaitable[None], message: str, failure: Failure) -> None:
         """One phase after admission. If it fails or the run is cancelled, undo everything and end the run:
-        cancelled if it was cancelled, else failed with `message`."""
-        self._publish(step)
+        cancelled if it was cancelled, else failed with `message`. BoxStep moves if `step` is another."""
+        if step.value != self._state.step:
+            self._publish(step)
         try:
             await work
             if self._cancelled and not self._recorded:
@@ -213,7 +215,7 @@ class CreateFromBoxWorkflow:
         except (Exception, asyncio.CancelledError):  # not `finally`: an evicted run must not act
             await self._release_clone_slot(req.task_id)
             raise
-        if not self._slot_freed:
+        if not self._cloned.slot_freed:
             await self._release_clone_slot(req.task_id)
 
     async def _wait_for_clone_slot(self, slot: CloneSlotRequest, place: int | None) -> None:
@@ -255,7 +257,7 @@ class CreateFromBoxWorkflow:
                 if error_type(err) == VMID_TAKEN and vmid_changes < VMID_CHANGES:
                     # A VM made outside the service took our VMID after admission: take another one.
                     vmid_changes += 1
-                    req.vmid = await self._reassign_vmid(req, input)
+                    steps.move_to_vmid(req, await self._reassign_vmid(req, input))
                     continue
                 if error_type(err) == PVE_TASK_FAILED_TRANSIENT and starts < CLONE_STARTS:
                     workflow.logger.warning("clone of VM %s failed on a lock; starting it again", req.vmid)
@@ -265,10 +267,11 @@ class CreateFromBoxWorkflow:
                 raise
 
     async def _clone_once(self, req: CloneInput) -> None:
-        workflow.set_current_details(f"cloning VM {req.vmid} onto {req.target}")
+        then = ", then configuring it" if req.configure else ""
+        workflow.set_current_details(f"cloning VM {req.vmid} onto {req.target}{then}")
         started = await self._start_clone(req)
         if started.finished:
-            self._slot_freed = started.slot_freed
+            self._cloned = started
             return
         if started.upid is not None:
             workflow.set_current_details(f"cloning VM {req.vmid} onto {req.target}: watching PVE task {started.upid}")
@@ -309,19 +312,16 @@ class CreateFromBoxWorkflow:
     # ---------------------------------------------------------------------------- configure
 
     async def _configure(self, input: CreateFromBoxInput, admitted: Admitted, record: bool) -> None:
-        vm = self._vm
-        workflow.set_current_details(f"configuring VM {vm.vmid}")
-        configure = steps.configure_input(vm, input, admitted)
-        if record and self._steps_merged:
-            configure.record = steps.finish_input(vm, input, admitted, [])
-        # configure_vm wrote to the VM only while it carried this task's marker. The record that follows asks PVE
-        # nothing more: it touches only the database, and a VM that vanishes after configure is the same as one
-        # deleted by hand after success (the repair tool marks it deleted; anything under its VMID without the
-        # marker is reported, and neither a deletion nor the repair tool acts on it).
-        recorded = await steps.configure(configure)
-        if recorded:
-            self._recorded = True
-        elif record:
+        """Configure the VM, unless the clone's activity did, and with `record`, record it."""
+        if self._cloned.configure_failure:  # met by the clone's activity, as configure_vm would have
+            raise ApplicationError(self._cloned.configure_failure, non_retryable=True)
+        if not self._cloned.configured:
+            workflow.set_current_details(f"configuring VM {self._vm.vmid}")
+            configure = steps.configure_input(self._vm, input, admitted, record=record and self._steps_merged)
+            if await steps.configure(configure):
+                self._recorded = True
+                return
+        if record:
             await self._record(input, admitted)
 
     async def _start(self, input: CreateFromBoxInput, admitted: Admitted) -> None:

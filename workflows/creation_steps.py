@@ -28,6 +28,8 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.policies import PVE_BUDGET, PVE_HEARTBEAT, PVE_RETRY, innermost_reason, pve_change
 
+# Ask for the clone and watch it for a few seconds (activities/pve.py's CLONE_INLINE_WAIT), then free its slot.
+CLONE_TIMEOUT = timedelta(seconds=90)
 # Cores, memory and the options in one write, then the disk's resize (a PVE task).
 CONFIGURE_TIMEOUT = timedelta(minutes=3)
 # A start is one short PVE task; PVE's own start timeout is 30 s for most guests.
@@ -37,13 +39,33 @@ ADDRESS_MARGIN = timedelta(seconds=60)
 
 
 def clone_input(vm: VmRef, input: CreateFromBoxInput, admitted: Admitted, free_slot: bool) -> CloneInput:
+    """The clone's input; admitted to configure with the clone, that configuration's input too. Never the record:
+    a cancellation that comes during the clone undoes the creation, and the VM must not be its owner's by then
+    (the record is a step of the run's own, uncancellable, see CreateFromBoxWorkflow._record)."""
     template, storage = admitted.template, admitted.facts.storage
+    configure = configure_input(vm, input, admitted, record=False) if admitted.configure_with_clone else None
     return CloneInput(
-        vm.task_id, template, vm.vmid, input.name, vm.node, storage, pool=admitted.box.pool, free_slot=free_slot
+        vm.task_id,
+        template,
+        vm.vmid,
+        input.name,
+        vm.node,
+        storage,
+        pool=admitted.box.pool,
+        free_slot=free_slot,
+        configure=configure,
     )
 
 
-def configure_input(vm: VmRef, input: CreateFromBoxInput, admitted: Admitted) -> ConfigureInput:
+def move_to_vmid(req: CloneInput, vmid: int) -> None:
+    """The clone (and the configuration it carries) to VMID `vmid`, another than admission's."""
+    req.vmid = vmid
+    if req.configure is not None:
+        req.configure.vmid = vmid
+
+
+def configure_input(vm: VmRef, input: CreateFromBoxInput, admitted: Admitted, record: bool) -> ConfigureInput:
+    """The configuration's input; with `record`, the VM's record too (the configuration is the last step)."""
     return ConfigureInput(
         task_id=vm.task_id,
         node=vm.node,
@@ -56,6 +78,7 @@ def configure_input(vm: VmRef, input: CreateFromBoxInput, admitted: Admitted) ->
         box=admitted.box,
         ssh_keys=input.ssh_keys,
         storage=admitted.facts.storage,
+        record=finish_input(vm, input, admitted, []) if record else None,
     )
 
 
@@ -76,9 +99,12 @@ def finish_input(vm: VmRef, input: CreateFromBoxInput, admitted: Admitted, ip_ad
 
 
 def start_clone(req: CloneInput) -> Awaitable[CloneStarted]:
-    """Ask PVE for the clone and watch it for a moment; with `req.free_slot`, a clone that ended well meanwhile
-    also frees its clone slot in the same activity (CloneStarted.slot_freed)."""
-    return pve_change(CreationActivities.start_clone, req, timedelta(seconds=90), f"clone VM {req.vmid}")
+    """Ask PVE for the clone and watch it for a moment; a clone that ended well meanwhile then also frees its
+    clone slot (`req.free_slot`) and configures the VM (`req.configure`) in the same activity (CloneStarted)."""
+    if req.configure is None:
+        return pve_change(CreationActivities.start_clone, req, CLONE_TIMEOUT, f"clone VM {req.vmid}")
+    summary = f"clone and configure VM {req.vmid}"
+    return pve_change(CreationActivities.start_clone, req, CLONE_TIMEOUT + CONFIGURE_TIMEOUT, summary)
 
 
 def free_vmids(req: CloneInput, disk_gb: int) -> Awaitable[TemplateFacts]:
@@ -96,7 +122,12 @@ def free_vmids(req: CloneInput, disk_gb: int) -> Awaitable[TemplateFacts]:
 def configure(req: ConfigureInput) -> Awaitable[bool | None]:
     """Configure the VM; with `req.record`, record it in the same activity (True: recorded; None: the worker did
     not, being of an earlier version). Cancellable: the activity records nothing once the run has undone the
-    creation."""
+    creation.
+
+    configure_vm writes to the VM only while it carries this task's marker. The record that follows (here or in a
+    step of its own) asks PVE nothing more: it touches only the database, and a VM that vanishes after configure
+    is the same as one deleted by hand after success (the repair tool marks it deleted; anything under its VMID
+    without the marker is reported, and neither a deletion nor the repair tool acts on it)."""
     what = "configure and record" if req.record is not None else "configure"
     return pve_change(CreationActivities.configure_vm, req, CONFIGURE_TIMEOUT, f"{what} VM {req.vmid}")
 

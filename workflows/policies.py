@@ -15,12 +15,10 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 with workflow.unsafe.imports_passed_through():
     from activities.db import DbActivities
     from activities.pve import PveActivities
-    from payloads import MSG_UNAVAILABLE, PVE_TASK_FAILED, PVE_TASK_FAILED_TRANSIENT, VM_NOT_OURS, VMID_TAKEN, Failure
+    from payloads import FINAL_FAILURES, MSG_UNAVAILABLE, Failure
 
 T = TypeVar("T")
 A = TypeVar("A")
-
-FINAL_FAILURES = [f.value for f in Failure] + [PVE_TASK_FAILED, PVE_TASK_FAILED_TRANSIENT, VMID_TAKEN, VM_NOT_OURS]
 
 # PVE calls: dropped connections, lock timeouts and 5xx are retried with backoff for a while (PVE_BUDGET),
 # then the step fails. A budget of time, not of attempts: a step of several requests on a network that
