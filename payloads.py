@@ -254,8 +254,8 @@ class Admitted:
     steps_merged: bool = False
     # True from this version of admission on: the clone's activity, once the clone has ended well, also configures
     # the VM, saving the run an activity and a workflow task's round (figure 4 of `make bench`); the run's own
-    # configuration step follows only if that did not succeed (CloneStarted.configured), and the record is a local
-    # activity of the run's. False in runs admitted by an earlier worker: they replay as they were recorded.
+    # configuration step follows only if that did not succeed (CloneStarted.configured); if none follows, the record
+    # is a local activity of the run's. False in runs admitted by an earlier worker: they replay as they were recorded.
     configure_with_clone: bool = False
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from datetime import UTC, datetime
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -28,6 +29,12 @@ from activities.pve import PveActivities
 from payloads import FINAL_FAILURES, MSG_CONFIGURE_FAILED, CloneInput, CloneStarted, ConfigureInput, Failure
 
 log = logging.getLogger(__name__)
+
+# The clone's activity configures the VM only with this much left of its time (both its timeouts): a configuration
+# may wait on two PVE tasks (activities/pve.py's SHORT_TASK_WAIT each), and one cut short by the activity's
+# timeout would fail the clone. With less left (a clone that took its retries), the run's own configuration step
+# does it, with its own time: the workflow's CONFIGURE_TIMEOUT, which the clone's activity is given on top.
+CONFIGURE_SECONDS = 180
 
 # How long the clone's activity waits for the slot's hand-over (a database write and a signal per run told, a
 # few milliseconds) before it leaves the free to the run. It heartbeats meanwhile.
@@ -55,7 +62,7 @@ class CreationActivities:
         with self._heartbeats.during():
             if req.free_slot:
                 started = dataclasses.replace(started, slot_freed=self._free_slot(req.task_id))
-            if req.configure is not None:
+            if req.configure is not None and seconds_left(activity.info()) >= CONFIGURE_SECONDS:
                 started = self._configure_at_once(req.configure, started)
         return started
 
@@ -101,3 +108,15 @@ class CreationActivities:
                 non_retryable=True,
             )
         return True
+
+
+def seconds_left(info: activity.Info) -> float:
+    """Seconds until the first of the activity's timeouts: its attempt's start-to-close, and its schedule-to-close
+    (all attempts together, from the first one's schedule)."""
+    now = datetime.now(UTC)
+    left = (
+        [(info.started_time + info.start_to_close_timeout - now).total_seconds()] if info.start_to_close_timeout else []
+    )
+    if info.schedule_to_close_timeout:
+        left.append((info.scheduled_time + info.schedule_to_close_timeout - now).total_seconds())
+    return min(left, default=float("inf"))

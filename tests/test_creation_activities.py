@@ -11,16 +11,17 @@ import dataclasses
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pytest
 from temporalio import workflow
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
-from activities.creation import CreationActivities
+from activities.creation import CONFIGURE_SECONDS, CreationActivities
 from payloads import (
     VM_NOT_OURS,
     CloneInput,
@@ -111,17 +112,41 @@ async def test_a_clone_not_asked_to_free_its_slot_keeps_it() -> None:
 WITH_CONFIGURE = dataclasses.replace(CLONE, configure=CONFIGURE)
 
 
+def as_activity(left: timedelta = timedelta(minutes=4, seconds=30)) -> ActivityEnvironment:
+    """The activity's context, its attempt just started with `left` of its time (the workflow gives the clone's
+    activity 90 s + 3 min when it asks for the configuration too)."""
+    env = ActivityEnvironment()
+    now = datetime.now(UTC)
+    env.info = dataclasses.replace(
+        env.info, scheduled_time=now, started_time=now, start_to_close_timeout=left, schedule_to_close_timeout=None
+    )
+    return env
+
+
+async def clone_configuring(halves: Halves, env: ActivityEnvironment | None = None) -> CloneStarted:
+    """start_clone asked to configure, in an activity's context, on a thread as the worker runs it."""
+    return await asyncio.to_thread((env or as_activity()).run, creation(halves).start_clone, WITH_CONFIGURE)
+
+
 async def test_a_clone_that_ended_well_frees_its_slot_then_configures_the_vm_when_asked() -> None:
     halves = Halves(CloneStarted(upid=UPID, finished=True))
-    started = await asyncio.to_thread(creation(halves).start_clone, WITH_CONFIGURE)
+    started = await clone_configuring(halves)
     assert started == CloneStarted(upid=UPID, finished=True, slot_freed=True, configured=True)
     assert halves.calls == [("start_clone", 100), ("release_clone_slot", "task-1"), ("configure_vm", 100)]
+
+
+async def test_a_clone_that_left_too_little_time_leaves_the_configuration_to_the_run() -> None:
+    # A clone that took its retries: a configuration cut short by the activity's timeout would fail the clone.
+    halves = Halves(CloneStarted(upid=UPID, finished=True))
+    started = await clone_configuring(halves, as_activity(left=timedelta(seconds=CONFIGURE_SECONDS - 1)))
+    assert started == CloneStarted(upid=UPID, finished=True, slot_freed=True)
+    assert halves.calls == [("start_clone", 100), ("release_clone_slot", "task-1")]
 
 
 @pytest.mark.parametrize("started", [CloneStarted(upid=UPID), CloneStarted(upid=None)], ids=["running", "adopted"])
 async def test_a_clone_still_running_is_not_configured(started: CloneStarted) -> None:
     halves = Halves(started)
-    assert await asyncio.to_thread(creation(halves).start_clone, WITH_CONFIGURE) == started
+    assert await clone_configuring(halves) == started
     assert halves.calls == [("start_clone", 100)]
 
 
@@ -129,7 +154,7 @@ async def test_a_configuration_that_may_succeed_later_is_left_to_the_run(caplog:
     # A lock, a dropped connection: the run's configuration step tries again, with its retry policy.
     halves = Halves(CloneStarted(upid=UPID, finished=True), configure_fails=PveUnavailable("connection reset"))
     with caplog.at_level(logging.WARNING, logger="activities.creation"):
-        started = await asyncio.to_thread(creation(halves).start_clone, WITH_CONFIGURE)
+        started = await clone_configuring(halves)
     assert started == CloneStarted(upid=UPID, finished=True, slot_freed=True)
     assert "task-1: could not configure VM 100 with its clone (connection reset); the run does" in caplog.text
 
@@ -145,7 +170,7 @@ async def test_a_configuration_that_may_succeed_later_is_left_to_the_run(caplog:
 async def test_a_final_configuration_error_is_handed_to_the_run(error: ApplicationError) -> None:
     # No retry would change it: the run fails its configuration with it at once, without asking PVE again.
     halves = Halves(CloneStarted(upid=UPID, finished=True), configure_fails=error)
-    started = await asyncio.to_thread(creation(halves).start_clone, WITH_CONFIGURE)
+    started = await clone_configuring(halves)
     # As the run's configuration step would have kept it (policies.innermost_reason): type and message.
     assert started == CloneStarted(upid=UPID, finished=True, slot_freed=True, configure_failure=str(error))
     assert started.configure_failure is not None and error.message in started.configure_failure

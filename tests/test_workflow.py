@@ -12,9 +12,9 @@ since. A change to the workflow that only the latest version's runs see re-recor
     rm tests/histories/1.4-*.json
     RECORD_HISTORIES=1.4 .venv/bin/pytest tests/test_workflow.py -k fresh_history -p no:cacheprovider
 
-A change of the command sequence keeps the old ones: the new path is taken only by runs whose admission says so
-(a field of `Admitted`, as above; no `workflow.patched`, see tests/test_structure.py), and its
-histories are recorded beside them as the next version.
+Until the first release, a change of the command sequence keeps the old ones: the new path is taken only by runs
+whose admission says so (a field of `Admitted`, as above), and its histories are recorded beside them as the next
+version. From the first release on, README.md ("Changing a workflow once it is released") says how.
 """
 
 from __future__ import annotations

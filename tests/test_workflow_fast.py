@@ -811,7 +811,7 @@ async def test_a_final_error_met_by_the_clones_activity_fails_the_configuration_
     runs: Runs, fakes: FakeActivities
 ) -> None:
     fakes.script("admit", WITH_CLONE)
-    reason = "PVE 400: Parameter verification failed."
+    reason = "ConfigureFailed: Parameter verification failed."  # as str() of the activity's ApplicationError
     fakes.script("start_clone", dataclasses.replace(CONFIGURED, configured=False, configure_failure=reason))
     handle = await runs.start()
 

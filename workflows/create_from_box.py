@@ -5,8 +5,9 @@ the API starts the run with update-with-start and waits on the `admission` updat
 can instead run it as a child: admission refusals then fail the run with the seed's message.
 
 Phases after admission: wait for a clone slot (sleeping until a finishing run hands one over), clone, free
-the slot, configure and record (the clone's activity frees the slot and configures the VM, the configuration's
-records the VM, where they can: Admitted.steps_merged and .configure_with_clone). From the clone on, any failure
+the slot, configure and record (the clone's activity frees the slot and configures the VM, where it can:
+Admitted.steps_merged and .configure_with_clone; the run's own configuration step, when it has one, records the
+VM too, else a local activity does). From the clone on, any failure
 or cancellation destroys the VM (if it is this task's) and gives the quota back.
 """
 
@@ -313,7 +314,7 @@ class CreateFromBoxWorkflow:
 
     async def _configure(self, input: CreateFromBoxInput, admitted: Admitted, record: bool) -> None:
         """Configure the VM, unless the clone's activity did, and with `record`, record it."""
-        if self._cloned.configure_failure:  # met by the clone's activity, as configure_vm would have
+        if self._cloned.configure_failure is not None:  # met by the clone's activity, as configure_vm would have
             raise ApplicationError(self._cloned.configure_failure, non_retryable=True)
         if not self._cloned.configured:
             workflow.set_current_details(f"configuring VM {self._vm.vmid}")
@@ -331,10 +332,9 @@ class CreateFromBoxWorkflow:
         await self._record(input, admitted)
 
     async def _record(self, input: CreateFromBoxInput, admitted: Admitted) -> None:
-        done = steps.finish_input(self._vm, input, admitted, self._state.ip_addresses)
         # The last step, and to its end: once the VM is recorded, it is the owner's and counts against the plan,
         # so a cancellation that comes meanwhile (a lab cancelled as its VMs are made) is too late to undo it.
-        await self._uncancellable(db_step(DbActivities.commit_creation, done, summary=f"record VM {self._vm.vmid}"))
+        await self._uncancellable(steps.record(steps.finish_input(self._vm, input, admitted, self._state.ip_addresses)))
         self._recorded = True
 
     # ---------------------------------------------------------------------------- undo

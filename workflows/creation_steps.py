@@ -13,6 +13,7 @@ from temporalio.exceptions import ActivityError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from activities.creation import CreationActivities
+    from activities.db import DbActivities
     from activities.pve import PveActivities
     from payloads import (
         AddressWatch,
@@ -26,10 +27,18 @@ with workflow.unsafe.imports_passed_through():
         TemplateFacts,
         VmRef,
     )
-    from workflows.policies import PVE_BUDGET, PVE_HEARTBEAT, PVE_RETRY, innermost_reason, pve_change
+    from workflows.policies import (
+        PVE_BUDGET,
+        PVE_HEARTBEAT,
+        PVE_RETRY,
+        RECORD_RETRY,
+        db_step,
+        innermost_reason,
+        pve_change,
+    )
 
 # Ask for the clone and watch it for a few seconds (activities/pve.py's CLONE_INLINE_WAIT), then free its slot.
-CLONE_TIMEOUT = timedelta(seconds=90)
+CLONE_REQUEST_TIMEOUT = timedelta(seconds=90)
 # Cores, memory and the options in one write, then the disk's resize (a PVE task).
 CONFIGURE_TIMEOUT = timedelta(minutes=3)
 # A start is one short PVE task; PVE's own start timeout is 30 s for most guests.
@@ -102,9 +111,15 @@ def start_clone(req: CloneInput) -> Awaitable[CloneStarted]:
     """Ask PVE for the clone and watch it for a moment; a clone that ended well meanwhile then also frees its
     clone slot (`req.free_slot`) and configures the VM (`req.configure`) in the same activity (CloneStarted)."""
     if req.configure is None:
-        return pve_change(CreationActivities.start_clone, req, CLONE_TIMEOUT, f"clone VM {req.vmid}")
+        return pve_change(CreationActivities.start_clone, req, CLONE_REQUEST_TIMEOUT, f"clone VM {req.vmid}")
     summary = f"clone and configure VM {req.vmid}"
-    return pve_change(CreationActivities.start_clone, req, CLONE_TIMEOUT + CONFIGURE_TIMEOUT, summary)
+    # The configuration's own time on top (the activity configures only with that much left: CONFIGURE_SECONDS).
+    return pve_change(CreationActivities.start_clone, req, CLONE_REQUEST_TIMEOUT + CONFIGURE_TIMEOUT, summary)
+
+
+def record(done: FinishInput) -> Awaitable[None]:
+    """The VM's record, the creation's last step: it rides over a database away for minutes (RECORD_RETRY)."""
+    return db_step(DbActivities.commit_creation, done, RECORD_RETRY, f"record VM {done.vmid}")
 
 
 def free_vmids(req: CloneInput, disk_gb: int) -> Awaitable[TemplateFacts]:

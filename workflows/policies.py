@@ -54,6 +54,14 @@ DB_RETRY = RetryPolicy(
     maximum_attempts=10,
     non_retryable_error_types=FINAL_FAILURES,
 )
+# A creation's record comes after its VM is made: it rides over a database away for about 5 minutes (PVE_BUDGET,
+# as when the configuration's activity records it) before the run gives up and undoes a finished VM.
+RECORD_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=35,  # 12.6 s of growing pauses, then 29 of 10 s
+    non_retryable_error_types=FINAL_FAILURES,
+)
 DB_TIMEOUT = timedelta(seconds=30)
 CLONE_TIMEOUT = timedelta(hours=2)
 VMID_CHANGES = 3  # how often a VMID taken outside the service is replaced before the clone fails
