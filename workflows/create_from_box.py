@@ -7,8 +7,8 @@ can instead run it as a child: admission refusals then fail the run with the see
 Phases after admission: wait for a clone slot (sleeping until a finishing run hands one over), clone, free
 the slot, configure and record (the clone's activity frees the slot and configures the VM, where it can:
 Admitted.steps_merged and .configure_with_clone; the run's own configuration step, when it has one, records the
-VM too, else a local activity does). From the clone on, any failure
-or cancellation destroys the VM (if it is this task's) and gives the quota back.
+VM too, else a local activity does). From the clone on, any failure or cancellation destroys the VM (if it is
+this task's) and gives the quota back.
 """
 
 from __future__ import annotations
