@@ -1,10 +1,14 @@
 """The bare Temporal baselines: the least a sandboxed workflow can do for the same shape of work, on the same
 Temporal server and the same fakepve.
 
-python -m bench.baseline --address 127.0.0.1:7233 --task-queue bench-baseline --pve-port 8006 --pve-ca ca.pem
+python -m bench.baseline --address 127.0.0.1:7233 --task-queue bench-baseline --pve-port 8006 --pve-ca ca.pem \
+    --db baseline.db
 
 - BareAdmissionWorkflow: started with update-with-start; runs one local activity, and its `admitted` update
   answers once that is done (what the service's admission does, less the work itself). Figure 3.
+- BareCheckedAdmissionWorkflow: the same, its local activity doing the least any admission does before it can
+  answer with the seed's codes (AdmissionWork: one `cluster/resources` read, one transaction holding a VMID).
+  Figure 3b.
 - BareCreationWorkflow: the creation's own shape. Update-with-start, the update answered after one local
   activity; then local, remote, local, remote, local steps, the two remote activities doing the creation's PVE
   work with plain proxmoxer (1: the clone, its UPID watched until done; 2: cores and memory, then the disk's
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import signal
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +48,7 @@ TEMPLATE_NODE, TEMPLATE_VMID = "pve1", 9000  # dev/fakepve_cluster.py's template
 # floor that looked sooner would measure the pace of the looks, not the cost of the machinery.
 FIRST_LOOK, POLL = 0.05, 0.25
 ACTIVITY_THREADS = 64
+FIRST_HELD_VMID = 700000  # AdmissionWork's VMIDs: far from the script's (100000 on) and BareCreation's (500000 on)
 STEP = timedelta(seconds=30)
 
 
@@ -107,6 +114,43 @@ class PveWork:
             self.watch(upid)
 
 
+class AdmissionWork:
+    """What any admission of this service's kind must do before it can answer with the seed's codes, with plain
+    tools and nothing else: one `cluster/resources` read (the template, node and storage checks and the free
+    VMIDs all need it) and one write transaction that holds the lowest free VMID (SQLite in WAL mode, committed
+    to disk, as the product's default database). No box, plan, quota or clone slot."""
+
+    def __init__(self, pve: PveWork, db_path: str):
+        self._pve = pve
+        self._db_path = db_path
+        self._connections = threading.local()  # sqlite3 connections stay on the thread that opened them
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._connections, "db", None)
+        if db is None:
+            db = sqlite3.connect(self._db_path, isolation_level=None, timeout=30)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS hold (task_id TEXT PRIMARY KEY, vmid INTEGER UNIQUE NOT NULL)")
+            self._connections.db = db
+        return db
+
+    @activity.defn
+    def admit(self, task_id: str) -> int:
+        resources = self._pve.api().cluster.resources.get()
+        on_pve = {int(r["vmid"]) for r in resources if r.get("type") in ("qemu", "lxc")}
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            held = {vmid for (vmid,) in db.execute("SELECT vmid FROM hold")}
+            vmid = next(v for v in itertools.count(FIRST_HELD_VMID) if v not in on_pve and v not in held)
+            db.execute("INSERT INTO hold (task_id, vmid) VALUES (?, ?)", (task_id, vmid))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return vmid
+
+
 def _local(step: int) -> Any:
     return workflow.execute_local_activity(noop, step, start_to_close_timeout=STEP)
 
@@ -125,6 +169,25 @@ class BareAdmissionWorkflow:
     async def run(self) -> None:
         await _local(0)
         self._admitted = True
+        await workflow.wait_condition(workflow.all_handlers_finished)
+
+
+@workflow.defn
+class BareCheckedAdmissionWorkflow:
+    def __init__(self) -> None:
+        self._vmid: int | None = None
+
+    @workflow.update
+    async def admitted(self) -> int:
+        await workflow.wait_condition(lambda: self._vmid is not None)
+        assert self._vmid is not None
+        return self._vmid
+
+    @workflow.run
+    async def run(self) -> None:
+        self._vmid = await workflow.execute_local_activity_method(
+            AdmissionWork.admit, workflow.info().workflow_id, start_to_close_timeout=STEP
+        )
         await workflow.wait_condition(workflow.all_handlers_finished)
 
 
@@ -159,12 +222,17 @@ async def serve(args: argparse.Namespace) -> None:
 
     client = await Client.connect(args.address)
     pve = baseline.PveWork(args.pve_host, args.pve_port, args.pve_ca)
+    admission = baseline.AdmissionWork(pve, args.db)
     with ThreadPoolExecutor(max_workers=ACTIVITY_THREADS) as executor:
         worker = Worker(
             client,
             task_queue=args.task_queue,
-            workflows=[baseline.BareAdmissionWorkflow, baseline.BareCreationWorkflow],
-            activities=[baseline.noop, pve.clone, pve.configure],
+            workflows=[
+                baseline.BareAdmissionWorkflow,
+                baseline.BareCheckedAdmissionWorkflow,
+                baseline.BareCreationWorkflow,
+            ],
+            activities=[baseline.noop, admission.admit, pve.clone, pve.configure],
             activity_executor=executor,
             workflow_runner=SandboxedWorkflowRunner(
                 restrictions=SandboxRestrictions.default.with_passthrough_modules("bench", "proxmoxer")
@@ -188,6 +256,7 @@ def main() -> None:
     parser.add_argument("--pve-host", default="127.0.0.1")
     parser.add_argument("--pve-port", type=int, required=True)
     parser.add_argument("--pve-ca", required=True, help="fakepve's CA certificate")
+    parser.add_argument("--db", required=True, help="AdmissionWork's SQLite file (made if missing)")
     asyncio.run(serve(parser.parse_args()))
 
 

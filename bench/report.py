@@ -132,7 +132,10 @@ HOW = """
    of `BareAdmissionWorkflow` (one local activity, its update answers after it) on its own worker process
    and task queue (`bench/baseline.py`). Instant clones (`time_scale=0`); each run is let end, untimed,
    before the next request. p50; the details split it into the time inside the run (its start to the
-   update's answer) and outside it.
+   update's answer) and outside it. Row 3b (no goal of its own) sets the same requests against
+   `BareCheckedAdmissionWorkflow`, whose local activity does the least any admission of this kind does before
+   it can answer: one `cluster/resources` read with plain proxmoxer and one SQLite transaction holding a VMID.
+   The three sides take turns, each after the same pause.
 4. **Throughput**: 8 concurrent clients, each POSTing with `?wait=60` in a loop (update-with-start, then the
    run's result), against 8 clients each doing the same with `BareCreationWorkflow` (`bench/baseline.py`):
    a sandboxed workflow of the creation's own shape, update-with-start answered after one local activity,

@@ -34,7 +34,7 @@ from bench.stack import TOKEN, BenchStack, StackError, log
 
 FIGURE_KEYS = {
     "end_to_end": [("1", "End-to-end time of one creation"), ("2", "PVE API requests per creation")],
-    "admission": [("3", "Admission latency (p50)")],
+    "admission": [("3", "Admission latency (p50)"), ("3b", "Admission latency against a bare admission's own work")],
     "throughput": [("4", "Throughput, 8 clients")],
     "admission_under_load": [("4a", "Admission latency under a steady load (p95)")],
     "in_flight": [

@@ -124,6 +124,7 @@ class BenchStack(Stack):
         log("starting the worker (python worker.py), the API (uvicorn api.app:app) and the baseline worker")
         baseline = [sys.executable, "-m", "bench.baseline", "--address", self.temporal_address]
         baseline += ["--pve-host", HOST, "--pve-port", str(self.pve_port), "--pve-ca", str(self.ca_file)]
+        baseline += ["--db", str(self.workdir / "baseline.db")]
         started = [
             self.worker(env),
             self.api(env, self.api_port),
