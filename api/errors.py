@@ -62,28 +62,32 @@ def describe_validation_error(error: dict[str, Any]) -> str:
     where = {"query": "Invalid query parameter", "header": "Invalid header"}.get(
         str((error.get("loc") or ("body",))[0]), "Invalid request body"
     )
-    location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
-    field = location[-1] if location else None
-    bounds = error.get("ctx") or {}
-    if field is None:
+    location = [part for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    if not location:
         return f"{where}: expected a JSON object"
+    bounds = error.get("ctx") or {}
+    # A list's item is named by its list and place ("'targets' item 1"), not by its index alone.
+    if isinstance(location[-1], int) and len(location) > 1:
+        field = f"'{location[-2]}' item {location[-1]}"
+    else:
+        field = f"'{location[-1]}'"
     if kind == "missing":
-        return f"{where}: '{field}' is required"
+        return f"{where}: {field} is required"
     if kind == "extra_forbidden":
-        return f"{where}: unknown field '{field}'"
+        return f"{where}: unknown field {field}"
     if kind == "greater_than_equal":
-        return f"{where}: '{field}' must be at least {_number(bounds.get('ge'))}"
+        return f"{where}: {field} must be at least {_number(bounds.get('ge'))}"
     if kind == "less_than_equal":
-        return f"{where}: '{field}' must be at most {_number(bounds.get('le'))}"
+        return f"{where}: {field} must be at most {_number(bounds.get('le'))}"
     if kind.startswith("int") or kind == "greater_than":
-        return f"{where}: '{field}' must be a positive integer"
+        return f"{where}: {field} must be a positive integer"
     if kind.startswith("float") or kind == "finite_number":
-        return f"{where}: '{field}' must be a number"
+        return f"{where}: {field} must be a number"
     if kind.startswith("string"):
-        return f"{where}: '{field}' must be a non-empty string"
+        return f"{where}: {field} must be a non-empty string"
     if kind in OWN_ERRORS:
-        return f"{where}: '{field}' {error.get('msg')}"
-    return f"{where}: '{field}': {error.get('msg', 'invalid value')}"
+        return f"{where}: {field} {error.get('msg')}"
+    return f"{where}: {field}: {error.get('msg', 'invalid value')}"
 
 
 def _number(bound: Any) -> Any:

@@ -361,6 +361,13 @@ async def test_bad_lab_requests_are_refused_and_leave_nothing(api: httpx.AsyncCl
     assert (await api.post(LABS, json=lab(targets=["pve9"]), headers=auth())).json()["message"] == (
         "Unknown target node 'pve9'"
     )
+    # A bad item of a list is named by the list and its place, as the seed names a bad field.
+    for targets, message in [
+        (["pve1", 5], "'targets' item 1 must be a non-empty string"),
+        (["pve1\n"], "'targets' item 0 must not contain control characters"),
+    ]:
+        answer = await api.post(LABS, json=lab(targets=targets), headers=auth())
+        assert (answer.status_code, answer.json()["message"]) == (400, f"Invalid request body: {message}")
     assert created_vms(pve) == [] and reservations(engine) == []
 
 
