@@ -7,7 +7,9 @@ keeps that path for them); 1.1 from before admission said `changes_only` (they p
 search attribute at each step: the workflow keeps that for runs admitted so); 1.2 from before admission said
 `steps_merged` (they free the clone slot and record the VM in local activities of their own); 1.3 from before
 admission said `configure_with_clone` (the configuration is an activity of its own after the clone's); 1.4
-since. A change to the workflow that only the latest version's runs see re-records that version in place:
+since. Two scenarios are recorded from 1.4 on only (`Recorded.since`): `configure_retried` (the clone's
+activity leaves the configuration to the run's own step) and `started` (the request's `start`). A change to the
+workflow that only the latest version's runs see re-records that version in place:
 
     rm tests/histories/1.4-*.json
     RECORD_HISTORIES=1.4 .venv/bin/pytest tests/test_workflow.py -k fresh_history -p no:cacheprovider
@@ -112,7 +114,11 @@ async def run_scenario(api: httpx.AsyncClient, temporal: Client, pve: Any, scena
         pve.storages["NFS"]["avail"] = 1024**3
     elif scenario == "compensation":
         pve.fail("PUT", "/nodes/pve2/qemu/100/config", 500, "unable to apply the new configuration")
-    response = await api.post("/api/v1/vm/manage/createFromBoxTemplate", json=body(), headers=auth())
+    elif scenario == "configure_retried":
+        # The clone's activity tries the configuration once; PVE's lock timeout leaves it to the run's own step.
+        pve.fail("PUT", "/nodes/pve2/qemu/100/config", error="config_lock_timeout", times=1)
+    request = body(start=True) if scenario == "started" else body()
+    response = await api.post("/api/v1/vm/manage/createFromBoxTemplate", json=request, headers=auth())
     task_id = response.json()["data"]["task_id"]
     if scenario == "cancel_during_clone_request":
         pve.slow_network(2.0, node="pve1")  # the clone request (to the template's node) takes 2 s
@@ -121,12 +127,13 @@ async def run_scenario(api: httpx.AsyncClient, temporal: Client, pve: Any, scena
     try:
         await result_of(temporal, task_id)
     except Exception as err:
-        assert scenario != "success", err
+        assert scenario not in ("success", "configure_retried", "started"), err
     return await temporal.get_workflow_handle(task_id).fetch_history()
 
 
-SCENARIOS = ["success", "clone_failure", "compensation", "cancel_during_clone_request"]
-RECORDED = Recorded("", CreateFromBoxWorkflow, SCENARIOS)
+SCENARIOS = ["success", "clone_failure", "compensation", "cancel_during_clone_request", "configure_retried", "started"]
+# The configuration left to the run's own step, and the start, as runs admitted since 1.4 take them.
+RECORDED = Recorded("", CreateFromBoxWorkflow, SCENARIOS, since={"configure_retried": "1.4", "started": "1.4"})
 
 
 @pytest.mark.usefixtures("worker")
@@ -196,7 +203,7 @@ def test_every_version_has_every_scenario_recorded() -> None:
 async def test_recorded_history_replays(path: Path) -> None:
     # What the recorded run ended with is what the current code decides on replay too.
     scenario, last = await RECORDED.replay(path)
-    if scenario == "success":
+    if scenario in ("success", "configure_retried", "started"):
         assert last.HasField("workflow_execution_completed_event_attributes")
     elif scenario == "cancel_during_clone_request":
         assert last.HasField("workflow_execution_canceled_event_attributes")
