@@ -7,9 +7,10 @@ keeps that path for them); 1.1 from before admission said `changes_only` (they p
 search attribute at each step: the workflow keeps that for runs admitted so); 1.2 from before admission said
 `steps_merged` (they free the clone slot and record the VM in local activities of their own); 1.3 from before
 admission said `configure_with_clone` (the configuration is an activity of its own after the clone's); 1.4
-since. Two scenarios are recorded from 1.4 on only (`Recorded.since`): `configure_retried` (the clone's
-activity leaves the configuration to the run's own step) and `started` (the request's `start`). A change to the
-workflow that only the latest version's runs see re-records that version in place:
+since. Three scenarios are recorded from 1.4 on only (`Recorded.since`): `configure_retried` (the clone's
+activity leaves the configuration to the run's own step), `started` (the request's `start`) and `vmid_taken`
+(a run that waited for a clone slot finds its VMID made by hand, and takes another). A change to the workflow
+that only the latest version's runs see re-records that version in place:
 
     rm tests/histories/1.4-*.json
     RECORD_HISTORIES=1.4 .venv/bin/pytest tests/test_workflow.py -k fresh_history -p no:cacheprovider
@@ -131,9 +132,16 @@ async def run_scenario(api: httpx.AsyncClient, temporal: Client, pve: Any, scena
     return await temporal.get_workflow_handle(task_id).fetch_history()
 
 
+CREATE = "/api/v1/vm/manage/createFromBoxTemplate"
 SCENARIOS = ["success", "clone_failure", "compensation", "cancel_during_clone_request", "configure_retried", "started"]
-# The configuration left to the run's own step, and the start, as runs admitted since 1.4 take them.
-RECORDED = Recorded("", CreateFromBoxWorkflow, SCENARIOS, since={"configure_retried": "1.4", "started": "1.4"})
+# The configuration left to the run's own step, the start, and a VMID replaced, as runs admitted since 1.4 take
+# them (vmid_taken needs a clone slot to wait for: a test of its own below).
+RECORDED = Recorded(
+    "",
+    CreateFromBoxWorkflow,
+    [*SCENARIOS, "vmid_taken"],
+    since={"configure_retried": "1.4", "started": "1.4", "vmid_taken": "1.4"},
+)
 
 
 @pytest.mark.usefixtures("worker")
@@ -146,6 +154,21 @@ RECORDED = Recorded("", CreateFromBoxWorkflow, SCENARIOS, since={"configure_retr
 )
 async def test_fresh_history_replays(api: httpx.AsyncClient, temporal: Client, pve: Any, scenario: str) -> None:
     await RECORDED.replay_fresh(await run_scenario(api, temporal, pve, scenario), scenario)
+
+
+@pytest.mark.usefixtures("one_clone_per_node", "worker")
+@pytest.mark.fakepve(time_scale=1)
+async def test_fresh_history_replays_vmid_taken(api: httpx.AsyncClient, temporal: Client, pve: Any) -> None:
+    # The second creation waits for the first's clone slot; meanwhile someone makes its VMID by hand.
+    pve.add_ceph_storage("ceph")
+    pve.ceph_slow(2)
+    first = await api.post(CREATE, json=body(name="first", storage="ceph", cpuCores=1), headers=auth())
+    second = await api.post(CREATE, json=body(name="second", storage="ceph", cpuCores=1), headers=auth())
+    assert (first.json()["data"]["vmid"], second.json()["data"]["vmid"]) == ("100", "101")
+    pve.add_vm(101, "made-by-hand", node="pve2")
+    task_id = second.json()["data"]["task_id"]
+    assert (await result_of(temporal, task_id)).vmid == 102
+    await RECORDED.replay_fresh(await temporal.get_workflow_handle(task_id).fetch_history(), "vmid_taken")
 
 
 @pytest.mark.usefixtures("worker")
@@ -203,7 +226,7 @@ def test_every_version_has_every_scenario_recorded() -> None:
 async def test_recorded_history_replays(path: Path) -> None:
     # What the recorded run ended with is what the current code decides on replay too.
     scenario, last = await RECORDED.replay(path)
-    if scenario in ("success", "configure_retried", "started"):
+    if scenario in ("success", "configure_retried", "started", "vmid_taken"):
         assert last.HasField("workflow_execution_completed_event_attributes")
     elif scenario == "cancel_during_clone_request":
         assert last.HasField("workflow_execution_canceled_event_attributes")
