@@ -172,8 +172,9 @@ class BareAdmissionWorkflow:
         await workflow.wait_condition(workflow.all_handlers_finished)
 
 
-@workflow.defn
-class BareCheckedAdmissionWorkflow:
+class _AnswersVmid:
+    """The `admitted` update both bare workflows answer with the VMID once their admission has fixed it."""
+
     def __init__(self) -> None:
         self._vmid: int | None = None
 
@@ -183,6 +184,9 @@ class BareCheckedAdmissionWorkflow:
         assert self._vmid is not None
         return self._vmid
 
+
+@workflow.defn
+class BareCheckedAdmissionWorkflow(_AnswersVmid):
     @workflow.run
     async def run(self) -> None:
         self._vmid = await workflow.execute_local_activity_method(
@@ -192,16 +196,7 @@ class BareCheckedAdmissionWorkflow:
 
 
 @workflow.defn
-class BareCreationWorkflow:
-    def __init__(self) -> None:
-        self._vmid: int | None = None
-
-    @workflow.update
-    async def admitted(self) -> int:
-        await workflow.wait_condition(lambda: self._vmid is not None)
-        assert self._vmid is not None
-        return self._vmid
-
+class BareCreationWorkflow(_AnswersVmid):
     @workflow.run
     async def run(self, req: BareCreation) -> int:
         await _local(0)  # the admission
