@@ -136,7 +136,9 @@ async def main() -> None:
     background: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references to tasks
     if runtime is not None:
         log.info("metrics on http://0.0.0.0:%s/metrics", settings.worker_metrics_port)
-        background.add(asyncio.create_task(report_clone_slot_waiting(engine, runtime.metric_meter)))
+        background.add(
+            asyncio.create_task(report_clone_slot_waiting(engine, runtime.metric_meter, settings.default_storage))
+        )
     await ensure_search_attributes(client, settings.temporal_namespace)
     with ThreadPoolExecutor(max_workers=ACTIVITY_THREADS) as executor:
         worker = build_worker(

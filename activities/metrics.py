@@ -20,7 +20,7 @@ from temporalio.common import MetricMeter
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
 from db.engine import session
-from db.models import CloneWaiter
+from db.models import CloneSlot, CloneWaiter, Template
 
 log = logging.getLogger(__name__)
 
@@ -85,26 +85,33 @@ def pve_error_counter(meter: MetricMeter) -> Callable[[str], None]:
     return lambda kind: counter.add(1, {"kind": kind})
 
 
-def waiting_for_clone_slots(engine: Engine) -> dict[tuple[str, str], int]:
-    """Runs queued for a clone slot, by (template node, target storage). The database is the deployment's and
-    its task queue's: the queue rows are the one account of who waits that survives worker restarts, where
-    an up/down counter in the workflow would be lost with the worker that counted it."""
+def waiting_for_clone_slots(engine: Engine, default_storage: str) -> dict[tuple[str, str], int]:
+    """Runs queued for a clone slot, by (template node, target storage): 0 for every template's node on the
+    default storage and for every line with a clone running, so that the gauge reads 0 from the start rather
+    than nothing until someone first waits. The database is the deployment's and its task queue's: the queue
+    rows are the one account of who waits that survives worker restarts, where an up/down counter in the
+    workflow would be lost with the worker that counted it."""
     with session(engine) as db:
+        template_nodes = db.exec(select(Template.node).distinct()).all()
+        cloning = db.exec(select(CloneSlot.node, CloneSlot.storage).distinct()).all()
         rows = db.exec(
             select(CloneWaiter.node, CloneWaiter.storage, func.count()).group_by(CloneWaiter.node, CloneWaiter.storage)
         ).all()
-    return {(node, storage): count for node, storage, count in rows}
+    counts = dict.fromkeys([(node, default_storage) for node in template_nodes], 0)
+    counts.update(dict.fromkeys([(node, storage) for node, storage in cloning], 0))
+    counts.update({(node, storage): count for node, storage, count in rows})
+    return counts
 
 
 async def report_clone_slot_waiting(
-    engine: Engine, meter: MetricMeter, interval: float = WAITING_INTERVAL_SECONDS
+    engine: Engine, meter: MetricMeter, default_storage: str, interval: float = WAITING_INTERVAL_SECONDS
 ) -> None:
     """Keep the `pveboxes_clone_slot_waiting` gauge current, until cancelled."""
     gauge = meter.create_gauge(CLONE_SLOT_WAITING, "Runs waiting for a clone slot")
     seen: set[tuple[str, str]] = set()
     while True:
         try:
-            counts = await asyncio.to_thread(waiting_for_clone_slots, engine)
+            counts = await asyncio.to_thread(waiting_for_clone_slots, engine, default_storage)
         except Exception:
             log.warning("could not count the clone slot queue", exc_info=True)
         else:

@@ -54,6 +54,11 @@ AGENT_FIRST_PAUSE = 1.0
 AGENT_MAX_PAUSE = 5.0
 
 
+def any_refusal(_exc: PveError) -> bool:
+    """For a read any refusal of which is an expected answer (see PveClient.get_expecting)."""
+    return True
+
+
 class PveActivities:
     def __init__(self, pve: PveClient, default_storage: str):
         self.pve = pve
@@ -143,7 +148,7 @@ class PveActivities:
         cluster/resources shows those as offline, so a healthy cluster costs no extra read. A user who may not
         read it (Sys.Audit on /) is told nothing more: the clone retries PVE's own "no quorum" errors anyway."""
         try:
-            status = self.pve.get("cluster/status")
+            status = self.pve.get_expecting("cluster/status", any_refusal)
         except PveError:
             return True
         cluster = next((r for r in status if r.get("type") == "cluster"), None)  # none on a single node
@@ -301,7 +306,8 @@ class PveActivities:
             pause = AGENT_FIRST_PAUSE
             while True:
                 try:
-                    answer = self.pve.get(f"nodes/{vm.node}/qemu/{vm.vmid}/agent/network-get-interfaces")
+                    path = f"nodes/{vm.node}/qemu/{vm.vmid}/agent/network-get-interfaces"
+                    answer = self.pve.get_expecting(path, any_refusal)
                     found = addresses(answer.get("result") or [])
                 except (PveError, PveUnavailable) as exc:
                     activity.logger.debug("guest agent of VM %s: %s", vm.vmid, exc)

@@ -115,12 +115,30 @@ class PveClient:
 
     def call(self, method: str, path: str, **params: Any) -> Any:
         """One API call; returns PVE's `data`. Raises PveError (final) or PveUnavailable (retry)."""
+        return self._counted(method, path, None, params)
+
+    def get_expecting(self, path: str, expected: Callable[[PveError], bool], **params: Any) -> Any:
+        """A GET that PVE may refuse as the caller expects (`expected(error)`: a VM that no longer exists, the
+        guest agent before the guest has booted). Such a refusal is raised as any other, but it is an answer, not
+        a failure: the error metric does not count it."""
+        return self._counted("get", path, expected, params)
+
+    def _counted(
+        self, method: str, path: str, expected: Callable[[PveError], bool] | None, params: dict[str, Any]
+    ) -> Any:
         try:
             return self._call(method, path, **params)
-        except (PveError, PveUnavailable) as exc:
-            if self._on_error is not None:
-                self._on_error("final" if isinstance(exc, PveError) else "transient")
+        except PveError as exc:
+            if expected is None or not expected(exc):
+                self._count("final")
             raise
+        except PveUnavailable:
+            self._count("transient")
+            raise
+
+    def _count(self, kind: str) -> None:
+        if self._on_error is not None:
+            self._on_error(kind)
 
     def _call(self, method: str, path: str, **params: Any) -> Any:
         api = self._current()

@@ -22,11 +22,16 @@ def find_vm(pve: PveClient, vmid: int) -> dict[str, Any] | None:
 def vm_config(pve: PveClient, node: str, vmid: int) -> dict[str, Any] | None:
     """The VM's config; None if it no longer exists. PveError/PveUnavailable if it cannot be read."""
     try:
-        return dict(pve.get(f"nodes/{node}/qemu/{vmid}/config"))
+        return dict(pve.get_expecting(f"nodes/{node}/qemu/{vmid}/config", vm_gone))
     except PveError as exc:
-        if "does not exist" in exc.message:
+        if vm_gone(exc):
             return None
         raise
+
+
+def vm_gone(exc: PveError) -> bool:
+    """PVE's answer for a VM that does not exist (any more)."""
+    return "does not exist" in exc.message
 
 
 def stop_and_destroy(pve: PveClient, node: str, vmid: int, *, running: bool, limit: float) -> None:

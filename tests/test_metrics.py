@@ -12,17 +12,20 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
-from sqlalchemy import Engine
+from sqlalchemy import Engine, delete
 from temporalio.client import WorkflowFailureError
 
 from activities.metrics import metrics_runtime, pve_error_counter, report_clone_slot_waiting
+from db.engine import session
+from db.load import load_admin_data
+from db.models import CloneWaiter
 from dev.stack import free_port
 from pve.client import PveClient
 from settings import Settings
 from temporal_client import connect_temporal
 from tests.conftest import created_vms, result_of
 from tests.factories import auth, body
-from tests.waiting import until
+from tests.waiting import until, until_async
 from worker import ACTIVITY_THREADS, build_worker
 
 CREATE = "/api/v1/vm/manage/createFromBoxTemplate"
@@ -50,7 +53,9 @@ async def metrics_url(settings: Settings, engine: Engine) -> AsyncIterator[str]:
     runtime = metrics_runtime(port)
     client = await connect_temporal(settings, runtime)
     pve = PveClient(settings, pve_error_counter(runtime.metric_meter))
-    waiting = asyncio.create_task(report_clone_slot_waiting(engine, runtime.metric_meter, interval=0.2))
+    waiting = asyncio.create_task(
+        report_clone_slot_waiting(engine, runtime.metric_meter, settings.default_storage, interval=0.2)
+    )
     with ThreadPoolExecutor(max_workers=ACTIVITY_THREADS) as executor:
         async with build_worker(client, settings.temporal_task_queue, engine, pve, settings, executor):
             yield f"http://127.0.0.1:{port}/metrics"
@@ -125,3 +130,50 @@ async def test_the_api_counts_refusals_and_unknown_paths_and_keeps_metrics_out_o
     assert value(text, "pveboxes_api_admission_seconds_count", status="401") == 1
     assert value(text, "pveboxes_api_requests_total", route="unmatched", status="404") == 1
     assert "/metrics" not in (await api.get("/openapi.json")).json()["paths"]
+
+
+async def test_the_refusals_a_creation_expects_are_not_counted_as_pve_errors(
+    api: httpx.AsyncClient, metrics_url: str, temporal: Any, pve: Any, engine: Engine
+) -> None:
+    """A started VM's guest agent answers PVE's 500 until the guest has booted, and the run asks again: a healthy
+    creation, which the error metric must not show as failing. A refused clone still counts."""
+    from tests.test_ready_vm import READY_BOX, ready_box
+
+    load_admin_data(engine, {"boxes": [ready_box()]})
+    pve.pools["course-101"] = set()
+    pve.guest_boot_seconds = 1.5  # the agent refuses the run's first looks
+    await result_of(temporal, await create(api, box_id=READY_BOX))
+    [vm] = created_vms(pve)
+    assert vm.status == "running"
+    assert any(command == "network-get-interfaces" for command, _ in vm.agent_requests)  # asked, once booted
+    after = await get(metrics_url)
+    assert value(after, "pveboxes_pve_errors_total", kind="final") == 0
+
+    pve.fail("POST", "/nodes/pve1/qemu/9000/clone", error="clone_failed", times=1)
+    with pytest.raises(WorkflowFailureError):
+        await result_of(temporal, await create(api, name="refused"))
+    assert value(await get(metrics_url), "pveboxes_pve_errors_total", kind="final") == 1
+
+
+async def test_the_clone_slot_queue_reads_zero_from_the_start_and_counts_each_line(
+    metrics_url: str, engine: Engine
+) -> None:
+    """`pveboxes_clone_slot_waiting` is there before anyone waits (0 for the template's node on the default
+    storage: an alert on it sees 0, not nothing), counts the queue's rows by line, and reads 0 again once a
+    line has emptied."""
+
+    async def waiting(node: str, storage: str) -> list[float]:
+        text = await get(metrics_url)
+        return [s.value for s in scrape(text, "pveboxes_clone_slot_waiting", node=node, storage=storage)]
+
+    await until_async(lambda: waiting("pve1", "NFS"), [0])
+    with session(engine) as db, db.begin():
+        for n in range(2):
+            db.add(CloneWaiter(task_id=f"clone-waits-{n}", node="pve1", storage="NFS", owner="alice"))
+        db.add(CloneWaiter(task_id="clone-waits-ceph", node="pve1", storage="ceph", owner="alice"))
+    await until_async(lambda: waiting("pve1", "NFS"), [2])
+    await until_async(lambda: waiting("pve1", "ceph"), [1])
+    with session(engine) as db, db.begin():
+        db.execute(delete(CloneWaiter))
+    await until_async(lambda: waiting("pve1", "NFS"), [0])
+    await until_async(lambda: waiting("pve1", "ceph"), [0])

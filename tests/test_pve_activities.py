@@ -135,14 +135,14 @@ def test_a_vm_replaced_between_the_look_and_the_write_is_not_written(
     pve: Any, activities: PveActivities, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     vm = vm_of(pve, TASK)
-    get = activities.pve.get
+    look = activities.pve.get_expecting  # pve.vms.vm_config's read, which a VM gone may answer
 
-    def replaced_after_the_look(path: str, **params: Any) -> Any:
-        answer = get(path, **params)
+    def replaced_after_the_look(path: str, expected: Any, **params: Any) -> Any:
+        answer = look(path, expected, **params)
         vm.config["description"] = vm_description(STRANGER)  # another creation's VM took the VMID meanwhile
         return answer
 
-    monkeypatch.setattr(activities.pve, "get", replaced_after_the_look)
+    monkeypatch.setattr(activities.pve, "get_expecting", replaced_after_the_look)
     with pytest.raises(PveUnavailable):  # PVE refused the write for its digest: retried, from a new look
         ActivityEnvironment().run(activities.configure_vm, CONFIGURE)
     assert "cores" not in vm.config
