@@ -83,18 +83,22 @@ def demo_request(api: str) -> None:
 
 def main() -> int:
     LOGS.mkdir(parents=True, exist_ok=True)
+    env = app_env()
+    metrics_port = int(env["WORKER_METRICS_PORT"])  # 9464 unless the environment (or .env) says otherwise; 0: off
     ports = {"Temporal": TEMPORAL_PORT, "Temporal Web UI": UI_PORT, "fakepve (PVE API)": PVE_PORT, "REST API": API_PORT}
+    if metrics_port:
+        ports["worker metrics"] = metrics_port
     taken = [f"  {name}: {HOST}:{port}" for name, port in ports.items() if port_taken(port)]
     if taken:
         print(
             "make run: these ports are already in use; stop what uses them (perhaps another `make run`),\n"
-            "or choose others with RUN_TEMPORAL_PORT, RUN_UI_PORT, RUN_PVE_PORT, RUN_API_PORT:\n" + "\n".join(taken),
+            "or choose others with RUN_TEMPORAL_PORT, RUN_UI_PORT, RUN_PVE_PORT, RUN_API_PORT,\n"
+            "WORKER_METRICS_PORT (0: no worker metrics):\n" + "\n".join(taken),
             file=sys.stderr,
         )
         return 1
 
     stack = Stack(LOGS)
-    env = app_env()
     stop_requested = False
 
     def request_stop(_signum: int, _frame: object) -> None:
@@ -115,17 +119,19 @@ def main() -> int:
         stack.prepare_database(env, ROOT / "dev" / "demo.json")
 
         print("Starting the worker and the API ...")
-        worker, api_process = stack.worker(env), stack.api(env, API_PORT)
+        worker, api_process = stack.worker(env, own_metrics_port=True), stack.api(env, API_PORT)
         worker.wait_ready()
         api_process.wait_ready()
         api = f"http://{HOST}:{API_PORT}"
         demo_request(api)
+        worker_metrics = f", http://{HOST}:{metrics_port}/metrics (worker)" if metrics_port else ""
 
         print(
             f"""
 The stack is up (logs in {LOGS}):
   REST API docs     {api}/docs
   Temporal Web UI   http://localhost:{UI_PORT}
+  Metrics           {api}/metrics (API){worker_metrics}
   Admin CLI         PVE_USER=root@pam PVE_PASSWORD=secret PVE_CA_FILE=var/fakepve-ca.pem .venv/bin/boxctl reconcile
   Try it:
     curl -s -X POST {api}/api/v1/vm/manage/createFromBoxTemplate \\

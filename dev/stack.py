@@ -246,10 +246,11 @@ class Stack:
         command += ["--user", FAKEPVE_USER, "--password", FAKEPVE_PASSWORD, *args]
         return self.spawn("fakepve", command, ready_port=ready_port or port)
 
-    def worker(self, env: dict[str, str], name: str = "worker") -> Proc:
+    def worker(self, env: dict[str, str], name: str = "worker", own_metrics_port: bool = False) -> Proc:
         """A worker; its metrics (unless WORKER_METRICS_PORT is 0) on a free port, so that two workers of a stack
-        never ask for the same one (a worker whose port is taken refuses to start)."""
-        if env.get("WORKER_METRICS_PORT", "0") != "0":
+        never ask for the same one (a worker whose port is taken refuses to start). `own_metrics_port`: on
+        WORKER_METRICS_PORT itself, as `make run`'s one worker, where an operator looks for them."""
+        if env.get("WORKER_METRICS_PORT", "0") != "0" and not own_metrics_port:
             env = {**env, "WORKER_METRICS_PORT": str(free_port())}
         return self.spawn(name, [sys.executable, "worker.py"], env, ready_log=WORKER_READY)
 
