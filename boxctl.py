@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 
 from cli import CliError, open_engine
 from cli.listings import cmd_boxes, cmd_plans, cmd_reservations, cmd_templates, cmd_users, cmd_vms, table, when
-from db.engine import make_engine
+from db.engine import make_engine, missing_database
 from db.load import LoadError, load_admin_data
 from db.schema import SchemaError, head, state, upgrade
 from db.tokens import TokenError, issue, revoke, revoke_all, tokens_of
@@ -33,7 +33,12 @@ def cmd_db_upgrade(_args: argparse.Namespace) -> None:
 
 
 def cmd_db_current(_args: argparse.Namespace) -> int:
-    engine = make_engine(get_settings().database_url)
+    url = get_settings().database_url
+    missing = missing_database(url)
+    if missing is not None:
+        print(f"{missing} (`boxctl db upgrade` creates it)")
+        return 1
+    engine = make_engine(url)
     try:
         current, meaning = state(engine)
     finally:

@@ -2,7 +2,7 @@
 
 from sqlalchemy import Engine
 
-from db.engine import make_engine
+from db.engine import make_engine, missing_database
 from db.schema import SchemaError, require_current
 from settings import get_settings
 
@@ -12,8 +12,13 @@ class CliError(Exception):
 
 
 def open_engine() -> Engine:
-    """The database, refused unless it is at the schema this version needs (`boxctl db upgrade` brings it there)."""
-    engine = make_engine(get_settings().database_url)
+    """The database, refused unless it exists (opening a SQLite file that does not would create it) and is at the
+    schema this version needs (`boxctl db upgrade` brings it there)."""
+    url = get_settings().database_url
+    missing = missing_database(url)
+    if missing is not None:
+        raise CliError(f"{missing} (`boxctl db upgrade` creates it)")
+    engine = make_engine(url)
     try:
         require_current(engine)
     except SchemaError as exc:

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from pydantic import SecretStr
-from sqlalchemy import Engine, Table, event
+from sqlalchemy import Engine, Table, event, make_url
 from sqlmodel import Session, SQLModel, create_engine
 
 
@@ -14,6 +14,27 @@ def make_engine(url: str | SecretStr) -> Engine:
     if url.startswith("sqlite"):
         return _sqlite_engine(url)
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def shown_url(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def missing_database(url: str | SecretStr) -> str | None:
+    """Why the SQLite database of `url` is missing (None if it is there, or is not SQLite). For the tools that
+    must never create one by opening it (boxctl but `db upgrade`, the repair tool): connecting would create the
+    file (and make_engine its directory), an empty database in whatever directory a relative path was read from."""
+    if isinstance(url, SecretStr):
+        url = url.get_secret_value()
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    path = parsed.database or ""
+    if path in ("", ":memory:"):
+        return f"database {shown_url(url)} is in memory: it holds none of the service's records"
+    if not Path(path).is_file():
+        return f"database {shown_url(url)} does not exist (no file {path}): is DATABASE_URL right?"
+    return None
 
 
 def _sqlite_engine(url: str) -> Engine:

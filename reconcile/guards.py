@@ -4,14 +4,14 @@ to refuse (`Refused`, exit status 2), all of them said at once."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from sqlalchemy import Engine, make_url
+from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from db.engine import missing_database as missing_database  # re-exported: the repair tool's first check
+from db.engine import shown_url
 from db.schema import SchemaError, require_current
 from reconcile.observe import ReconcileError
 
@@ -27,25 +27,6 @@ class Refused(ReconcileError):
         self.reasons = reasons
 
 
-def _shown(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def missing_database(url: str) -> str | None:
-    """Why the SQLite database of `url` is missing (None if it is there, or is not SQLite). Checked before
-    any engine is made: connecting would create the file (and make_engine its directory), an empty database
-    that looks to the repair tool as if the service had never made a VM."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return None
-    path = parsed.database or ""
-    if path in ("", ":memory:"):
-        return f"database {_shown(url)} is in memory: it holds none of the service's records"
-    if not Path(path).is_file():
-        return f"database {_shown(url)} does not exist (no file {path}): is DATABASE_URL right?"
-    return None
-
-
 def schema_refusal(engine: Engine) -> str | None:
     """Why the database cannot be used as it is (None if it is at the current schema); never changes it."""
     try:
@@ -54,7 +35,7 @@ def schema_refusal(engine: Engine) -> str | None:
         return str(exc)
     except OperationalError as exc:
         if getattr(exc.orig, "sqlstate", None) == NO_SUCH_DATABASE:
-            return f"database {_shown(str(engine.url))} does not exist: is DATABASE_URL right?"
+            return f"database {shown_url(str(engine.url))} does not exist: is DATABASE_URL right?"
         raise ReconcileError(f"database: {exc}") from exc
     except SQLAlchemyError as exc:
         raise ReconcileError(f"database: {exc}") from exc

@@ -216,6 +216,7 @@ def not_current(
 ) -> tuple[str, str]:
     """A database that is not at the current schema, and what the refusal says about it."""
     if request.param == "empty":
+        sqlite3.connect(tmp_path / "empty.db").close()  # a database file with no tables
         return f"sqlite:///{tmp_path}/empty.db", f"has no tables yet: {UPGRADE}"
     url = f"sqlite:///{before_alembic}"
     if request.param == "made before migrations":
@@ -261,3 +262,22 @@ def test_boxctl_refuses(
 
     captured = capsys.readouterr()
     assert message in captured.err + captured.out  # `db current` answers on stdout, the refusals on stderr
+
+
+@pytest.mark.parametrize("command", [["plans"], ["token", "issue", "alice"], ["db", "current"], ["load", "x.json"]])
+def test_boxctl_refuses_a_database_that_does_not_exist_and_creates_none(
+    command: list[str], tmp_path: Path, boxctl_on: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run from another directory, a relative DATABASE_URL names a file that is not there: opening it would
+    create an empty database there, which `db upgrade` would then fill instead of the service's own."""
+    nowhere = tmp_path / "var" / "app.db"
+    boxctl_on(f"sqlite:///{nowhere}")
+    (tmp_path / "x.json").write_text("{}")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        assert boxctl.main(command) == 1
+
+    captured = capsys.readouterr()
+    assert f"does not exist (no file {nowhere}): is DATABASE_URL right?" in captured.err + captured.out
+    assert not nowhere.exists() and not nowhere.parent.exists()
