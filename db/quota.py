@@ -96,6 +96,9 @@ _RESERVATION = select(_reservations.c.state, _reservations.c.vmid).where(
 )
 
 
+# A creation run again after the VM it made was deleted (a reset of a run that had succeeded).
+MSG_VM_DELETED = "This task's VM was made and has been deleted since: start a new creation instead"
+
 # Any constant: the advisory lock that serialises VMID choice across users on PostgreSQL (the user row lock
 # alone would let two users' creations pick the same lowest free VMID).
 VMID_LOCK_KEY = 0x0B0C5108
@@ -172,6 +175,10 @@ def reserve_in(db: Session, task_id: str, username: str, size: Size, free_ranges
     user = lock_user(db, username)  # first: one user's slow transaction holds up only that user
     existing = db.execute(_RESERVATION, {"task_id": task_id}).first()
     if existing is not None and existing.state != RELEASED and existing.vmid is not None:
+        if existing.state == COMMITTED and _vm_deleted(db, task_id):
+            # The run made its VM, which was deleted since, and now runs again (an operator's reset): the task's
+            # one VM record is that deleted VM's, so another VM would count nowhere. Made once, it is not remade.
+            raise Refused(Failure.INVALID_REQUEST, MSG_VM_DELETED)
         return int(existing.vmid)  # a retry of a reservation made (or committed) already
     _check_plan(db, user, username, size, count=1)
     # The lock every user's creations share, taken last: a retry and a refusal never wait for it. It is held
@@ -185,6 +192,10 @@ def reserve_in(db: Session, task_id: str, username: str, size: Size, free_ranges
         db.execute(delete(_reservations).where(_reservations.c.task_id == task_id))
     _hold(db, task_id, username, size, vmid)
     return vmid
+
+
+def _vm_deleted(db: Session, task_id: str) -> bool:
+    return db.execute(select(_vms.c.deleted_at).where(_vms.c.task_id == task_id)).scalar() is not None
 
 
 def reserve_all(

@@ -18,6 +18,7 @@ from temporalio.client import Client, WorkflowFailureError
 from api.admission import Admitter, new_task_id
 from api.errors import ApiError
 from db.models import COMMITTED, RELEASED
+from db.quota import MSG_VM_DELETED
 from payloads import MSG_CLONE_FAILED, MSG_CREATED, CreateFromBoxInput
 from settings import Settings
 from tests.conftest import TEMPORAL_BIN, created_vms, reservations, result_of, vm_records
@@ -163,6 +164,32 @@ def reset(temporal: Client, task_id: str, point: str = "FirstWorkflowTask") -> N
         capture_output=True,
         timeout=30,
     )  # fmt: skip
+
+
+@pytest.mark.usefixtures("worker")
+async def test_a_reset_of_a_creation_whose_vm_was_deleted_since_makes_no_vm_and_says_why(
+    api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine
+) -> None:
+    """The task's one VM record is the deleted VM's: a VM made again would count against no plan and be listed
+    nowhere. The reset run is refused at admission and makes nothing; the record and the quota stay as they were."""
+    task = await create(api)
+    await result_of(temporal, task["task_id"])
+    deletion = await api.delete(f"{API}/vms/{task['vmid']}", headers=auth())
+    assert deletion.status_code == 200, deletion.text
+    await result_of(temporal, deletion.json()["data"]["task_id"])
+    assert created_vms(pve) == []
+
+    reset(temporal, task["task_id"])
+    with pytest.raises(WorkflowFailureError):
+        await result_of(temporal, task["task_id"])
+    assert created_vms(pve) == []
+    [record] = vm_records(engine)
+    assert record.deleted_at is not None
+    assert [r.state for r in reservations(engine)] == [RELEASED]  # given back by the refused run: it counted nothing
+    state = (await api.get(f"{API}/tasks/{task['task_id']}", headers=auth())).json()["data"]
+    assert (state["status"], state["result_code"], state["result_message"]) == ("failed", 400, MSG_VM_DELETED)
+    quota = (await api.get(f"{API}/quota", headers=auth())).json()["data"]
+    assert quota["used"]["vms"] == 0, quota
 
 
 @pytest.mark.usefixtures("worker")
