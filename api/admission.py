@@ -54,7 +54,9 @@ from workflows.metadata import creation_details, creation_summary, lab_details, 
 
 log = logging.getLogger("api")
 
-# After the workflow's own admission deadline, how long the API still listens for its answer.
+# The run's own admission deadline comes this much before the POST's (ADMISSION_TIMEOUT_SECONDS), a quarter of
+# it at most: the answer of a run admitted at its deadline still reaches the caller, and the POST answers within
+# the time the setting names.
 ADMISSION_GRACE_SECONDS = 2.0
 # Waiting for the admission update ends with one of these when the answer does not come in time, or when the
 # server cannot be asked.
@@ -140,13 +142,15 @@ class Admitter:
         return await self._start_and_wait(task_id, update, start)
 
     def deadline(self) -> datetime:
-        return datetime.now(UTC) + timedelta(seconds=self.timeout)
+        """The run's admission deadline (admit_by): past it, the run creates nothing."""
+        grace = min(ADMISSION_GRACE_SECONDS, self.timeout / 4)
+        return datetime.now(UTC) + timedelta(seconds=self.timeout - grace)
 
     async def _start_and_wait(self, task_id: str, update: Any, start: WithStartWorkflowOperation[Any, Any]) -> Any:
         try:
             return await asyncio.wait_for(
                 self.client.execute_update_with_start_workflow(update, start_workflow_operation=start),
-                self.timeout + ADMISSION_GRACE_SECONDS,
+                self.timeout,
             )
         except WorkflowUpdateFailedError as exc:
             raise refusal(exc) from exc
@@ -175,7 +179,7 @@ class Admitter:
         try:
             return await asyncio.wait_for(
                 self.client.get_workflow_handle(task_id).execute_update(update),
-                self.timeout + ADMISSION_GRACE_SECONDS,
+                self.timeout,
             )
         except WorkflowUpdateFailedError as exc:
             raise refusal(exc) from exc

@@ -196,7 +196,7 @@ async def test_a_reset_of_a_creation_whose_vm_was_deleted_since_makes_no_vm_and_
 async def test_a_reset_of_a_failed_creation_admits_it_anew_and_makes_the_vm_once(
     api: httpx.AsyncClient, temporal: Client, pve: Any, engine: Engine, settings: Settings
 ) -> None:
-    settings.admission_timeout_seconds = 2  # the caller's deadline: admit_by, 2 s after the POST
+    settings.admission_timeout_seconds = 2  # the caller's deadline; the run's (admit_by) is 1.5 s after the POST
     pve.fail("POST", "/clone", error="permission_denied")
     posted = time.monotonic()
     task = await create(api)

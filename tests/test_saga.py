@@ -4,6 +4,7 @@ quota back; a cancelled run is cleaned up; a request nobody admits in time answe
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -237,13 +238,16 @@ async def test_no_worker_answers_503_and_the_request_never_acts(
     from api.app import create_app
     from tests.conftest import ACTIVITY_THREADS, PveClient, ThreadPoolExecutor, build_worker
 
-    settings.admission_timeout_seconds = 1
+    settings.admission_timeout_seconds = 2
     app = create_app(settings)
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as api,
     ):
+        posted = time.monotonic()
         response = await api.post(CREATE, json=body(), headers=auth())
+        # Within ADMISSION_TIMEOUT_SECONDS (and the cancellation's round trip), not a grace period after it.
+        assert time.monotonic() - posted < 3.5  # 4 s and more when the POST waited 2 s past the setting
         assert response.status_code == 503
         assert response.json() == {"code": 503, "message": MSG_UNAVAILABLE, "data": None}
         [run] = [r async for r in temporal.list_workflows(f"TaskQueue = '{settings.temporal_task_queue}'")]
