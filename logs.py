@@ -76,7 +76,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        extras = {key: value for key, value in vars(record).items() if key not in _RECORD_FIELDS}
+        # A name starting with "__" is a library's own bookkeeping (the SDK's `__temporal_error_identifier`).
+        extras = {
+            key: value for key, value in vars(record).items() if key not in _RECORD_FIELDS and not key.startswith("__")
+        }
         line.update(bound())
         line.update(extras)
         task_id = _task_id_of(extras)

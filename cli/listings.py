@@ -9,7 +9,8 @@ from sqlmodel import col, select
 from cli import open_engine
 from db.box_options import BoxSettings
 from db.engine import session
-from db.models import Box, Plan, Reservation, SessionToken, Template, TemplateUser, User, Vm
+from db.models import Box, Plan, Reservation, SessionToken, Template, TemplateUser, User, Vm, utcnow
+from db.tokens import is_valid
 
 
 def cell(value: Any) -> str:
@@ -52,9 +53,12 @@ def cmd_users(_args: argparse.Namespace) -> None:
     with session(open_engine()) as db:
         users = db.exec(select(User).order_by(col(User.username))).all()
         plan_ids = set(db.exec(select(Plan.id)).all())
+        # The tokens that let their user in now: revoked and expired ones are history (`token list` shows them).
+        now = utcnow()
         tokens: dict[str, int] = {}
-        for name in db.exec(select(SessionToken.username)).all():
-            tokens[name] = tokens.get(name, 0) + 1
+        for token in db.exec(select(SessionToken)).all():
+            if is_valid(token, now):
+                tokens[token.username] = tokens.get(token.username, 0) + 1
     rows = [
         # A plan that is not defined is shown as such: that user's requests get "plan not found".
         [
@@ -64,7 +68,7 @@ def cmd_users(_args: argparse.Namespace) -> None:
         ]
         for u in users
     ]
-    print(table(["USERNAME", "PLAN", "TOKENS"], rows))
+    print(table(["USERNAME", "PLAN", "VALID TOKENS"], rows))
 
 
 def cmd_templates(_args: argparse.Namespace) -> None:

@@ -468,6 +468,12 @@ def test_cli_listings(tmp_path: Path, db_path: Path, capsys: pytest.CaptureFixtu
         "5",
     ]
     assert run("users").splitlines()[1].split() == ["alice", "small", "1"]
+    assert boxctl.main(["token", "issue", "alice"]) == 0
+    revoked = capsys.readouterr().out.splitlines()[1].removeprefix("id: ")
+    assert run("users").splitlines()[1].split() == ["alice", "small", "2"]
+    assert boxctl.main(["token", "revoke", revoked]) == 0
+    capsys.readouterr()
+    assert run("users").splitlines()[1].split() == ["alice", "small", "1"]  # valid tokens only
     assert run("templates").splitlines()[1].split() == [
         "tpl-ubuntu",
         "Ubuntu",

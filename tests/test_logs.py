@@ -75,3 +75,16 @@ async def test_json_logs_of_the_api_and_the_worker_with_audit_lines_and_no_secre
     for log in (api.log_path, worker.log_path):
         text = log.read_text()
         assert ALICE not in text and BOB not in text and FAKEPVE_PASSWORD not in text
+
+
+def test_a_json_line_keeps_the_extras_and_leaves_out_a_librarys_own_bookkeeping() -> None:
+    """The SDK puts `__temporal_error_identifier` on the records of a failed activity: not a field for a reader."""
+    import logging
+
+    from logs import JsonFormatter
+
+    record = logging.LogRecord("worker", logging.WARNING, __file__, 1, "activity failed", None, None)
+    record.__dict__.update({"__temporal_error_identifier": "ActivityError", "vmid": 101})
+    line = json.loads(JsonFormatter().format(record))
+    assert line["vmid"] == 101 and line["message"] == "activity failed"
+    assert not [key for key in line if key.startswith("__")]

@@ -24,6 +24,7 @@ from settings import Settings
 from tests.conftest import TEMPORAL_BIN, created_vms, reservations, result_of, vm_records
 from tests.factories import BOX, auth, body
 from tests.waiting import until_async
+from workflows.metadata import creation_summary
 
 API = "/api/v1/vm/manage"
 CREATE = f"{API}/createFromBoxTemplate"
@@ -84,6 +85,13 @@ async def test_a_run_no_worker_picked_up_is_found_by_owner_box_and_node(
     for condition in ("BoxOwner = 'alice'", f"BoxId = '{BOX}'", "PveNode = 'pve1'"):
         await until_found(temporal, task_id, condition)
     await temporal.get_workflow_handle(task_id).terminate("test over")
+
+
+def test_a_summary_counts_one_core_as_one() -> None:
+    one = CreateFromBoxInput(
+        username="alice", box_id="ubuntu", name="web-01", target="pve2", cpu_cores=1, memory_mb=512, disk_gb=10
+    )
+    assert creation_summary(one) == "web-01 · alice · box ubuntu → pve2 · 1 core, 512 MB, 10 GB"
 
 
 @pytest.mark.usefixtures("one_clone_per_node", "worker")

@@ -14,7 +14,7 @@ def creation_summary(input: CreateFromBoxInput) -> str:
     where = f"{input.target}/{input.storage}" if input.storage else input.target
     return (
         f"{input.name} · {input.username} · box {input.box_id} → {where} · "
-        f"{input.cpu_cores} cores, {input.memory_mb} MB, {input.disk_gb} GB"
+        f"{cores(input.cpu_cores)}, {input.memory_mb} MB, {input.disk_gb} GB"
     )
 
 
@@ -38,7 +38,7 @@ def lab_summary(input: LabInput) -> str:
     where = ", ".join(input.targets) if input.targets else "every online node"
     return (
         f"lab {input.name} x {input.count} · {input.username} · box {input.box_id} → {where} · "
-        f"{input.cpu_cores} cores, {input.memory_mb} MB, {input.disk_gb} GB each"
+        f"{cores(input.cpu_cores)}, {input.memory_mb} MB, {input.disk_gb} GB each"
     )
 
 
@@ -77,3 +77,7 @@ def power_details(input: PowerVmInput, vm_name: str, node: str) -> str:
 
 def _markdown(fields: dict[str, object]) -> str:
     return "\n".join(f"- **{key}**: {value}" for key, value in fields.items())
+
+
+def cores(count: int) -> str:
+    return "1 core" if count == 1 else f"{count} cores"
