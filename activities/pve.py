@@ -321,20 +321,22 @@ class PveActivities:
     # ---------------------------------------------------------------------------- cleanup
 
     @activity.defn
-    def destroy_vm(self, ref: VmRef) -> None:
-        """Remove the VM this task created, with its disks; nothing if it is gone or is not this task's."""
+    def destroy_vm(self, ref: VmRef) -> bool | None:
+        """Remove the VM this task created, with its disks; nothing if it is gone or is not this task's. True if
+        this call destroyed it. (None is what a worker from before this answer recorded: histories keep it.)"""
         with self._heartbeats.during():
             found = find_vm(self.pve, ref.vmid)
             if found is None or found.get("type") != "qemu":
-                return
+                return False
             node = found["node"]
             if found.get("lock") == "clone":
                 # Before its owner can even be told (real PVE writes the description when the copy is done).
                 raise still_running(f"VM {ref.vmid} is still being cloned; it can be removed once the clone ends")
             if not self._owned_by(ref.task_id, node, ref.vmid):
                 activity.logger.warning("VM %s is not task %s's; leaving it alone", ref.vmid, ref.task_id)
-                return
+                return False
             stop_and_destroy(self.pve, node, ref.vmid, running=found.get("status") == "running", limit=SHORT_TASK_WAIT)
+            return True
 
     # ---------------------------------------------------------------------------- helpers
 

@@ -19,7 +19,7 @@ from api.admission import Admitter, new_task_id
 from api.errors import ApiError
 from db.models import COMMITTED, RELEASED
 from db.quota import MSG_VM_DELETED
-from payloads import MSG_CLONE_FAILED, MSG_CREATED, CreateFromBoxInput
+from payloads import MSG_CLONE_FAILED, MSG_CONFIGURE_FAILED, MSG_CREATED, CreateFromBoxInput
 from settings import Settings
 from tests.conftest import TEMPORAL_BIN, created_vms, reservations, result_of, vm_records
 from tests.factories import BOX, auth, body
@@ -152,8 +152,19 @@ async def test_a_failed_creation_says_what_it_did_last(api: httpx.AsyncClient, t
     task = await create(api)
     with pytest.raises(WorkflowFailureError):
         await result_of(temporal, task["task_id"])
+    # PVE refused the clone itself: there was no VM to destroy, and the details do not say there was.
     assert await current_details(temporal, task["task_id"]) == (
-        f"done: {MSG_CLONE_FAILED}; VM {task['vmid']} destroyed, quota given back"
+        f"done: {MSG_CLONE_FAILED}; no VM {task['vmid']} of this task's was there to destroy, quota given back"
+    )
+
+    pve.failures.clear()
+    pve.fail("PUT", "/config", error="permission_denied")  # the clone is made, its configuration refused
+    made = await create(api, name="web-02")
+    with pytest.raises(WorkflowFailureError):
+        await result_of(temporal, made["task_id"])
+    assert created_vms(pve) == []
+    assert await current_details(temporal, made["task_id"]) == (
+        f"done: {MSG_CONFIGURE_FAILED}; VM {made['vmid']} destroyed, quota given back"
     )
 
 

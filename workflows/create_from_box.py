@@ -166,9 +166,9 @@ class CreateFromBoxWorkflow:
                 # Cancelled during a step that had to finish first (freeing the clone slot): it still holds.
                 raise asyncio.CancelledError()
         except (Exception, asyncio.CancelledError) as err:
-            await self._compensate(self._vm)
+            destroyed = await self._compensate(self._vm)
             self._end(Step.DONE, 500, message)
-            workflow.set_current_details(f"done: {message}; VM {self._vm.vmid} destroyed, quota given back")
+            workflow.set_current_details(f"done: {message}; {steps.undone(self._vm.vmid, destroyed)}, quota given back")
             self._raise_if_cancelled(err)
             raise ApplicationError(message, innermost_reason(err), type=failure.value) from None
 
@@ -339,12 +339,12 @@ class CreateFromBoxWorkflow:
 
     # ---------------------------------------------------------------------------- undo
 
-    async def _compensate(self, vm: VmRef) -> None:
-        """Undo, in reverse order: the VM (if it exists and is this task's), then the quota. A cancellation
-        that arrives meanwhile waits until the undo is done."""
+    async def _compensate(self, vm: VmRef) -> bool | None:
+        """Undo, in reverse order: the VM (if it exists and is this task's), then the quota; a cancellation that
+        comes meanwhile waits. Whether a VM was destroyed (None in a history from before destroy_vm said)."""
         self._publish(Step.CLEANUP)
         workflow.set_current_details(f"cleaning up VM {vm.vmid}: destroying it, then giving the quota back")
-        await self._uncancellable(
+        destroyed = await self._uncancellable(
             workflow.execute_activity_method(
                 PveActivities.destroy_vm,
                 vm,
@@ -355,6 +355,7 @@ class CreateFromBoxWorkflow:
             )
         )
         await self._uncancellable(self._release(vm.task_id))
+        return destroyed
 
     async def _release(self, task_id: str) -> None:
         await db_step(DbActivities.release_quota, task_id, CLEANUP_RETRY, "give the quota back")

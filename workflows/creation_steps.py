@@ -172,3 +172,10 @@ async def start_and_address(vm: VmRef, wait_seconds: int) -> list[str]:
             raise
         workflow.logger.warning("VM %s: no address from its guest agent: %s", vm.vmid, innermost_reason(err))
         return []
+
+
+def undone(vmid: int, destroyed: bool | None) -> str:
+    """What a failed run's cleanup did with its VM, for its current details."""
+    if destroyed is None:  # a history from before destroy_vm said
+        return f"VM {vmid} destroyed if it was made"
+    return f"VM {vmid} destroyed" if destroyed else f"no VM {vmid} of this task's was there to destroy"
