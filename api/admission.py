@@ -42,6 +42,7 @@ from payloads import (
     MSG_UNAVAILABLE,
     Admission,
     CreateFromBoxInput,
+    CreateFromBoxResult,
     LabAdmission,
     LabInput,
     Step,
@@ -190,18 +191,20 @@ class Admitter:
         except NOT_IN_TIME as exc:
             raise ApiError(503, MSG_UNAVAILABLE) from exc
 
-    async def wait_for_end(self, task_id: str, seconds: float, waiters: Waiters) -> None:
-        """For ?wait=: answer what the run ended with. A run still going after `seconds` answers as without
-        wait, and so does a run whose end cannot be learnt (Temporal unreachable, an RPC error): the request is
-        admitted and the run goes on, so a 5xx would only make a client without an Idempotency-Key retry it
-        into a second VM."""
+    async def wait_for_end(self, task_id: str, seconds: float, waiters: Waiters) -> CreateFromBoxResult | None:
+        """For ?wait=: answer what the run ended with (its result when it made the VM, whose VMID may differ
+        from the one admitted: a collision on PVE moves it). A run still going after `seconds` answers as
+        without wait (None), and so does a run whose end cannot be learnt (Temporal unreachable, an RPC error):
+        the request is admitted and the run goes on, so a 5xx would only make a client without an
+        Idempotency-Key retry it into a second VM."""
         if waiters.full():
             # Each waiter holds a connection and a long poll on Temporal: past the cap, answer at once.
             log.info("%d requests already wait for their runs; %s answers without waiting", waiters.cap, task_id)
-            return
+            return None
         try:
             with waiters.holding():
-                await asyncio.wait_for(self.client.get_workflow_handle(task_id).result(), seconds)
+                handle = self.client.get_workflow_handle_for(CreateFromBoxWorkflow.run, task_id)
+                return await asyncio.wait_for(handle.result(), seconds)
         except WorkflowFailureError as exc:
             cause = exc.cause
             if isinstance(cause, ApplicationError):
@@ -212,9 +215,10 @@ class Admitter:
             code = ended.result_code if ended is not None and ended.result_code else 500
             raise ApiError(code, ended.result_message if ended and ended.result_message else MSG_CLONE_FAILED) from exc
         except TimeoutError:
-            return
+            return None
         except Exception:
             log.warning("could not learn how %s ended; answering its admission", task_id, exc_info=True)
+            return None
 
     async def _end_state(self, task_id: str) -> TaskState | None:
         try:

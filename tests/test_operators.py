@@ -116,6 +116,36 @@ async def test_a_vmid_replaced_after_a_collision_moves_vm_id(
     assert await found(temporal, f"WorkflowId = '{second['task_id']}' AND VmId = 101") == []
 
 
+@pytest.mark.usefixtures("one_clone_per_node", "worker")
+@pytest.mark.fakepve(time_scale=1)
+async def test_with_wait_the_answer_names_the_vmid_the_vm_has_after_a_collision(
+    api: httpx.AsyncClient, temporal: Client, pve: Any
+) -> None:
+    """The contract: `vmid` in the answer is the VMID the new VM has on PVE. With ?wait the answer comes after
+    the run, so it names the VMID the run ended with, not the one it was admitted with."""
+    pve.add_ceph_storage("ceph")
+    pve.ceph_slow(2)
+    await create(api, name="first", storage="ceph", cpuCores=1)
+    waiting = asyncio.create_task(
+        api.post(
+            f"{API}/createFromBoxTemplate",
+            json=body(name="second", storage="ceph", cpuCores=1),
+            headers=auth(),
+            params={"wait": 60},
+        )
+    )
+    await until_async(lambda: found_any(temporal, "VmId = 101"), True)  # the second is admitted with 101
+    pve.add_vm(101, "made-by-hand", node="pve2")  # while it waits for the first's clone slot
+    answer = await waiting
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["data"]["vmid"] == "102"
+    assert {vm.vmid: vm.config.get("name") for vm in created_vms(pve)}[102] == "second"
+
+
+async def found_any(temporal: Client, query: str) -> bool:
+    return bool(await found(temporal, query))
+
+
 # ------------------------------------------------------------------------------------- Web UI metadata
 
 

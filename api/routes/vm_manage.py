@@ -5,6 +5,7 @@ Endpoints only: admission is in api/admission.py, the Idempotency-Key in api/ide
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
@@ -102,6 +103,6 @@ async def create_from_box_template(
         admission = await admitter.admit(new_task_id(body.box_id), input)
     else:
         admission = await admit_once(admitter, username, idempotency_key, input)
-    if wait:
-        await admitter.wait_for_end(admission.task_id, wait, waiters)
+    if wait and (made := await admitter.wait_for_end(admission.task_id, wait, waiters)) is not None:
+        admission = dataclasses.replace(admission, vmid=made.vmid)  # where the VM is, if a collision moved it
     return CreateAnswer(code=200, message=MSG_CREATED, data=AdmissionData.of(admission))
