@@ -111,10 +111,11 @@ class CreateFromBoxInput:
     memory_mb: int
     disk_gb: int
     storage: str | None = None  # None: DEFAULT_STORAGE
-    # Set by the REST API: past this instant the run gives up admission and creates nothing.
-    admit_by: datetime | None = None
     ssh_keys: list[str] = field(default_factory=list)  # the request's sshKeys, added to the box's cloud-init
     start: bool | None = None  # the request's start; None: the box's
+    # Set by the REST API: past this instant the run gives up admission and creates nothing. Last: the fields
+    # before it are the contract's, in its order, for a parent workflow that passes them by position.
+    admit_by: datetime | None = None
 
 
 @dataclass

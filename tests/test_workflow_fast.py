@@ -35,6 +35,7 @@ from payloads import (
     Admitted,
     BoxOptions,
     CloneStarted,
+    CreateFromBoxInput,
     CreateFromBoxResult,
     Failure,
     Step,
@@ -866,3 +867,9 @@ async def test_a_vmid_replaced_before_the_clone_is_the_one_configured(runs: Runs
     clones = fakes.args("start_clone")
     assert [(c["vmid"], c["configure"]["vmid"]) for c in clones] == [(101, 101), (102, 102)]
     assert fakes.args("commit_creation")[0]["vmid"] == 102
+
+
+def test_the_input_takes_the_contracts_fields_in_the_contracts_order() -> None:
+    """A parent workflow may pass them by position: the contract's fields, then ssh_keys and start, come first."""
+    ask = CreateFromBoxInput("alice", "box", "web", "pve1", 2, 2048, 20, "NFS", ["ssh-ed25519 AAAA a@b"], True)
+    assert (ask.storage, ask.ssh_keys, ask.start, ask.admit_by) == ("NFS", ["ssh-ed25519 AAAA a@b"], True, None)
