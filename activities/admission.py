@@ -26,6 +26,7 @@ from payloads import (
     Network,
     TemplateRef,
 )
+from pve.ownership import TASK_ID
 
 
 class AdmissionActivities:
@@ -42,6 +43,15 @@ class AdmissionActivities:
         """Every check of the request, then the reservation; safe to repeat (the reservation is keyed by the
         task id)."""
         ask = req.request
+        if not TASK_ID.fullmatch(req.task_id):
+            # A parent workflow chose the id: the clone's owner marker could not name it, and the run could
+            # never tell its VM from another's. Refused now, before anything is held.
+            raise ApplicationError(
+                f"Invalid task id {req.task_id!r}: a creation's workflow id holds letters, digits, '_', '.' and "
+                "'-' only, and starts with a letter or digit",
+                type=Failure.INVALID_REQUEST.value,
+                non_retryable=True,
+            )
         # PVE's view is read while the database answers for the box (the checks still come in the contract's
         # order: a box refused is refused whatever PVE says). A POST waits for all of this.
         resources = self.pve_reads.submit(self.pve.cluster_resources)

@@ -72,8 +72,17 @@ async def test_runs_as_a_child_workflow(temporal: Client, settings: Settings, pv
             id=f"parent-{uuid.uuid4().hex[:8]}",
             task_queue=parent_queue,
         )
+        # A child id the owner marker cannot carry: refused at admission, not failed at the clone.
+        odd_id = await temporal.execute_workflow(
+            ParentWorkflow.run,
+            args=[child_input(name="odd-vm"), settings.temporal_task_queue],
+            id=f"course:{uuid.uuid4().hex[:8]}",
+            task_queue=parent_queue,
+        )
     assert ok == "created child-vm as 100 on pve2"
     assert refused == f"failed: {MSG_BOX_NOT_FOUND}"
+    assert odd_id.startswith("failed: Invalid task id 'course:") and "letters, digits" in odd_id, odd_id
+    assert not [r for r in pve.requests if r[0] == "POST" and r[1].endswith("/clone")][1:]  # one clone: ok's
     # storage None in the input: the worker's DEFAULT_STORAGE (NFS) was used.
     [vm] = created_vms(pve)
     assert vm.config["scsi0"].startswith("NFS:")
