@@ -3,6 +3,7 @@ holds (cli/listings.py) and runs the repair tool."""
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -17,6 +18,7 @@ from db.load import LoadError, load_admin_data
 from db.schema import SchemaError, head, state, upgrade
 from db.tokens import TokenError, issue, revoke, revoke_all, tokens_of
 from db.vms import NotDeletable, UnknownVm, forget, live_vm
+from logs import configure_logging
 from settings import SettingsError, get_settings
 
 
@@ -270,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if get_settings().log_format == "json":
+            # What the commands log (the repair tool's warnings) as every process does; what they print for
+            # the person at the terminal stays text, on stdout.
+            configure_logging("json", logging.WARNING)
         status = args.handler(args)
     except (CliError, TokenError, UnknownVm) as exc:  # an unknown user, token id or VMID
         # One prefixed line per problem: a refused load may list several.

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import logging
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -549,3 +550,26 @@ def test_postgresql_load(pg_engine: Engine) -> None:
     with pytest.raises(LoadError, match=r"users\[1\] \(bob\): plan 'gold'"):
         load_admin_data(pg_engine, data)
     assert snapshot(pg_engine) == before
+
+
+@pytest.mark.usefixtures("cli_env")
+def test_with_log_format_json_what_boxctl_logs_is_json_and_what_it_prints_is_not(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    settings.get_settings.cache_clear()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        assert boxctl.main(["plans"]) == 0
+        logging.getLogger("db.clone_slots").warning("a slot of a run known to be over, freed")
+    finally:
+        root.handlers[:], root.level = handlers, level
+    captured = capsys.readouterr()
+    assert captured.out.startswith("ID")  # the listing, for a person
+    [line] = [json.loads(text) for text in captured.err.splitlines()]
+    assert (line["level"], line["logger"], line["message"]) == (
+        "WARNING",
+        "db.clone_slots",
+        "a slot of a run known to be over, freed",
+    )
