@@ -116,6 +116,34 @@ def test_the_image_holds_no_local_secrets_demo_token_or_fakepve() -> None:
     assert {".env", ".env.*", "var", "deploy", "dev", "tests", "bench"} <= ignored
 
 
+# ------------------------------------------------------------------------------------------ defaults
+
+
+def test_the_defaults_are_the_contracts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """CONTRACT.md's table of environment variables, default by default: none set, no .env."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.chdir(tmp_path)
+    defaults = Settings()
+    assert defaults.database_url.get_secret_value() == "sqlite:///var/app.db"
+    assert (defaults.temporal_address, defaults.temporal_namespace, defaults.temporal_task_queue) == (
+        "localhost:7233",
+        "default",
+        "vm-manage",
+    )
+    assert (defaults.pve_host, defaults.pve_port, defaults.pve_user, defaults.pve_verify_ssl) == (
+        "127.0.0.1",
+        8006,
+        None,
+        True,
+    )
+    assert (defaults.pve_token_name, defaults.pve_ca_file) == ("", "")
+    assert (defaults.default_storage, defaults.admission_timeout_seconds) == ("NFS", 20)
+    assert (defaults.clone_limit_per_node, defaults.clone_limit_per_storage) == (4, 4)
+    assert (defaults.rate_limit_per_minute, defaults.worker_metrics_port, defaults.log_format) == (600, 9464, "text")
+    assert (defaults.temporal_tls_cert, defaults.temporal_tls_key, defaults.temporal_tls_ca) == ("", "", "")
+
+
 # ------------------------------------------------------------------------------------------ PVE user
 
 
