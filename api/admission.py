@@ -203,7 +203,7 @@ class Admitter:
             return None
         try:
             with waiters.holding():
-                handle = self.client.get_workflow_handle_for(CreateFromBoxWorkflow.run, task_id)
+                handle = self.client.get_workflow_handle(task_id, result_type=CreateFromBoxResult)
                 return await asyncio.wait_for(handle.result(), seconds)
         except WorkflowFailureError as exc:
             cause = exc.cause
