@@ -10,14 +10,15 @@ from sqlalchemy import Engine
 from temporalio.client import Client
 
 from api.admission import Waiters
+from api.auth import CHALLENGE, bearer_caller
+from api.auth import UNAUTHORIZED as UNAUTHORIZED  # re-exported: the routes document it
 from api.errors import TEMPORAL_UNAVAILABLE, ApiError
 from api.task_state import Task, owned_task
 from db.rate_limits import count_request
-from db.tokens import Caller, lookup
+from db.tokens import Caller
 from logs import bind
 from settings import Settings
 
-UNAUTHORIZED = "Missing or invalid Bearer token"
 RATE_LIMITED = "Too many requests: at most {limit} requests a minute per token"
 
 
@@ -60,11 +61,9 @@ def current_caller(
     A plain `def`: FastAPI runs it on its thread pool, so the database round trips never block the event loop.
     The caller is also left on `request.state.caller`, for what reports on a refused request (audit lines), and
     bound to the request's log context."""
-    scheme, _, token = (authorization or "").partition(" ")
-    caller = lookup(engine, token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+    caller = bearer_caller(engine, authorization)
     if caller is None:
-        # HTTP asks a 401 to name the scheme it wants.
-        raise ApiError(401, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
+        raise ApiError(401, UNAUTHORIZED, CHALLENGE)
     request.state.caller = caller
     bind(user=caller.username)
     limit = settings.rate_limit_per_minute

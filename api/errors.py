@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.auth import API_PREFIX, CHALLENGE, UNAUTHORIZED, bearer_caller
 from api.schemas import OWN_ERRORS, ErrorAnswer
 
 log = logging.getLogger("api")
@@ -101,7 +103,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return envelope(exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI reads the body (and the query) before the routes' dependencies look at the token: a request
+        # without a valid one is a 401 whatever its body says, as it is with a valid body.
+        if request.url.path.startswith(API_PREFIX):
+            engine = request.app.state.engine
+            if await asyncio.to_thread(bearer_caller, engine, request.headers.get("authorization")) is None:
+                return envelope(401, UNAUTHORIZED, CHALLENGE)
         # FastAPI's default 422 never reaches a client: a bad request is a 400 in the envelope.
         return envelope(400, describe_validation_errors(exc.errors()))
 

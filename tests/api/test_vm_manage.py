@@ -307,6 +307,10 @@ async def test_requests_without_a_valid_token_get_401(api: httpx.AsyncClient, he
     for response in (
         await api.post(CREATE, json=body(), headers=headers),
         await api.get("/api/v1/vm/manage/tasks/anything", headers=headers),
+        # Whatever the body or the query says: the token is the first thing a request is answered on.
+        await api.post(CREATE, content=b"{not json", headers={**headers, "Content-Type": "application/json"}),
+        await api.post(CREATE, json=body(cpuCores="two"), headers=headers),
+        await api.get("/api/v1/vm/manage/tasks", params={"limit": "abc"}, headers=headers),
     ):
         assert response.status_code == 401
         assert response.json() == {"code": 401, "message": "Missing or invalid Bearer token", "data": None}
