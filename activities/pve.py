@@ -33,7 +33,7 @@ from payloads import (
 )
 from pve import vm_options
 from pve.agent import addresses
-from pve.client import PveClient, PveError, PveUnavailable
+from pve.client import PveClient, PveError, PveUnavailable, any_refusal
 from pve.disks import boot_disk
 from pve.ownership import is_owned_by, vm_description
 from pve.tasks import task_done, wait_task, wait_until_done
@@ -52,11 +52,6 @@ TEMPLATE_DISK_TTL = 300.0
 # further apart, at most every 5 s.
 AGENT_FIRST_PAUSE = 1.0
 AGENT_MAX_PAUSE = 5.0
-
-
-def any_refusal(_exc: PveError) -> bool:
-    """For a read any refusal of which is an expected answer (see PveClient.get_expecting)."""
-    return True
 
 
 class PveActivities:

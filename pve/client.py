@@ -37,6 +37,11 @@ class PveError(Exception):
         self.message = message
 
 
+def any_refusal(_exc: PveError) -> bool:
+    """For PveClient.get_expecting: a read any refusal of which is an answer (the guest agent before boot)."""
+    return True
+
+
 class PveUnavailable(Exception):
     """PVE could not be reached or said to try again; retry with backoff."""
 
