@@ -6,16 +6,14 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from datetime import UTC, datetime
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.db import DbActivities
+from activities.db import DbActivities, Deadlines
 from activities.pve import PveActivities
 from db.box_options import BoxSettings
 from payloads import (
-    MSG_UNAVAILABLE,
     AdmitInput,
     Admitted,
     BoxOptions,
@@ -70,14 +68,13 @@ class AdmissionActivities:
             resources.result(),
         )
         template = TemplateRef(node=facts.node, vmid=registered.vmid)
-        if ask.admit_by is not None and datetime.now(UTC) > ask.admit_by:
-            # The caller has answered 503 and given the request up. Checked here, on the clock: the workflow's
-            # own clock stands still while its local activities run.
-            raise ApplicationError(MSG_UNAVAILABLE, type=Failure.UNAVAILABLE.value, non_retryable=True)
         # The clone slot too, here: asked by a step of its own, it would hold the POST's answer (sent when the
-        # workflow task ends) for one more local activity. The workflow frees it on every way out.
+        # workflow task ends) for one more local activity. The workflow frees it on every way out. Past the
+        # caller's deadline (on the clock: the workflow's own stands still while its local activities run) or
+        # this attempt's, nothing is written.
         slot = CloneSlotRequest(task_id=req.task_id, node=facts.node, storage=facts.storage, owner=ask.username)
-        vmid, clone_slot = self.db.reserve(req.task_id, ask, facts.free_ranges, slot)
+        deadlines = Deadlines.of_this_attempt(ask.admit_by)
+        vmid, clone_slot = self.db.reserve(req.task_id, ask, facts.free_ranges, slot, deadlines)
         return Admitted(
             template=template,
             facts=facts,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import Engine
 from temporalio import activity
@@ -14,8 +16,10 @@ from activities.failures import refuse
 from db import boxes, clone_slots, quota
 from db.engine import session
 from payloads import (
+    MSG_UNAVAILABLE,
     CloneSlotRequest,
     CreateFromBoxInput,
+    Failure,
     FinishInput,
     ReassignInput,
 )
@@ -27,6 +31,34 @@ def _refusals() -> Iterator[None]:
         yield
     except quota.Refused as exc:
         raise refuse(exc.failure, exc.message) from exc
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """When an admission's reservation may no longer be written: the caller's deadline (`admit_by`: past it the
+    REST API has answered 503 and gives the request up) and the end of the activity's attempt (past it the
+    workflow has timed the attempt out, or been cancelled, and may already have given back what the run held:
+    see workflows.policies.admission_settled). Checked inside the transaction, once its locks are held, so
+    that a write held up behind them past either one rolls back instead of holding quota for no run. (The SDK
+    also raises CancelledError in the thread of an activity it gives up; this holds without that, and bounds
+    how long the workflow waits.)"""
+
+    admit_by: datetime | None
+    attempt_ends: datetime | None
+
+    def check(self) -> None:
+        now = datetime.now(UTC)
+        if self.admit_by is not None and now > self.admit_by:
+            raise refuse(Failure.UNAVAILABLE, MSG_UNAVAILABLE)
+        if self.attempt_ends is not None and now > self.attempt_ends:
+            raise TimeoutError("the admission's attempt ran out of time before its reservation was written")
+
+    @classmethod
+    def of_this_attempt(cls, admit_by: datetime | None) -> Deadlines:
+        """`admit_by`, and the end of the running activity's attempt (its start plus its start-to-close)."""
+        info = activity.info()
+        timeout = info.start_to_close_timeout
+        return cls(admit_by, info.started_time + timeout if timeout else None)
 
 
 class DbActivities:
@@ -48,22 +80,37 @@ class DbActivities:
             return boxes.template_for(self.engine, username, box_id)
 
     def reserve(
-        self, task_id: str, ask: CreateFromBoxInput, free_ranges: list[list[int]], slot: CloneSlotRequest
+        self,
+        task_id: str,
+        ask: CreateFromBoxInput,
+        free_ranges: list[list[int]],
+        slot: CloneSlotRequest,
+        deadlines: Deadlines,
     ) -> tuple[int, int]:
         """Hold the quota and a VMID for the task, then take a clone slot or queue for one, in one transaction
-        (one commit fewer before the POST's answer); returns the VMID and what `try_clone_slot` answers."""
+        (one commit fewer before the POST's answer), written only within `deadlines`; returns the VMID and what
+        `try_clone_slot` answers."""
         with _refusals(), session(self.engine) as db, db.begin():
             vmid = quota.reserve_in(db, task_id, ask.username, _size(ask), free_ranges)
             holds = clone_slots.acquire_in(db, slot.task_id, slot.node, slot.storage, self.clone_limits, slot.owner)
+            deadlines.check()
         return vmid, self._place(slot.task_id, holds)
 
     def reserve_lab(
-        self, task_ids: list[str], ask: CreateFromBoxInput, free_ranges: list[list[int]], retries: dict[str, str]
+        self,
+        task_ids: list[str],
+        ask: CreateFromBoxInput,
+        free_ranges: list[list[int]],
+        retries: dict[str, str],
+        deadlines: Deadlines,
     ) -> list[int]:
-        """Hold the quota and a VMID for each of a lab's creations, all or nothing; returns the VMIDs. A VM whose
-        retry (`retries`: task id -> the retry's) holds quota or made it counts once (quota.reserve_all)."""
+        """Hold the quota and a VMID for each of a lab's creations, all or nothing, written only within
+        `deadlines`; returns the VMIDs. A VM whose retry (`retries`: task id -> the retry's) holds quota or made
+        it counts once (quota.reserve_all)."""
         with _refusals():
-            return quota.reserve_all(self.engine, task_ids, ask.username, _size(ask), free_ranges, retries)
+            return quota.reserve_all(
+                self.engine, task_ids, ask.username, _size(ask), free_ranges, retries, before_commit=deadlines.check
+            )
 
     # ------------------------------------------------------------------------------------ activities
 

@@ -5,14 +5,13 @@ in a lab an operator reset, what became of the creations it had begun before."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.db import DbActivities
+from activities.db import DbActivities, Deadlines
 from activities.failures import refuse
 from activities.pve import PveActivities
 from db import quota, vms
@@ -20,7 +19,6 @@ from payloads import (
     MAX_LAB_VMS,
     MSG_INVALID_NAME,
     MSG_PVE_NOT_READY,
-    MSG_UNAVAILABLE,
     CreateFromBoxInput,
     EarlierCreation,
     Failure,
@@ -77,13 +75,12 @@ class LabActivities:
             # Every online node that can take the clone (on a cluster whose storage is local to each node: the
             # template's node only); refused only when none can, with what the template's node says.
             targets, facts = self._nodes_that_take_it(template, sorted(free_mb), ask)
-        if ask.admit_by is not None and datetime.now(UTC) > ask.admit_by:
-            # The caller has answered 503 and given the request up (see AdmissionActivities.admit).
-            raise ApplicationError(MSG_UNAVAILABLE, type=Failure.UNAVAILABLE.value, non_retryable=True)
         task_ids = lab_task_ids(req.task_id, ask.count)
         # In a lab reset after a VM was made by its retry, that VM counts once, under the retry's id.
         retries = {task_id: retry_task_id(task_id) for task_id in task_ids}
-        vmids = self.db.reserve_lab(task_ids, creation_input(ask, "", targets[0]), facts.free_ranges, retries)
+        deadlines = Deadlines.of_this_attempt(ask.admit_by)  # see AdmissionActivities.admit
+        ask_one = creation_input(ask, "", targets[0])
+        vmids = self.db.reserve_lab(task_ids, ask_one, facts.free_ranges, retries, deadlines)
         nodes = spread(ask.count, targets, free_mb, ask.memory_mb)
         names = lab_vm_names(ask.name, ask.count)
         return LabAdmitted(

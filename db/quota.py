@@ -3,7 +3,7 @@
 Every function here is idempotent for its task id, because Temporal may run an activity more than once.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,12 +205,14 @@ def reserve_all(
     size: Size,
     free_ranges: list[list[int]],
     retries: Mapping[str, str] | None = None,
+    before_commit: Callable[[], None] = lambda: None,
 ) -> list[int]:
     """A lab's admission: hold the quota and a VMID for each of `task_ids` (VMs of one size), all or nothing,
     in one transaction; every VM is checked against the per-VM limits and their sum against the totals.
     Returns the VMIDs in the order of `task_ids`. A repeat (the activity ran again) returns the same VMIDs.
     `retries` maps a task id to the one its VM is tried again under: a VM whose retry holds quota or made it
-    (a lab reset after that) counts under the retry's id alone, with its VMID, and nothing more is held."""
+    (a lab reset after that) counts under the retry's id alone, with its VMID, and nothing more is held.
+    `before_commit` runs last in the transaction, its locks held: what it raises rolls everything back."""
     retries = retries or {}
     with session(engine) as db, db.begin():
         user = lock_user(db, username)
@@ -229,6 +231,7 @@ def reserve_all(
             for task_id in missing:
                 vmid = vmids[task_id] = pick_vmid(db, free_ranges)
                 _hold(db, task_id, username, size, vmid)  # written at once: the next pick sees it given out
+        before_commit()
         return [vmids[task_id] for task_id in task_ids]  # type: ignore[misc]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from tests.fast_env import FakeActivities, Hold, TimeSkippingServer, task_failed
 from tests.waiting import until, until_async
 from workflows import LabWorkflow
 from workflows.lab import LAB_INCOMPLETE
+from workflows.policies import CLOCK_SLACK, LAB_ADMIT_ATTEMPT
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,9 @@ async def task_queue(server: TimeSkippingServer, fakes: FakeActivities) -> Async
         pytest.fail("a run was left open or an activity outlived its run: the test server stopped skipping time")
 
 
-async def start(server: TimeSkippingServer, task_queue: str, **changes: Any) -> WorkflowHandle[Any, LabResult]:
+async def start(
+    server: TimeSkippingServer, task_queue: str, task_timeout: timedelta | None = None, **changes: Any
+) -> WorkflowHandle[Any, LabResult]:
     fields: dict[str, Any] = {
         "username": "alice",
         "box_id": "60d5ec49f1b2c8a1e4d3b2a1",
@@ -59,7 +63,11 @@ async def start(server: TimeSkippingServer, task_queue: str, **changes: Any) -> 
         "targets": ["pve1", "pve2"],
     }
     return await server.env.client.start_workflow(
-        LabWorkflow.run, LabInput(**(fields | changes)), id=f"lab-{uuid.uuid4().hex[:12]}", task_queue=task_queue
+        LabWorkflow.run,
+        LabInput(**(fields | changes)),
+        id=f"lab-{uuid.uuid4().hex[:12]}",
+        task_queue=task_queue,
+        task_timeout=task_timeout,
     )
 
 
@@ -144,6 +152,33 @@ async def test_a_lab_cancelled_during_its_admission_gives_back_what_it_may_hold(
     # Whatever the admission held, under the creations' task ids, is given back; no creation ran.
     assert fakes.args("release_lab") == [[f"{handle.id}-0{n}" for n in (1, 2, 3)]]
     assert "admit" not in fakes.names()
+
+
+async def test_a_lab_cancelled_while_its_admission_runs_on_gives_back_once_it_can_write_no_more(
+    server: TimeSkippingServer, task_queue: str, fakes: FakeActivities
+) -> None:
+    admitting = Hold()
+    fakes.script("admit_lab", admitting)  # held past the cancellation: the run gives the local activity up
+    # The cancellation is seen when the worker ends the workflow task of the local activity, at 80 % of the
+    # task timeout: a short one spares seconds of real time.
+    handle = await start(server, task_queue, task_timeout=timedelta(seconds=1))
+    await asyncio.wait_for(admitting.reached.wait(), 10)
+
+    await handle.cancel()
+
+    with pytest.raises(WorkflowFailureError) as caught:
+        await handle.result()
+    assert isinstance(caught.value.cause, CancelledError)
+    assert fakes.args("release_lab") == [[f"{handle.id}-0{n}" for n in (1, 2, 3)]]
+    # The attempt's thread may still write until its own end (activities.db.Deadlines), within
+    # LAB_ADMIT_ATTEMPT of the cancellation: the lab gives back what its admission held only after that.
+    events = [event async for event in handle.fetch_history_events()]
+    kinds = [event.event_type for event in events]
+    [timer] = [e.timer_started_event_attributes for e in events if e.event_type == EventType.EVENT_TYPE_TIMER_STARTED]
+    assert timer.start_to_fire_timeout.ToTimedelta() == LAB_ADMIT_ATTEMPT + CLOCK_SLACK
+    fired = kinds.index(EventType.EVENT_TYPE_TIMER_FIRED)
+    assert EventType.EVENT_TYPE_MARKER_RECORDED in kinds[fired:]  # release_lab, after the wait
+    admitting.release()
 
 
 async def test_a_lab_cancelled_while_its_vms_wait_for_clone_slots_cleans_them_up(

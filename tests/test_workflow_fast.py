@@ -57,7 +57,7 @@ from tests.fast_env import (
 )
 from tests.waiting import until, until_async
 from workflows import CreateFromBoxWorkflow
-from workflows.policies import CLONE_STARTS, PVE_BUDGET, SLOT_RECHECK, VMID_CHANGES
+from workflows.policies import ADMIT_ATTEMPT, CLOCK_SLACK, CLONE_STARTS, PVE_BUDGET, SLOT_RECHECK, VMID_CHANGES
 
 CLONED = ["admit", "try_clone_slot", "start_clone", "await_task", "release_clone_slot"]
 CREATED = [*CLONED, "configure_vm", "commit_creation"]
@@ -177,6 +177,22 @@ async def last_call_ended(handle: WorkflowHandle[Any, Any], activity: str) -> bo
         getattr(e, ACTIVITY_ENDS[e.event_type]).scheduled_event_id for e in events if e.event_type in ACTIVITY_ENDS
     }
     return scheduled[-1] in ended
+
+
+async def waits_before_giving_back(handle: WorkflowHandle[Any, Any]) -> list[timedelta]:
+    """The timers the run waited on before the local activities that gave back what admission held (each
+    timer fired, and both give-backs recorded after it)."""
+    events = [event async for event in handle.fetch_history_events()]
+    kinds = [event.event_type for event in events]
+    waits = []
+    for at, event in enumerate(events):
+        if event.event_type == EventType.EVENT_TYPE_TIMER_STARTED:
+            after = kinds[at:]
+            assert EventType.EVENT_TYPE_TIMER_FIRED in after
+            fired = after.index(EventType.EVENT_TYPE_TIMER_FIRED)
+            assert after[fired:].count(EventType.EVENT_TYPE_MARKER_RECORDED) >= 2  # release_quota, release_clone_slot
+            waits.append(event.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta())
+    return waits
 
 
 async def cancel_while_held(handle: WorkflowHandle[Any, Any], fakes: FakeActivities, held: Hold) -> None:
@@ -458,6 +474,19 @@ async def test_a_run_cancelled_during_admission_answers_unavailable_and_gives_ba
     assert fakes.args("release_quota") == [handle.id]
     state = await end_state(handle)
     assert (state["result_code"], state["result_message"]) == (503, MSG_UNAVAILABLE)
+    # The admission's attempt was given up, not ended: its thread may still write until its own end (it
+    # began before the cancellation, so it ends within ADMIT_ATTEMPT of it). What the run held is given back
+    # only after that, so that it includes whatever that attempt wrote.
+    assert await waits_before_giving_back(handle) == [ADMIT_ATTEMPT + CLOCK_SLACK]
+
+
+async def test_an_admission_refused_by_its_own_answer_gives_back_at_once(runs: Runs, fakes: FakeActivities) -> None:
+    fakes.script("admit", ApplicationError(MSG_TOTAL_LIMIT, type=Failure.TOTAL_LIMIT.value, non_retryable=True))
+    handle = await runs.start()
+
+    await failure_of(handle)
+
+    assert await waits_before_giving_back(handle) == []  # the activity ended: nothing of it runs on
 
 
 async def test_a_run_cancelled_while_waiting_for_a_clone_slot_leaves_the_queue_and_gives_back_its_quota(

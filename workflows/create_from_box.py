@@ -32,7 +32,6 @@ with workflow.unsafe.imports_passed_through():
         MSG_CLONE_FAILED,
         MSG_CONFIGURE_FAILED,
         MSG_CREATED,
-        MSG_UNAVAILABLE,
         PVE_TASK_FAILED_TRANSIENT,
         VMID_TAKEN,
         Admission,
@@ -54,6 +53,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows import creation_steps as steps
     from workflows import search_attributes
     from workflows.policies import (
+        ADMIT_ATTEMPT,
         CLEANUP_RETRY,
         CLONE_STARTS,
         PVE_BUDGET,
@@ -61,8 +61,10 @@ with workflow.unsafe.imports_passed_through():
         PVE_RETRY,
         SLOT_RECHECK,
         VMID_CHANGES,
+        admission_budget,
         admission_outcome,
         admission_refusal,
+        admission_settled,
         db_step,
         error_type,
         innermost_reason,
@@ -126,7 +128,8 @@ class CreateFromBoxWorkflow:
             refusal = admission_refusal(err)
             self._refusal = refusal  # answers the admission update
             # Admission is the only phase before anything exists on PVE: give back what it may have held (the
-            # clone slot too, unless the checks refused it before asking for one).
+            # clone slot too, unless the checks refused it before asking for one), once it can hold no more.
+            await self._uncancellable(admission_settled(err, self._admit_by, ADMIT_ATTEMPT))
             await self._uncancellable(self._release(task_id))
             if not refused_by_its_checks(err):
                 await self._release_clone_slot(task_id)
@@ -178,28 +181,18 @@ class CreateFromBoxWorkflow:
         admitted = await workflow.execute_local_activity_method(
             AdmissionActivities.admit,
             AdmitInput(task_id=task_id, request=input),
-            start_to_close_timeout=timedelta(seconds=30),
-            schedule_to_close_timeout=self._admission_budget(PVE_BUDGET),
+            start_to_close_timeout=ADMIT_ATTEMPT,
+            schedule_to_close_timeout=admission_budget(self._admit_by, PVE_BUDGET),
             retry_policy=PVE_RETRY,
             summary=f"admit {input.name} for {input.username}",
         )
         # Past the deadline the caller has answered 503 and given the request up: it must create nothing.
         try:
-            self._admission_budget(timedelta(0))
+            admission_budget(self._admit_by, timedelta(0))
         except ApplicationError:
             await self._release_clone_slot(task_id)  # asked for at admission (the quota: by the caller)
             raise
         return admitted
-
-    def _admission_budget(self, default: timedelta) -> timedelta:
-        """What is left of the caller's admission deadline (a REST request waits for it), else `default`.
-        A run that a worker picks up only after that deadline creates nothing."""
-        if self._admit_by is None:
-            return default
-        left = self._admit_by - workflow.now()
-        if left <= timedelta(0):
-            raise ApplicationError(MSG_UNAVAILABLE, type=Failure.UNAVAILABLE.value, non_retryable=True)
-        return min(left, default)
 
     # ---------------------------------------------------------------------------- clone
 

@@ -57,10 +57,12 @@ with workflow.unsafe.imports_passed_through():
     from workflows.policies import (
         CLEANUP_RETRY,
         DB_TIMEOUT,
+        LAB_ADMIT_ATTEMPT,
         PVE_BUDGET,
         PVE_RETRY,
         admission_outcome,
         admission_refusal,
+        admission_settled,
         is_reset,
     )
     from workflows.policies import to_the_end as _to_the_end
@@ -111,7 +113,9 @@ class LabWorkflow:
             refusal = admission_refusal(err)
             self._refusal = refusal
             # Admission is the only phase before anything exists on PVE: give back what it may have held (a
-            # cancellation can come as its reservations are written, and the run then never sees them).
+            # cancellation can come as its reservations are written, and the run then never sees them), once
+            # it can hold no more.
+            await self._to_the_end(admission_settled(err, input.admit_by, LAB_ADMIT_ATTEMPT))
             await self._to_the_end(self._release(lab_task_ids(task_id, input.count)))
             self._end(status_of(refusal.type), refusal.message)
             workflow.set_current_details(f"done: not admitted: {refusal.message}")
@@ -156,7 +160,7 @@ class LabWorkflow:
         admitted = await workflow.execute_local_activity_method(
             LabActivities.admit_lab,
             LabAdmitInput(task_id=task_id, request=input),
-            start_to_close_timeout=timedelta(seconds=60),
+            start_to_close_timeout=LAB_ADMIT_ATTEMPT,
             schedule_to_close_timeout=_budget(input.admit_by, PVE_BUDGET),
             retry_policy=PVE_RETRY,
             summary=f"admit a lab of {input.count} VMs for {input.username}",

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar, overload
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.exceptions import CancelledError as ActivityCancelled
+from temporalio.exceptions import TimeoutError as ActivityTimedOut
 
 with workflow.unsafe.imports_passed_through():
     from activities.db import DbActivities
@@ -67,6 +69,12 @@ CLONE_TIMEOUT = timedelta(hours=2)
 VMID_CHANGES = 3  # how often a VMID taken outside the service is replaced before the clone fails
 CLONE_STARTS = 3  # a clone that failed on a lock another task held is started again, this often
 SLOT_RECHECK = timedelta(minutes=5)  # a waiting run looks at the queue this often even if nobody tells it
+# An admission's local activity: how long each attempt may take (a creation's; a lab's checks every target and
+# holds up to 100 reservations). Its attempts write nothing past this (activities.db.Deadlines).
+ADMIT_ATTEMPT = timedelta(seconds=30)
+LAB_ADMIT_ATTEMPT = timedelta(seconds=60)
+# How far apart the worker's clock (which ends an attempt) and the server's (workflow.now()) may be.
+CLOCK_SLACK = timedelta(seconds=2)
 
 
 # Database steps take milliseconds: local activities (no round trip through the server), with these options.
@@ -147,6 +155,30 @@ def admission_refusal(err: BaseException) -> ApplicationError:
         return ApplicationError(MSG_UNAVAILABLE, "cancelled during admission", type=Failure.UNAVAILABLE.value)
     # PVE or the database did not answer in time, or its retries ran out.
     return ApplicationError(MSG_UNAVAILABLE, innermost_reason(err), type=Failure.UNAVAILABLE.value)
+
+
+def admission_budget(admit_by: datetime | None, default: timedelta) -> timedelta:
+    """What is left of the caller's admission deadline (a REST request waits for it), else `default`. A run
+    that a worker picks up only after that deadline creates nothing: refused with the 503's message."""
+    if admit_by is None:
+        return default
+    left = admit_by - workflow.now()
+    if left <= timedelta(0):
+        raise ApplicationError(MSG_UNAVAILABLE, type=Failure.UNAVAILABLE.value, non_retryable=True)
+    return min(left, default)
+
+
+async def admission_settled(err: BaseException, admit_by: datetime | None, attempt: timedelta) -> None:
+    """After an admission that failed with `err`: if its local activity was given up while its last attempt ran
+    (timed out, or cancelled with the run: the SDK does not wait for a thread), wait until that attempt can no
+    longer write (its deadlines, activities.db.Deadlines), so that what the run then gives back includes
+    whatever it wrote. Began before now, the attempt ends by now + `attempt` at the latest, or by `admit_by`."""
+    if not (isinstance(err, ActivityError) and isinstance(err.cause, (ActivityTimedOut, ActivityCancelled))):
+        return  # the activity's own answer ended it: nothing of it runs on
+    settled = workflow.now() + attempt if admit_by is None else min(admit_by, workflow.now() + attempt)
+    wait = settled + CLOCK_SLACK - workflow.now()
+    if wait > timedelta(0):
+        await workflow.sleep(wait, summary="until the admission's last attempt can no longer write")
 
 
 def is_reset() -> bool:
