@@ -85,11 +85,23 @@ def describe_validation_error(error: dict[str, Any]) -> str:
         return f"{where}: {field} must be a positive integer"
     if kind.startswith("float") or kind == "finite_number":
         return f"{where}: {field} must be a number"
+    if kind == "string_too_long":
+        return f"{where}: {field} must be at most {_number(bounds.get('max_length'))} characters"
     if kind.startswith("string"):
         return f"{where}: {field} must be a non-empty string"
+    if kind.startswith("bool"):
+        return f"{where}: {field} must be true or false"
+    if kind == "too_short":
+        return f"{where}: {field} must have at least {_items(bounds.get('min_length'))}"
+    if kind == "too_long":
+        return f"{where}: {field} must have at most {_items(bounds.get('max_length'))}"
     if kind in OWN_ERRORS:
         return f"{where}: {field} {error.get('msg')}"
     return f"{where}: {field}: {error.get('msg', 'invalid value')}"
+
+
+def _items(count: Any) -> str:
+    return "1 item" if count == 1 else f"{count} items"
 
 
 def _number(bound: Any) -> Any:

@@ -30,13 +30,21 @@ NO_CONTROL_CHARACTERS_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
 IDEMPOTENCY_KEY_PATTERN = rf"^{IDEMPOTENCY_KEY.pattern}$"
 
 # The validation errors raised here, whose message completes "'<field>' ...".
-OWN_ERRORS = {"control_characters", "printable_ascii", "ssh_keys"}
+OWN_ERRORS = {"control_characters", "printable_ascii", "ssh_keys", "distinct"}
 
 
 def _no_control_characters(value: str) -> str:
     if CONTROL_CHARACTERS.search(value):
         raise PydanticCustomError("control_characters", "must not contain control characters")
     return value
+
+
+def _distinct(values: list[str] | None) -> list[str] | None:
+    """A list that names nothing twice (a node named twice in `targets` is a client's mistake, not a weight)."""
+    twice = next((value for n, value in enumerate(values or []) if value in (values or [])[:n]), None)
+    if twice is not None:
+        raise PydanticCustomError("distinct", "names '{twice}' twice", {"twice": twice})
+    return values
 
 
 def printable_key(value: str | None) -> str | None:
@@ -109,11 +117,11 @@ class LabRequest(BaseModel):
     box_id: Identifier
     name: StrictStr = Field(description="the VMs are named <name>-01 .. <name>-NN")
     count: StrictInt = Field(ge=1, le=MAX_LAB_VMS)
-    targets: list[Identifier] | None = Field(
+    targets: Annotated[list[Identifier] | None, AfterValidator(_distinct)] = Field(
         default=None,
         min_length=1,
         max_length=64,
-        description="the nodes to spread the VMs over; omitted: every online node",
+        description="the nodes to spread the VMs over, each once; omitted: every online node",
     )
     cpu_cores: PositiveInt = Field(alias="cpuCores")
     memory_mb: PositiveInt = Field(alias="memorySize")

@@ -252,7 +252,8 @@ API = "/api/v1/vm/manage"
         ({"sshKeys": ["hello"]}, "'sshKeys' item 0 does not start with a key type"),
         ({"sshKeys": [7]}, "'sshKeys' item 0 is not a string"),
         ({"sshKeys": KEY}, "'sshKeys' must be a list of public keys"),
-        ({"start": "yes"}, "'start'"),
+        ({"start": "yes"}, "'start' must be true or false"),
+        ({"box_id": "b" * 256}, "'box_id' must be at most 255 characters"),
         ({"ssh_keys": [KEY]}, "unknown field 'ssh_keys'"),
     ],
 )

@@ -365,6 +365,8 @@ async def test_bad_lab_requests_are_refused_and_leave_nothing(api: httpx.AsyncCl
     for targets, message in [
         (["pve1", 5], "'targets' item 1 must be a non-empty string"),
         (["pve1\n"], "'targets' item 0 must not contain control characters"),
+        (["pve1", "pve2", "pve1"], "'targets' names 'pve1' twice"),
+        ([], "'targets' must have at least 1 item"),
     ]:
         answer = await api.post(LABS, json=lab(targets=targets), headers=auth())
         assert (answer.status_code, answer.json()["message"]) == (400, f"Invalid request body: {message}")
