@@ -1,9 +1,9 @@
 """Clone slots: how many full clones run at once per node and per storage, and the queue of the creations
 waiting for one, with fair turns between owners. A freed slot goes, in the same transaction, to the waiting
 owner with the fewest clones running against the waiter's node or storage (ties: the one waiting longest for a
-turn, then the waiter queued first; see `_hand_over`), so that one user's single creation gets the next slot
-before the rest of another user's lab; a waiting run can then sleep until it is told instead of asking again
-and again. Atomic across workers and API processes (BEGIN
+turn on that node or storage, then the waiter queued first; see `_hand_over`), so that one user's single
+creation gets the next slot before the rest of another user's lab; a waiting run can then sleep until it is
+told instead of asking again and again. Atomic across workers and API processes (BEGIN
 IMMEDIATE on SQLite, a transaction-scoped advisory lock on PostgreSQL).
 
 `release_and_hand_over` is the one way to free a slot and tell its receivers: the workflow's
@@ -77,7 +77,11 @@ def acquire_in(db: Session, task_id: str, node: str, storage: str, limits: Limit
 
 # What admission asks on every creation's path, as Core statements built once (see db.engine.table_of).
 _slots, _waiters, _grants = table_of(CloneSlot), table_of(CloneWaiter), table_of(CloneGrant)
-_SLOT_OWNER = _slots.select().with_only_columns(_slots.c.owner).where(_slots.c.task_id == bindparam("task_id"))
+_SLOT_OWNER = (
+    _slots.select()
+    .with_only_columns(_slots.c.owner, _slots.c.node, _slots.c.storage)
+    .where(_slots.c.task_id == bindparam("task_id"))
+)
 _WAITER_OF = _waiters.select().with_only_columns(_waiters.c.owner).where(_waiters.c.task_id == bindparam("task_id"))
 _ON_NODE = _slots.select().with_only_columns(func.count()).where(_slots.c.node == bindparam("node"))
 _ON_STORAGE = _slots.select().with_only_columns(func.count()).where(_slots.c.storage == bindparam("storage"))
@@ -155,7 +159,8 @@ def release(engine: Engine, task_id: str, limits: Limits) -> list[str]:
         for statement in (_FREE_SLOT, _LEAVE_QUEUE, _FORGET_GRANT):
             db.execute(statement, task)
         granted = list(db.execute(_GRANTED_BY, task).scalars().all())
-        return granted + _hand_over(db, limits, task_id, slot.owner if slot is not None else None)
+        freed = (slot.owner, slot.node, slot.storage) if slot is not None else None
+        return granted + _hand_over(db, limits, task_id, freed)
 
 
 async def release_and_hand_over(
@@ -184,8 +189,8 @@ async def release_and_hand_over(
 
 class _Running:
     """The clone slots held, counted in the ways the hand-over asks about them, and kept current as it grants;
-    with each owner's last turn, as a sortable rank: never (no slot held), the newest slot's start, or a
-    slot freed or granted in this hand-over (later ones rank later)."""
+    with each owner's last turn on each node and on each storage, as a sortable rank: never (no slot held
+    there), the newest slot's start, or a slot freed or granted in this hand-over (later ones rank later)."""
 
     def __init__(self, slots: Iterable[tuple[str, str, str, datetime]]) -> None:
         self.node: Counter[str] = Counter()
@@ -193,10 +198,11 @@ class _Running:
         self.owner_node: Counter[tuple[str, str]] = Counter()
         self.owner_storage: Counter[tuple[str, str]] = Counter()
         self.owner_both: Counter[tuple[str, str, str]] = Counter()
-        self.last_turn: dict[str, tuple[int, datetime | int]] = {}
+        self.last_turn: dict[tuple[str, str, str], tuple[int, datetime | int]] = {}  # keys: _places
         for owner, node, storage, acquired_at in slots:
             self.add(owner, node, storage)
-            self.last_turn[owner] = max(self.last_turn.get(owner, (1, acquired_at)), (1, acquired_at))
+            for where in _places(owner, node, storage):
+                self.last_turn[where] = max(self.last_turn.get(where, (1, acquired_at)), (1, acquired_at))
         self.turns = 0
 
     def add(self, owner: str, node: str, storage: str) -> None:
@@ -206,9 +212,10 @@ class _Running:
         self.owner_storage[owner, storage] += 1
         self.owner_both[owner, node, storage] += 1
 
-    def had_turn(self, owner: str) -> None:
+    def had_turn(self, owner: str, node: str, storage: str) -> None:
         self.turns += 1
-        self.last_turn[owner] = (2, self.turns)
+        for where in _places(owner, node, storage):
+            self.last_turn[where] = (2, self.turns)
 
     def fit(self, limits: Limits, node: str, storage: str) -> bool:
         """As Limits.fit, without asking the database again."""
@@ -223,20 +230,28 @@ class _Running:
         running = (
             self.owner_node[owner, node] + self.owner_storage[owner, storage] - self.owner_both[owner, node, storage]
         )
-        return running, self.last_turn.get(owner, (0, 0)), waiter.queued_at, waiter.task_id
+        last_turn = max(self.last_turn.get(where, (0, 0)) for where in _places(owner, node, storage))
+        return running, last_turn, waiter.queued_at, waiter.task_id
 
 
-def _hand_over(db: Session, limits: Limits, granted_by: str, freed_by: str | None) -> list[str]:
+def _places(owner: str, node: str, storage: str) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
+    """The keys of an owner's turns on a node and on a storage (a node and a storage may share a name)."""
+    return (owner, "node", node), (owner, "storage", storage)
+
+
+def _hand_over(db: Session, limits: Limits, granted_by: str, freed: tuple[str, str, str] | None) -> list[str]:
     """Grant the free capacity, one slot at a time, to the waiter that fits whose owner has the fewest clones
-    running on its node or storage. Ties go to the owner whose last turn is oldest (none held, or its newest
-    slot the oldest; `freed_by`, the owner of the slot just freed, has had its turn), then to the waiter
-    queued first: were the queue's age the only tie-break, the owner whose clone just ended would win every
-    tie with its lab's older waiters, and a third owner would wait for one of the labs to end. One query for
+    running on its node or storage. Ties go to the owner waiting longest for a turn there: whose last turn on
+    that node or storage is oldest (none there first, then its newest slot there the oldest; `freed`, the
+    owner, node and storage of the slot just freed, has had its turn), then to the waiter queued first.
+    Were the queue's age the only tie-break, the owner whose clone just ended would win every tie with its
+    lab's older waiters (with one slot per node, every hand-over is a tie), and a third owner would wait for
+    one of the labs to end; a turn elsewhere, on another node and storage, is no turn here. One query for
     the slots, one for the waiters, whatever the queue's length: the waiters of one owner for one node and
     storage form a line served in order, so each turn looks only at the head of each line, kept in a heap."""
     running = _Running(db.execute(_RUNNING).all())  # type: ignore[arg-type]
-    if freed_by is not None:
-        running.had_turn(freed_by)
+    if freed is not None:
+        running.had_turn(*freed)
     lines: dict[tuple[str, str, str], deque[Row[Any]]] = {}
     for waiter in db.execute(_QUEUE).all():
         lines.setdefault((waiter.owner, waiter.node, waiter.storage), deque()).append(waiter)
@@ -260,7 +275,7 @@ def _hand_over(db: Session, limits: Limits, granted_by: str, freed_by: str | Non
         db.execute(_NEW_SLOT, {**slot, "acquired_at": at})
         db.execute(_NEW_GRANT, {"task_id": waiter.task_id, "granted_by": granted_by, "granted_at": at})
         running.add(*key)
-        running.had_turn(waiter.owner)
+        running.had_turn(*key)
         granted.append(waiter.task_id)
         if lines[key]:
             heapq.heappush(heads, (running.turn(lines[key][0]), n, key))

@@ -201,6 +201,19 @@ def test_a_third_owner_is_not_held_behind_two_labs_taking_turns(engine: Engine) 
     assert clone_slots.release(engine, "alice-2", TWO_A_NODE) == ["alice-3"]  # a tie at one each: bob's is newer
 
 
+def test_a_turn_on_another_node_and_storage_is_no_turn_here(engine: Engine) -> None:
+    """bob holds a slot on pve2/ceph and asked for pve1/NFS before carol, who has had no turn anywhere. When
+    pve1/NFS frees, both run nothing there: the one waiting longest for a turn there is bob (the contract's
+    tie-break), not carol because bob holds a slot elsewhere (found by a code review)."""
+    limits = clone_slots.Limits(per_node=1, per_storage=0)
+    assert ask_as(engine, "alice", "alice-run", limits, node="pve1", storage="NFS") is True
+    assert ask_as(engine, "bob", "bob-run", limits, node="pve2", storage="ceph") is True
+    assert ask_as(engine, "bob", "bob-wait", limits, node="pve1", storage="NFS") is False
+    assert ask_as(engine, "carol", "carol-wait", limits, node="pve1", storage="NFS") is False
+
+    assert clone_slots.release(engine, "alice-run", limits) == ["bob-wait"]
+
+
 def test_a_waiter_that_does_not_fit_is_passed_over_for_one_that_does(engine: Engine) -> None:
     limits = clone_slots.Limits(per_node=1, per_storage=2)
     assert ask_as(engine, "carol", "carol-run", limits, node="pve1", storage="NFS") is True
