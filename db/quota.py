@@ -299,26 +299,30 @@ def commit(engine: Engine, vm: CreatedVm, unless_given_back: bool = False) -> bo
         held = db.execute(_RESERVATION, {"task_id": vm.task_id}).first()
         if unless_given_back and (held is None or held.state == RELEASED or held.vmid != vm.vmid):
             return False
-        if db.execute(select(_vms.c.task_id).where(_vms.c.task_id == vm.task_id)).first() is None:
-            db.execute(
-                _NEW_VM,
-                dict(
-                    task_id=vm.task_id,
-                    username=vm.username,
-                    vmid=vm.vmid,
-                    node=vm.node,
-                    name=vm.name,
-                    cores=vm.size.cores,
-                    memory_mb=vm.size.memory_mb,
-                    disk_gb=vm.size.disk_gb,
-                    created_at=utcnow(),
-                    box_id=vm.box_id,
-                    storage=vm.storage,
-                    ip_addresses=list(vm.ip_addresses),
-                    deleted_at=None,
-                    deleting_task_id=None,
-                ),
-            )
+        record = dict(
+            task_id=vm.task_id,
+            username=vm.username,
+            vmid=vm.vmid,
+            node=vm.node,
+            name=vm.name,
+            cores=vm.size.cores,
+            memory_mb=vm.size.memory_mb,
+            disk_gb=vm.size.disk_gb,
+            created_at=utcnow(),
+            box_id=vm.box_id,
+            storage=vm.storage,
+            ip_addresses=list(vm.ip_addresses),
+            deleted_at=None,
+            deleting_task_id=None,
+        )
+        earlier = db.execute(select(_vms.c.deleted_at).where(_vms.c.task_id == vm.task_id)).first()
+        if earlier is None:
+            db.execute(_NEW_VM, record)
+        elif earlier.deleted_at is not None and held is not None and held.state == HELD:
+            # The record of a VM this creation's own undo took back (it was destroyed), and the creation, reset
+            # by an operator, has made the VM again under a new hold: the record is the new VM's. (A VM its
+            # owner deleted keeps a committed reservation, and a reset of its creation is refused.)
+            db.execute(update(_vms).where(_vms.c.task_id == vm.task_id).values(record))
         if held is not None and held.state != COMMITTED:
             db.execute(
                 update(_reservations)

@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, and_, or_
+from sqlalchemy import Engine, and_, func, or_
 from sqlmodel import Session, col, select
 
 from db.engine import reader, session
-from db.models import HELD, Reservation, Vm, utcnow
+from db.models import HELD, RELEASED, Reservation, Vm, utcnow
 from db.quota import lock_user
 from payloads import MSG_VM_BEING_CREATED, MSG_VM_NOT_FOUND
 
@@ -192,7 +192,12 @@ def page_of_vms(
 
 
 def made_by(engine: Engine, task_ids: list[str]) -> Vm | None:
-    """The record of the VM that the first of these creations to make one made (deleted since or not)."""
+    """The record of the VM that the first of these creations to make one made and kept (deleted since by its
+    owner or not): not one that the creation's own undo took back (its VM destroyed, its quota released)."""
+    released = func.coalesce(col(Reservation.state), "") == RELEASED.value  # a record may have no reservation
+    taken_back = and_(col(Vm.deleted_at).is_not(None), released)
+    kept = and_(col(Vm.task_id).in_(task_ids), ~taken_back)
+    query = select(Vm).join(Reservation, col(Reservation.task_id) == col(Vm.task_id), isouter=True).where(kept)
     with session(reader(engine)) as db:
-        rows = {vm.task_id: vm for vm in db.exec(select(Vm).where(col(Vm.task_id).in_(task_ids))).all()}
+        rows = {vm.task_id: vm for vm in db.exec(query).all()}
     return next((rows[task_id] for task_id in task_ids if task_id in rows), None)

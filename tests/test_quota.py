@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, text
 
-from db import quota
+from db import quota, vms
 from db.engine import session
 from db.models import COMMITTED, HELD, RELEASED, Vm, utcnow
 from payloads import Failure
@@ -227,6 +227,35 @@ def test_a_refusal_and_a_retry_never_wait_for_the_vmid_lock_that_every_users_cre
         finally:
             other.rollback()
         assert fitting.result(timeout=5) == 1003
+
+
+def test_a_creation_reset_after_its_undo_took_its_record_back_records_the_vm_it_makes_again(engine: Engine) -> None:
+    # Recorded, then undone (the VM destroyed): the creation made and kept nothing, so a lab reset makes it again
+    # (vms.made_by), and so does a reset of the creation itself; the record is then the new VM's, counted and
+    # listed (found by a code review: the old record stayed deleted, and the new VM counted nowhere).
+    assert attempt(engine, 3) == 1003
+    quota.commit(engine, created("t3", 1003))
+    assert vms.made_by(engine, ["t3"]) is not None
+    assert quota.undo_creation(engine, "t3") is True
+    assert vms.made_by(engine, ["t3"]) is None
+
+    assert quota.reserve(engine, "t3", "alice", SMALL, free_ranges=[[1007, 1007]]) == 1007  # the reset's admission
+    assert quota.commit(engine, created("t3", 1007)) is True
+    assert quota.usage_of_user(engine, "alice").vms == 1
+    [record], _ = vms.page_of_vms(engine, "alice", 10, None)
+    assert (record.task_id, record.vmid) == ("t3", 1007)
+    assert vms.made_by(engine, ["t3"]) is not None
+
+
+def test_a_vm_its_owner_deleted_was_made_and_is_not_made_again(engine: Engine) -> None:
+    assert attempt(engine, 5) == 1005
+    quota.commit(engine, created("t5", 1005))
+    assert vms.finish_deletion(engine, "t5") is True  # its owner deleted it
+    made = vms.made_by(engine, ["t5"])
+    assert made is not None and made.deleted_at is not None  # a lab reset counts it as made, and remakes nothing
+    with pytest.raises(quota.Refused) as refused:
+        quota.reserve(engine, "t5", "alice", SMALL, free_ranges=[[1008, 1008]])  # a reset of the creation
+    assert refused.value.message == quota.MSG_VM_DELETED
 
 
 def test_undoing_a_creation_takes_back_its_record_when_it_was_written(engine: Engine) -> None:
