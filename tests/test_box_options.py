@@ -10,6 +10,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 from temporalio.client import Client
+from temporalio.testing import ActivityEnvironment
 
 from activities.admission import AdmissionActivities
 from activities.db import DbActivities
@@ -33,6 +35,7 @@ from pve.client import PveClient
 from settings import Settings
 from tests.factories import ALICE, BOX, auth, body
 from tests.test_boxctl import EXAMPLE, snapshot
+from workflows.policies import ADMIT_ATTEMPT
 
 
 def ssh_key(kind: str = "ssh-ed25519", comment: str = "alice@laptop", size: int = 32) -> str:
@@ -301,6 +304,9 @@ async def test_get_boxes_shows_the_options(api: httpx.AsyncClient, engine: Engin
 
 def test_admission_hands_the_box_options_to_the_workflow(settings: Settings, engine: Engine) -> None:
     load_admin_data(engine, with_box({"boxes": []}))
+    # As a worker runs it: an attempt that began now, with the workflow's start-to-close.
+    worker = ActivityEnvironment()
+    worker.info = replace(worker.info, started_time=datetime.now(UTC), start_to_close_timeout=ADMIT_ATTEMPT)
     admission = AdmissionActivities(
         DbActivities(engine, Limits(per_node=0, per_storage=0), tell_slot_granted=_never_called),
         PveActivities(PveClient(settings), "NFS"),
@@ -309,7 +315,7 @@ def test_admission_hands_the_box_options_to_the_workflow(settings: Settings, eng
         username="alice", box_id="box-ready", name="ready", target="pve2", cpu_cores=1, memory_mb=512, disk_gb=20
     )
 
-    admitted = admission.admit(AdmitInput(task_id="clone-ready-" + secrets.token_hex(4), request=ask))
+    admitted = worker.run(admission.admit, AdmitInput(task_id="clone-ready-" + secrets.token_hex(4), request=ask))
 
     assert admitted.box == BoxOptions(
         start=True,
@@ -319,7 +325,8 @@ def test_admission_hands_the_box_options_to_the_workflow(settings: Settings, eng
         tags=["course-101", "lab"],
         network=Network(bridge="vmbr1", vlan=42),
     )
-    plain = admission.admit(AdmitInput(task_id="clone-plain-" + secrets.token_hex(4), request=replace(ask, box_id=BOX)))
+    plain_ask = replace(ask, box_id=BOX)
+    plain = worker.run(admission.admit, AdmitInput(task_id="clone-plain-" + secrets.token_hex(4), request=plain_ask))
     assert plain.box == BoxOptions()
 
 
