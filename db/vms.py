@@ -11,7 +11,7 @@ from sqlalchemy import Engine, and_, func, or_
 from sqlmodel import Session, col, select
 
 from db.engine import reader, session
-from db.models import HELD, RELEASED, Reservation, Vm, utcnow
+from db.models import COMMITTED, HELD, Reservation, Vm, utcnow
 from db.quota import lock_user
 from payloads import MSG_VM_BEING_CREATED, MSG_VM_NOT_FOUND
 
@@ -192,11 +192,11 @@ def page_of_vms(
 
 
 def made_by(engine: Engine, task_ids: list[str]) -> Vm | None:
-    """The record of the VM that the first of these creations to make one made and kept (deleted since by its
-    owner or not): not one that the creation's own undo took back (its VM destroyed, its quota released)."""
-    released = func.coalesce(col(Reservation.state), "") == RELEASED.value  # a record may have no reservation
-    taken_back = and_(col(Vm.deleted_at).is_not(None), released)
-    kept = and_(col(Vm.task_id).in_(task_ids), ~taken_back)
+    """The record of the VM that the first of these creations to make one made and kept: live, or deleted by its
+    owner since (its reservation stays committed). Not one that the creation's own undo took back (its VM
+    destroyed, its reservation released, and held again by a reset's admission since)."""
+    committed = func.coalesce(col(Reservation.state), COMMITTED.value) == COMMITTED.value  # none: as committed
+    kept = and_(col(Vm.task_id).in_(task_ids), or_(col(Vm.deleted_at).is_(None), committed))
     query = select(Vm).join(Reservation, col(Reservation.task_id) == col(Vm.task_id), isouter=True).where(kept)
     with session(reader(engine)) as db:
         rows = {vm.task_id: vm for vm in db.exec(query).all()}

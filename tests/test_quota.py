@@ -240,6 +240,7 @@ def test_a_creation_reset_after_its_undo_took_its_record_back_records_the_vm_it_
     assert vms.made_by(engine, ["t3"]) is None
 
     assert quota.reserve(engine, "t3", "alice", SMALL, free_ranges=[[1007, 1007]]) == 1007  # the reset's admission
+    assert vms.made_by(engine, ["t3"]) is None  # as a reset lab asks, after its admission held it again
     assert quota.commit(engine, created("t3", 1007)) is True
     assert quota.usage_of_user(engine, "alice").vms == 1
     [record], _ = vms.page_of_vms(engine, "alice", 10, None)

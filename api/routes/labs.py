@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter
-from sqlalchemy import Engine
-from temporalio.client import Client
 from temporalio.service import RPCError
 
 from api.admission import new_task_id
@@ -43,18 +41,13 @@ from payloads import (
     MSG_TEMPLATE_NOT_FOUND,
     MSG_TOTAL_LIMIT,
     MSG_UNAVAILABLE,
-    LabVm,
     LabVmStatus,
     TaskKind,
     lab_vm_names,
 )
-from settings import Settings
 from workflows.delete_vm import start_deletion
 
 router = APIRouter(prefix="/api/v1/vm/manage", tags=["labs"])
-
-# The deletions DELETE labs/{task_id} starts at once: each is a database read and a start of a run.
-DELETIONS_STARTED_AT_ONCE = 16
 
 
 @router.post(
@@ -113,33 +106,19 @@ async def delete_lab(task: OwnedTask, settings: SettingsDep, client: TemporalDep
         raise ApiError(404, TASK_NOT_FOUND)
     if not task.ended:
         raise ApiError(409, MSG_LAB_BEING_CREATED)
-    made = [vm for vm in state.vms if vm.status == LabVmStatus.SUCCEEDED and vm.vmid is not None]
-    # Started a few at a time, not one after another: a lab of 100 took 10 s to answer (found by a review).
-    at_once = asyncio.Semaphore(DELETIONS_STARTED_AT_ONCE)
-
-    async def delete(vm: LabVm) -> DeletionData | None:
-        async with at_once:
-            return await _delete_lab_vm(vm, state.owner, settings, client, engine)
-
-    started = await asyncio.gather(*(delete(vm) for vm in made))
-    deletions = [deletion for deletion in started if deletion is not None]
+    deletions = []
+    for vm in state.vms:
+        if vm.status != LabVmStatus.SUCCEEDED or vm.vmid is None:
+            continue  # never made (or made and then cleaned up by its own saga)
+        try:
+            record = await asyncio.to_thread(vms.deletable, engine, state.owner, vm.vmid)
+            if record.task_id != vm.task_id:
+                continue  # deleted already, and its VMID reused by another of the owner's VMs
+            deletion = await start_deletion(client, settings.temporal_task_queue, engine, record)
+        except vms.NotDeletable:
+            continue  # deleted already (or being deleted by hand meanwhile: that deletion is its own task)
+        except RPCError as exc:
+            raise ApiError(503, TEMPORAL_UNAVAILABLE) from exc
+        deletions.append(DeletionData(task_id=deletion, vmid=str(vm.vmid)))
     data = LabDeletionData(task_id=task.id, deletions=deletions)
     return LabDeleteAnswer(code=200, message=MSG_LAB_DELETION_STARTED, data=data)
-
-
-async def _delete_lab_vm(
-    vm: LabVm, owner: str, settings: Settings, client: Client, engine: Engine
-) -> DeletionData | None:
-    """Start the deletion of one of a lab's VMs (made; others are skipped by the caller); None if it is
-    deleted already."""
-    assert vm.vmid is not None
-    try:
-        record = await asyncio.to_thread(vms.deletable, engine, owner, vm.vmid)
-        if record.task_id != vm.task_id:
-            return None  # deleted already, and its VMID reused by another of the owner's VMs
-        deletion = await start_deletion(client, settings.temporal_task_queue, engine, record)
-    except vms.NotDeletable:
-        return None  # deleted already (or being deleted by hand meanwhile: that deletion is its own task)
-    except RPCError as exc:
-        raise ApiError(503, TEMPORAL_UNAVAILABLE) from exc
-    return DeletionData(task_id=deletion, vmid=str(vm.vmid))
