@@ -19,6 +19,7 @@ class WorkflowState:
 
     status: str
     error: str = ""
+    detail: str = ""  # what made it known (NEVER_STARTED: the lab that would have started it)
 
     @property
     def running(self) -> bool:
@@ -39,12 +40,14 @@ class WorkflowState:
         return self.status in CLOSED
 
     def __str__(self) -> str:
-        return f"workflow {self.status}"
+        return f"workflow {self.status}" + (f", {self.detail}" if self.detail else "")
 
 
 # Temporal's closed statuses (WorkflowExecutionStatus names, lower case, spaces for `_`). A creation ends
 # `completed` only when it made and recorded its VM; every failure, refusal included, ends `failed`.
-ENDED_WITHOUT_SUCCESS = frozenset({"failed", "canceled", "terminated", "timed out"})
+# A lab's creation that Temporal does not know, whose lab has ended, never ran and never will: "never started".
+NEVER_STARTED = "never started"
+ENDED_WITHOUT_SUCCESS = frozenset({"failed", "canceled", "terminated", "timed out", NEVER_STARTED})
 CLOSED = ENDED_WITHOUT_SUCCESS | {"completed", "continued as new"}
 RUNNING = WorkflowState("running")
 NOT_FOUND = WorkflowState("not found")

@@ -4,6 +4,7 @@ running at the same time from looking like drift (see the package's docstring)."
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any, TypeVar
@@ -20,7 +21,19 @@ from pve.client import PveClient, PveError, PveUnavailable
 from pve.ownership import task_of
 from pve.vm_options import tags_of
 from pve.vms import guests, vm_config
-from reconcile.drift import NOT_FOUND, RUNNING, HeldReservation, Observed, PveVm, VmRecord, WorkflowState
+from reconcile.drift import (
+    NEVER_STARTED,
+    NOT_FOUND,
+    RUNNING,
+    HeldReservation,
+    Observed,
+    PveVm,
+    VmRecord,
+    WorkflowState,
+)
+
+# The lab's workflow type (workflows.lab.LabWorkflow; the repair tool does not import the workflows).
+LAB_WORKFLOW = "LabWorkflow"
 
 T = TypeVar("T")
 
@@ -48,12 +61,36 @@ async def workflow_state(temporal: Client, task_id: str) -> WorkflowState:
         description = await temporal.get_workflow_handle(task_id).describe()
     except RPCError as exc:
         if exc.status == RPCStatusCode.NOT_FOUND:
-            return NOT_FOUND
+            return await _not_found(temporal, task_id)
         return WorkflowState("unknown", f"Temporal: {exc}")
     status = description.status
     if status is None or status == WorkflowExecutionStatus.RUNNING:
         return RUNNING
-    return WorkflowState(status.name.lower().replace("_", " "))
+    return WorkflowState(_closed_status(status))
+
+
+# A lab's creation: the lab's workflow id, the VM's number, `-retry` for its second try (activities/lab.py).
+LAB_CREATION = re.compile(r"(?P<lab>.+)-\d{2,3}(-retry)?")
+
+
+async def _not_found(temporal: Client, task_id: str) -> WorkflowState:
+    """NOT_FOUND, unless the task is a creation of a lab that has ended: only that lab starts it, so it never
+    ran and never will (a lab its admission held quota for, terminated before it started its creations). A
+    reset of the lab would hold that quota anew."""
+    lab_id = match["lab"] if (match := LAB_CREATION.fullmatch(task_id)) else None
+    if lab_id is None:
+        return NOT_FOUND
+    try:
+        lab = await temporal.get_workflow_handle(lab_id).describe()
+    except RPCError:
+        return NOT_FOUND
+    if lab.workflow_type != LAB_WORKFLOW or lab.status in (None, WorkflowExecutionStatus.RUNNING):
+        return NOT_FOUND
+    return WorkflowState(NEVER_STARTED, detail=f"its lab {lab_id} is {_closed_status(lab.status)}")
+
+
+def _closed_status(status: WorkflowExecutionStatus) -> str:
+    return status.name.lower().replace("_", " ")
 
 
 def _tags(resource: dict[str, Any]) -> set[str]:

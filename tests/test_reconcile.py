@@ -464,6 +464,31 @@ async def test_a_held_reservation_of_an_ended_run_is_released(
     assert writes(pve) == []
 
 
+async def test_the_reservations_of_a_labs_creations_that_never_started_are_released_once_the_lab_has_ended(
+    settings: Settings, temporal: Client, pve: Any, engine: Engine
+) -> None:
+    """A lab terminated after its admission held its VMs' quota, before it started their creations: Temporal
+    does not know those creations, and only the lab would have started them."""
+    ended_lab, running_lab = f"lab-{uuid.uuid4().hex[:8]}", f"lab-{uuid.uuid4().hex[:8]}"
+    for lab_id in (ended_lab, running_lab):
+        await temporal.start_workflow("LabWorkflow", id=lab_id, task_queue="nobody-polls-this")
+    await temporal.get_workflow_handle(ended_lab).terminate("test: terminated before its creations started")
+    add_reservation(engine, f"{ended_lab}-01", 120)
+    add_reservation(engine, f"{ended_lab}-02-retry", 121)
+    add_reservation(engine, f"{running_lab}-01", 122)  # its lab may still start it
+
+    report = await reconcile(settings, fix=True)
+
+    assert sorted(kinds(report)) == [
+        (Kind.STALE_RESERVATION, f"{ended_lab}-01", 120),
+        (Kind.STALE_RESERVATION, f"{ended_lab}-02-retry", 121),
+    ]
+    assert f"(workflow never started, its lab {ended_lab} is terminated): released" in report.lines()[0]
+    states = {r.task_id: r.state for r in reservations(engine)}
+    assert states == {f"{ended_lab}-01": RELEASED, f"{ended_lab}-02-retry": RELEASED, f"{running_lab}-01": HELD}
+    await temporal.get_workflow_handle(running_lab).terminate("test: done")
+
+
 async def test_a_held_reservation_whose_run_temporal_does_not_know_is_left_held(
     settings: Settings, pve: Any, engine: Engine
 ) -> None:
