@@ -104,8 +104,11 @@ class Reservation(SQLModel, table=True):
     cores: int
     memory_mb: int
     disk_gb: int
-    vmid: int | None = None
+    vmid: int | None = None  # None only while a lab VM's retry holds the quota its first try handed over
     state: str = Field(default=ReservationState.HELD.value, index=True)  # a ReservationState
+    # A lab VM's first try: the task id its VM is tried again under. The try's undo hands its quota over to it
+    # (quota.undo_creation), so that no other creation of the owner's takes it before the retry is admitted.
+    retry_task_id: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 

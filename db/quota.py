@@ -94,6 +94,11 @@ _PLAN = select(_plans).where(_plans.c.id == bindparam("plan_id"))
 _RESERVATION = select(_reservations.c.state, _reservations.c.vmid).where(
     _reservations.c.task_id == bindparam("task_id")
 )
+_SET_VMID = (
+    update(_reservations)
+    .where(_reservations.c.task_id == bindparam("of_task"))
+    .values(vmid=bindparam("new_vmid"), updated_at=bindparam("now"))
+)
 
 
 # A creation run again after the VM it made was deleted (a reset of a run that had succeeded).
@@ -180,6 +185,13 @@ def reserve_in(db: Session, task_id: str, username: str, size: Size, free_ranges
             # one VM record is that deleted VM's, so another VM would count nowhere. Made once, it is not remade.
             raise Refused(Failure.INVALID_REQUEST, MSG_VM_DELETED)
         return int(existing.vmid)  # a retry of a reservation made (or committed) already
+    if existing is not None and existing.state == HELD:
+        # A lab VM's retry, holding the quota its first try handed over (undo_creation): the lab was admitted
+        # whole, so the plan is not asked again; only the VMID is chosen now.
+        _lock_vmids(db)
+        vmid = pick_vmid(db, free_ranges)
+        db.execute(_SET_VMID, {"of_task": task_id, "new_vmid": vmid, "now": utcnow()})
+        return vmid
     _check_plan(db, user, username, size, count=1)
     # The lock every user's creations share, taken last: a retry and a refusal never wait for it. It is held
     # until the commit: for the VMID pick and the insert, and, in admission's transaction, for the clone slot
@@ -211,7 +223,8 @@ def reserve_all(
     in one transaction; every VM is checked against the per-VM limits and their sum against the totals.
     Returns the VMIDs in the order of `task_ids`. A repeat (the activity ran again) returns the same VMIDs.
     `retries` maps a task id to the one its VM is tried again under: a VM whose retry holds quota or made it
-    (a lab reset after that) counts under the retry's id alone, with its VMID, and nothing more is held.
+    (a lab reset after that) counts under the retry's id alone, with its VMID, and nothing more is held. Each
+    reservation names its retry, to which its creation's undo hands the quota over (undo_creation).
     `before_commit` runs last in the transaction, its locks held: what it raises rolls everything back."""
     retries = retries or {}
     with session(engine) as db, db.begin():
@@ -222,6 +235,13 @@ def reserve_all(
         vmids = {t: live.get(t, live.get(retries.get(t, ""))) for t in task_ids}
         missing = [task_id for task_id in task_ids if vmids[task_id] is None]
         if missing:
+            # A retry of a missing VM that holds its first try's quota but never chose a VMID (the lab was reset
+            # before the retry was admitted) gives it back: the first try's id holds it again below.
+            handed_over = {retries[t] for t in missing if t in retries}
+            for row in rows:
+                if row.task_id in handed_over and row.state == HELD and row.vmid is None:
+                    row.state, row.updated_at = RELEASED.value, utcnow()
+            db.flush()
             # Those held already (a repeat) count in the usage; the rest are checked and held now.
             _check_plan(db, user, username, size, count=len(missing))
             for released in (r for r in rows if r.task_id in missing):
@@ -230,7 +250,8 @@ def reserve_all(
             _lock_vmids(db)
             for task_id in missing:
                 vmid = vmids[task_id] = pick_vmid(db, free_ranges)
-                _hold(db, task_id, username, size, vmid)  # written at once: the next pick sees it given out
+                # Written at once: the next pick sees it given out.
+                _hold(db, task_id, username, size, vmid, retry_task_id=retries.get(task_id))
         before_commit()
         return [vmids[task_id] for task_id in task_ids]  # type: ignore[misc]
 
@@ -254,7 +275,9 @@ def _check_plan(db, user: Row[Any] | None, username: str, size: Size, count: int
         raise Refused(Failure.TOTAL_LIMIT, MSG_TOTAL_LIMIT)
 
 
-def _hold(db, task_id: str, username: str, size: Size, vmid: int) -> None:  # type: ignore[no-untyped-def]
+def _hold(  # type: ignore[no-untyped-def]
+    db, task_id: str, username: str, size: Size, vmid: int | None, retry_task_id: str | None = None
+) -> None:
     """Hold the quota of one VM of `size` and `vmid` for task_id (a new reservation row)."""
     now = utcnow()
     db.execute(
@@ -267,6 +290,7 @@ def _hold(db, task_id: str, username: str, size: Size, vmid: int) -> None:  # ty
             disk_gb=size.disk_gb,
             vmid=vmid,
             state=HELD.value,
+            retry_task_id=retry_task_id,
             created_at=now,
             updated_at=now,
         ),
@@ -352,7 +376,12 @@ def undo_creation(engine: Engine, task_id: str) -> bool:
     if the creation was recorded already, take the record back too (marked deleted, its reservation released).
     The record can be there although the run never saw it written: the workflow task that ran the record's
     local activity failed (a cancellation came in as it completed) and the run, replayed, was cancelled before
-    that step. True if this call changed anything."""
+    that step. True if this call changed anything.
+
+    A lab VM's first try hands its quota over to its retry instead, in the same transaction (held under the
+    retry's id, with no VMID yet): given back, another creation of the owner's could take it before the lab's
+    retry is admitted, and the lab, admitted whole, would lose a VM to it. The lab gives back what a retry it
+    never started holds (LabWorkflow's end)."""
     with session(engine) as db, db.begin():
         reservation = db.get(Reservation, task_id)
         if reservation is None or reservation.state == RELEASED:
@@ -366,7 +395,22 @@ def undo_creation(engine: Engine, task_id: str) -> bool:
             record.deleted_at = utcnow()
         reservation.state = RELEASED
         reservation.updated_at = utcnow()
+        if reservation.retry_task_id:
+            _hand_over(db, reservation)
         return True
+
+
+def _hand_over(db: Session, first: Reservation) -> None:
+    """Hold `first`'s quota for its retry, unless the retry holds or has used quota of its own already."""
+    retry = db.get(Reservation, first.retry_task_id)
+    size = Size(first.cores, first.memory_mb, first.disk_gb)
+    if retry is None:
+        db.flush()  # the first try's release, before the new row's insert
+        _hold(db, str(first.retry_task_id), first.username, size, vmid=None)
+    elif retry.state == RELEASED:
+        # Its quota given back by an earlier run of the lab (an operator's reset since): held again.
+        retry.state, retry.vmid, retry.updated_at = HELD.value, None, utcnow()
+        retry.cores, retry.memory_mb, retry.disk_gb = size.cores, size.memory_mb, size.disk_gb
 
 
 def usage_of_user(engine: Engine, username: str) -> Usage:

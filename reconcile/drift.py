@@ -138,7 +138,8 @@ class Finding:
             text = f"orphan VM {self.vmid} on {self.node} (task {self.task_id}): no successful task owns it"
         elif self.kind is Kind.STALE_RESERVATION:
             text = (
-                f"stale reservation of task {self.task_id} ({self.username}, VMID {self.vmid}): "
+                f"stale reservation of task {self.task_id} ({self.username}, "
+                f"{'no VMID yet' if self.vmid is None else f'VMID {self.vmid}'}): "
                 "held, but its workflow is not running"
             )
         elif self.kind is Kind.STALE_CLONE_SLOT:

@@ -199,6 +199,10 @@ async def test_a_lab_cancelled_while_its_vms_wait_for_clone_slots_cleans_them_up
     # Each creation left the queue and gave its quota back, and none was tried again.
     assert fakes.names().count("release_clone_slot") == 3 and fakes.names().count("release_quota") == 3
     assert "retry_target" not in fakes.names() and "commit_creation" not in fakes.names()
+    # Each creation's undo handed its quota over to its retry (quota.undo_creation), which the lab, cancelled,
+    # never starts: the lab gives back what every creation of its ids may hold, retries included.
+    firsts = [f"{handle.id}-0{n}" for n in (1, 2, 3)]
+    assert fakes.args("release_lab") == [[*firsts, *(f"{first}-retry" for first in firsts)]]
 
 
 async def test_when_no_other_node_can_be_chosen_the_vm_is_tried_again_where_it_failed(

@@ -134,6 +134,49 @@ def test_a_lab_admitted_again_counts_a_vm_its_retry_holds_or_made_once(engine: E
     assert quota.usage_of_user(engine, "alice").vms == 4
 
 
+def test_a_lab_vms_first_try_hands_its_quota_over_to_its_retry(engine: Engine) -> None:
+    # A lab of 5 fills plan "small" (5 VMs in total). VM a's first try fails and its undo runs: the quota goes
+    # to a's retry, not back to the plan, so that another creation of alice's cannot take it before the lab's
+    # retry is admitted (it could, and the lab, admitted whole, then lost a VM: found in a review).
+    ids = ["a", "b", "c", "d", "e"]
+    retries = {task_id: f"{task_id}-retry" for task_id in ids}
+    assert quota.reserve_all(engine, ids, "alice", SMALL, [[100, 199]], retries) == [100, 101, 102, 103, 104]
+    assert quota.undo_creation(engine, "a") is True
+    held = {r.task_id: r.vmid for r in reservations(engine, HELD)}
+    assert held == {"a-retry": None, "b": 101, "c": 102, "d": 103, "e": 104}
+    assert quota.usage_of_user(engine, "alice").vms == 5
+    with pytest.raises(quota.Refused) as refused:
+        quota.reserve(engine, "other", "alice", SMALL, free_ranges=[[100, 199]])
+    assert refused.value.failure == Failure.TOTAL_LIMIT
+
+    # The retry's admission chooses its VMID from what PVE shows free now (here a VM outside the service has
+    # taken the first try's 100) and is not refused by the full plan; asked again, it answers the same.
+    assert quota.reserve(engine, "a-retry", "alice", SMALL, free_ranges=[[150, 199]]) == 150
+    assert quota.reserve(engine, "a-retry", "alice", SMALL, free_ranges=[[160, 199]]) == 150
+    assert quota.usage_of_user(engine, "alice").vms == 5
+    # The retry fails too: its quota goes back, and no third try holds any.
+    assert quota.undo_creation(engine, "a-retry") is True
+    assert quota.usage_of_user(engine, "alice").vms == 4
+    assert {r.task_id for r in reservations(engine, HELD)} == {"b", "c", "d", "e"}
+    # A creation outside a lab gives its quota back on undo, as before.
+    assert quota.reserve(engine, "other", "alice", SMALL, free_ranges=[[100, 199]]) == 100
+    assert quota.undo_creation(engine, "other") is True
+    assert quota.usage_of_user(engine, "alice").vms == 4
+
+
+def test_a_lab_reset_before_a_retry_was_admitted_holds_its_quota_once(engine: Engine) -> None:
+    ids, retries = ["a", "b"], {"a": "a-retry", "b": "b-retry"}
+    assert quota.reserve_all(engine, ids, "alice", SMALL, [[100, 199]], retries) == [100, 101]
+    quota.undo_creation(engine, "a")  # handed over to a-retry, which the lab, reset now, never started
+    assert quota.reserve_all(engine, ids, "alice", SMALL, [[100, 199]], retries) == [100, 101]
+    assert {r.task_id: r.vmid for r in reservations(engine, HELD)} == {"a": 100, "b": 101}
+    assert quota.usage_of_user(engine, "alice").vms == 2
+    # a's first try fails again in the reset run: the quota goes over to its retry once more.
+    quota.undo_creation(engine, "a")
+    assert {r.task_id: r.vmid for r in reservations(engine, HELD)} == {"a-retry": None, "b": 101}
+    assert quota.usage_of_user(engine, "alice").vms == 2
+
+
 def test_vmids_come_from_the_free_ranges_skipping_what_the_service_gave_out(engine: Engine) -> None:
     from activities.pve import free_vmid_ranges
 

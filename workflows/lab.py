@@ -135,15 +135,13 @@ class LabWorkflow:
             await self._make_all(input, admitted.targets)
         finally:
             publisher.cancel()
-        # Quota held for a creation that never ran (cancelled before it started) goes back; what the others
-        # held, they gave back or turned into their VMs themselves. A reset run gives back what any creation of
-        # the lab's ids still holds (all have ended by now): its admission may have held a VM's first id again
-        # while the earlier run's retry of it was about to make it.
-        ended = [vm.task_id for vm in admitted.vms]
-        if is_reset():
-            firsts = lab_task_ids(task_id, input.count)
-            ended = [*firsts, *(retry_task_id(first) for first in firsts)]
-        await self._to_the_end(self._release(ended))
+        # Every creation of the lab's ids has ended by now: what any of them still holds goes back. That is a
+        # creation that never ran (cancelled before it started); a retry never started, holding the quota its
+        # first try handed over as it ended (quota.undo_creation); a first try an operator terminated (no undo
+        # of its own), whose VM was tried again; and, in a reset run, a VM's first id held again by its
+        # admission while the earlier run's retry of it was about to make it. A VM made keeps its quota.
+        firsts = lab_task_ids(task_id, input.count)
+        await self._to_the_end(self._release([*firsts, *(retry_task_id(first) for first in firsts)]))
         made = sum(vm.status == LabVmStatus.SUCCEEDED for vm in self._vms)
         message = lab_result_message(made, input.count)
         self._end(200 if made == input.count else 500, message)
