@@ -7,11 +7,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, Row, bindparam, delete, func, insert, select, text, union, union_all, update
+from sqlalchemy import Engine, Row, bindparam, delete, func, insert, select, union_all, update
 from sqlmodel import Session
 
 from db.engine import session, table_of
 from db.models import COMMITTED, HELD, RELEASED, Plan, Reservation, User, Vm, utcnow
+from db.vmids import lock_vmids, pick_vmid
 from payloads import MSG_PER_VM_LIMIT, MSG_PLAN_NOT_FOUND, MSG_TOTAL_LIMIT, Failure
 
 
@@ -22,10 +23,6 @@ class Refused(Exception):
         super().__init__(message)
         self.failure = failure
         self.message = message
-
-
-class NoFreeVmid(Exception):
-    """Every candidate VMID is held by another live creation; transient (look at PVE again)."""
 
 
 @dataclass(frozen=True)
@@ -104,15 +101,6 @@ _SET_VMID = (
 # A creation run again after the VM it made was deleted (a reset of a run that had succeeded).
 MSG_VM_DELETED = "This task's VM was made and has been deleted since: start a new creation instead"
 
-# Any constant: the advisory lock that serialises VMID choice across users on PostgreSQL (the user row lock
-# alone would let two users' creations pick the same lowest free VMID).
-VMID_LOCK_KEY = 0x0B0C5108
-
-
-def _lock_vmids(db) -> None:  # type: ignore[no-untyped-def]
-    if db.get_bind().dialect.name == "postgresql":
-        db.exec(text(f"SELECT pg_advisory_xact_lock({VMID_LOCK_KEY})"))
-
 
 def lock_user(db, username: str) -> Row[Any] | None:  # type: ignore[no-untyped-def]
     """Every transaction that changes what counts against a user's plan takes this lock first, so the admission
@@ -121,51 +109,6 @@ def lock_user(db, username: str) -> Row[Any] | None:  # type: ignore[no-untyped-
     IMMEDIATE serialises these transactions already. Returns the user's username and plan_id, None for no such
     user."""
     return db.execute(_LOCK_USER, {"username": username}).first()  # type: ignore[no-any-return]
-
-
-# Given-out VMIDs read at first while looking for a free one, doubled at each further read.
-VMID_BATCH = 64
-
-
-def pick_vmid(db, free_ranges: list[list[int]]) -> int:  # type: ignore[no-untyped-def]
-    """The lowest VMID that PVE showed free and that the service has not given out: neither held by a live
-    creation (not on PVE yet) nor one of its VMs (PVE's answer may be a moment old). Reads only the given-out
-    VMIDs from the candidate up (few: PVE's free ranges hold none of the VMs it has), not every VM's."""
-    for first, last in free_ranges:
-        vmid, batch = first, VMID_BATCH
-        while vmid <= last:
-            given_out = _given_out(db, vmid, last, batch)
-            for given in given_out:
-                if given > vmid:
-                    return vmid
-                vmid = given + 1
-            if len(given_out) < batch and vmid <= last:
-                return vmid
-            batch *= 2  # as many creations in flight as this: read them in a few statements, not one per 64
-    raise NoFreeVmid("every VMID PVE showed free is held by another creation")
-
-
-def _given_out(db, first: int, last: int, limit: int) -> list[int]:  # type: ignore[no-untyped-def]
-    """The first `limit` VMIDs from `first` to `last` held by a live creation or one of the service's VMs, in
-    order. One statement, so one snapshot: a commit moving a creation from held to a VM record lands in one of
-    its two halves (and the VMID lock keeps other creations from taking any meanwhile)."""
-    bounds = {"first": first, "last": last, "limit": limit}
-    return list(db.execute(_GIVEN_OUT, bounds).scalars().all())
-
-
-def _given_out_statement():  # type: ignore[no-untyped-def]
-    given_out = union(
-        select(_reservations.c.vmid).where(
-            _reservations.c.state == HELD.value, _reservations.c.vmid.between(bindparam("first"), bindparam("last"))
-        ),
-        select(_vms.c.vmid).where(
-            _vms.c.deleted_at.is_(None), _vms.c.vmid.between(bindparam("first"), bindparam("last"))
-        ),
-    ).subquery()
-    return select(given_out.c.vmid).order_by(given_out.c.vmid).limit(bindparam("limit"))
-
-
-_GIVEN_OUT = _given_out_statement()
 
 
 def reserve(engine: Engine, task_id: str, username: str, size: Size, free_ranges: list[list[int]]) -> int:
@@ -188,7 +131,7 @@ def reserve_in(db: Session, task_id: str, username: str, size: Size, free_ranges
     if existing is not None and existing.state == HELD:
         # A lab VM's retry, holding the quota its first try handed over (undo_creation): the lab was admitted
         # whole, so the plan is not asked again; only the VMID is chosen now.
-        _lock_vmids(db)
+        lock_vmids(db)
         vmid = pick_vmid(db, free_ranges)
         db.execute(_SET_VMID, {"of_task": task_id, "new_vmid": vmid, "now": utcnow()})
         return vmid
@@ -197,7 +140,7 @@ def reserve_in(db: Session, task_id: str, username: str, size: Size, free_ranges
     # until the commit: for the VMID pick and the insert, and, in admission's transaction, for the clone slot
     # after them (whose lock it may wait for behind a slot's release; no transaction takes the two the other
     # way round).
-    _lock_vmids(db)
+    lock_vmids(db)
     vmid = pick_vmid(db, free_ranges)
     if existing is not None:
         # Released by a cleanup, and now the run goes on again (reset from the Web UI): hold it anew.
@@ -247,7 +190,7 @@ def reserve_all(
             for released in (r for r in rows if r.task_id in missing):
                 db.delete(released)  # released by a cleanup, and the lab runs again (reset): held anew
             db.flush()
-            _lock_vmids(db)
+            lock_vmids(db)
             for task_id in missing:
                 vmid = vmids[task_id] = pick_vmid(db, free_ranges)
                 # Written at once: the next pick sees it given out.
@@ -300,7 +243,7 @@ def _hold(  # type: ignore[no-untyped-def]
 def reassign_vmid(engine: Engine, task_id: str, free_ranges: list[list[int]]) -> int:
     """Move the task's held reservation to another VMID (its own was taken outside the service)."""
     with session(engine) as db, db.begin():
-        _lock_vmids(db)
+        lock_vmids(db)
         reservation = db.get(Reservation, task_id)
         if reservation is None or reservation.state != HELD:
             raise Refused(Failure.CLONE_FAILED, "the task holds no reservation")

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, text
 
-from db import quota, vms
+from db import quota, vmids, vms
 from db.engine import session
 from db.models import COMMITTED, HELD, RELEASED, Vm, utcnow
 from payloads import Failure
@@ -200,10 +200,10 @@ def test_the_vmid_pick_walks_past_long_runs_of_vmids_given_out(engine: Engine) -
             vm.deleted_at = utcnow() if i == 10 else None
             db.add(vm)
     with session(engine) as db:
-        assert quota.pick_vmid(db, [[1000, 2000]]) == 1160
-        assert quota.pick_vmid(db, [[1005, 1159], [3000, 3005]]) == 3000  # the first range is all given out
-        with pytest.raises(quota.NoFreeVmid):
-            quota.pick_vmid(db, [[1000, 1159]])
+        assert vmids.pick_vmid(db, [[1000, 2000]]) == 1160
+        assert vmids.pick_vmid(db, [[1005, 1159], [3000, 3005]]) == 3000  # the first range is all given out
+        with pytest.raises(vmids.NoFreeVmid):
+            vmids.pick_vmid(db, [[1000, 1159]])
 
 
 def test_creations_of_different_users_never_pick_the_same_vmid(engine: Engine) -> None:
@@ -216,8 +216,8 @@ def test_creations_of_different_users_never_pick_the_same_vmid(engine: Engine) -
         return quota.reserve(engine, f"u{i}", user, TINY, ranges)
 
     with ThreadPoolExecutor(10) as pool:
-        vmids = list(pool.map(reserve_for, range(10)))
-    assert sorted(vmids) == list(range(100, 110))  # at the first try each, no collision to retry
+        picked = list(pool.map(reserve_for, range(10)))
+    assert sorted(picked) == list(range(100, 110))  # at the first try each, no collision to retry
 
 
 def test_a_commit_during_the_usage_check_is_counted(engine: Engine) -> None:
@@ -254,7 +254,7 @@ def test_a_refusal_and_a_retry_never_wait_for_the_vmid_lock_that_every_users_cre
     assert attempt(engine, 1) == 1001
     too_big = quota.Size(cores=99, memory_mb=1, disk_gb=1)
     with engine.connect() as other, ThreadPoolExecutor(4) as pool:
-        other.execute(text(f"SELECT pg_advisory_xact_lock({quota.VMID_LOCK_KEY})"))
+        other.execute(text(f"SELECT pg_advisory_xact_lock({vmids.VMID_LOCK_KEY})"))
         try:
             fitting = pool.submit(quota.reserve, engine, "b1", "bob", SMALL, [[1003, 1003]])
             over_the_limit = pool.submit(quota.reserve, engine, "a2", "alice", too_big, [[1002, 1002]])
