@@ -146,10 +146,11 @@ class DbActivities:
         return quota.commit(self.engine, _created_vm(done), unless_given_back=True)
 
     @activity.defn
-    def release_quota(self, task_id: str) -> None:
+    def release_quota(self, task_id: str, failed: bool = False) -> None:
         """Undo what the creation holds against the plan: its quota, or its record if that was written (see
-        quota.undo_creation). The workflow calls it after admission failed, or after destroying the VM."""
-        quota.undo_creation(self.engine, task_id)
+        quota.undo_creation; `failed`: not cancelled, a lab VM's first try hands its quota over to its retry).
+        The workflow calls it after admission failed, or after destroying the VM."""
+        quota.undo_creation(self.engine, task_id, hand_over=failed)
 
 
 def _created_vm(done: FinishInput) -> quota.CreatedVm:

@@ -88,7 +88,7 @@ _LOCK_USER = (
 _NEW_RESERVATION = insert(_reservations)
 _NEW_VM = insert(_vms)
 _PLAN = select(_plans).where(_plans.c.id == bindparam("plan_id"))
-_RESERVATION = select(_reservations.c.state, _reservations.c.vmid).where(
+_RESERVATION = select(_reservations.c.state, _reservations.c.vmid, _reservations.c.retry_task_id).where(
     _reservations.c.task_id == bindparam("task_id")
 )
 _SET_VMID = (
@@ -135,7 +135,9 @@ def reserve_in(db: Session, task_id: str, username: str, size: Size, free_ranges
         vmid = pick_vmid(db, free_ranges)
         db.execute(_SET_VMID, {"of_task": task_id, "new_vmid": vmid, "now": utcnow()})
         return vmid
-    _check_plan(db, user, username, size, count=1)
+    retry_task_id = existing.retry_task_id if existing is not None else None
+    if not (retry_task_id and _take_back(db, retry_task_id)):
+        _check_plan(db, user, username, size, count=1)
     # The lock every user's creations share, taken last: a retry and a refusal never wait for it. It is held
     # until the commit: for the VMID pick and the insert, and, in admission's transaction, for the clone slot
     # after them (whose lock it may wait for behind a slot's release; no transaction takes the two the other
@@ -145,8 +147,19 @@ def reserve_in(db: Session, task_id: str, username: str, size: Size, free_ranges
     if existing is not None:
         # Released by a cleanup, and now the run goes on again (reset from the Web UI): hold it anew.
         db.execute(delete(_reservations).where(_reservations.c.task_id == task_id))
-    _hold(db, task_id, username, size, vmid)
+    _hold(db, task_id, username, size, vmid, retry_task_id)
     return vmid
+
+
+def _take_back(db: Session, retry_task_id: str) -> bool:
+    """A lab VM's first try held anew (an operator reset the lab, or the try, after the try had handed its quota
+    over to its retry, which has not been admitted): the retry gives that quota back to it, counted once."""
+    retry = db.get(Reservation, retry_task_id)
+    if retry is None or retry.state != HELD or retry.vmid is not None:
+        return False
+    retry.state, retry.updated_at = RELEASED.value, utcnow()
+    db.flush()
+    return True
 
 
 def _vm_deleted(db: Session, task_id: str) -> bool:
@@ -314,17 +327,17 @@ def release(engine: Engine, task_id: str) -> bool:
         return True
 
 
-def undo_creation(engine: Engine, task_id: str) -> bool:
+def undo_creation(engine: Engine, task_id: str, hand_over: bool = False) -> bool:
     """A creation's undo, after its VM is destroyed (or never made): give back the quota held for task_id, or,
     if the creation was recorded already, take the record back too (marked deleted, its reservation released).
     The record can be there although the run never saw it written: the workflow task that ran the record's
     local activity failed (a cancellation came in as it completed) and the run, replayed, was cancelled before
     that step. True if this call changed anything.
 
-    A lab VM's first try hands its quota over to its retry instead, in the same transaction (held under the
-    retry's id, with no VMID yet): given back, another creation of the owner's could take it before the lab's
-    retry is admitted, and the lab, admitted whole, would lose a VM to it. The lab gives back what a retry it
-    never started holds (LabWorkflow's end)."""
+    With `hand_over` (the creation failed; it was not cancelled), a lab VM's first try hands its quota over to its
+    retry instead, in the same transaction (held under the retry's id, with no VMID yet): given back, another
+    creation of the owner's could take it before the lab's retry is admitted, and the lab, admitted whole, would
+    lose a VM to it. The lab gives back what a retry it never started holds (LabWorkflow's end)."""
     with session(engine) as db, db.begin():
         reservation = db.get(Reservation, task_id)
         if reservation is None or reservation.state == RELEASED:
@@ -338,7 +351,7 @@ def undo_creation(engine: Engine, task_id: str) -> bool:
             record.deleted_at = utcnow()
         reservation.state = RELEASED
         reservation.updated_at = utcnow()
-        if reservation.retry_task_id:
+        if hand_over and reservation.retry_task_id:
             _hand_over(db, reservation)
         return True
 

@@ -184,6 +184,7 @@ class FakeActivities:
         self._always: dict[str, Any] = {}
         self._holds: list[Hold] = []
         self._vmids = iter(range(ADMITTED_VMID + 1, 1000))
+        self.undone_as_failed: list[bool] = []  # release_quota's `failed`, call by call
 
     def script(self, name: str, *answers: Any) -> None:
         """The next calls of activity `name` answer these, in order (an exception is raised, a Hold holds the
@@ -295,7 +296,8 @@ class FakeActivities:
         return await self._answer("destroy_vm", ref, lambda: None)
 
     @activity.defn(name="release_quota")
-    async def release_quota(self, req: Any) -> Any:
+    async def release_quota(self, req: Any, failed: bool = False) -> Any:
+        self.undone_as_failed.append(failed)
         return await self._answer("release_quota", req, lambda: None)
 
     # A lab's (workflows/lab.py)

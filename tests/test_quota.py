@@ -134,14 +134,14 @@ def test_a_lab_admitted_again_counts_a_vm_its_retry_holds_or_made_once(engine: E
     assert quota.usage_of_user(engine, "alice").vms == 4
 
 
-def test_a_lab_vms_first_try_hands_its_quota_over_to_its_retry(engine: Engine) -> None:
+def test_a_lab_vms_first_try_that_failed_hands_its_quota_over_to_its_retry(engine: Engine) -> None:
     # A lab of 5 fills plan "small" (5 VMs in total). VM a's first try fails and its undo runs: the quota goes
     # to a's retry, not back to the plan, so that another creation of alice's cannot take it before the lab's
     # retry is admitted (it could, and the lab, admitted whole, then lost a VM: found in a review).
     ids = ["a", "b", "c", "d", "e"]
     retries = {task_id: f"{task_id}-retry" for task_id in ids}
     assert quota.reserve_all(engine, ids, "alice", SMALL, [[100, 199]], retries) == [100, 101, 102, 103, 104]
-    assert quota.undo_creation(engine, "a") is True
+    assert quota.undo_creation(engine, "a", hand_over=True) is True
     held = {r.task_id: r.vmid for r in reservations(engine, HELD)}
     assert held == {"a-retry": None, "b": 101, "c": 102, "d": 103, "e": 104}
     assert quota.usage_of_user(engine, "alice").vms == 5
@@ -155,26 +155,47 @@ def test_a_lab_vms_first_try_hands_its_quota_over_to_its_retry(engine: Engine) -
     assert quota.reserve(engine, "a-retry", "alice", SMALL, free_ranges=[[160, 199]]) == 150
     assert quota.usage_of_user(engine, "alice").vms == 5
     # The retry fails too: its quota goes back, and no third try holds any.
-    assert quota.undo_creation(engine, "a-retry") is True
+    assert quota.undo_creation(engine, "a-retry", hand_over=True) is True
     assert quota.usage_of_user(engine, "alice").vms == 4
     assert {r.task_id for r in reservations(engine, HELD)} == {"b", "c", "d", "e"}
+    # A cancelled first try gives its quota back: no retry follows a cancellation.
+    assert quota.undo_creation(engine, "b", hand_over=False) is True
+    assert {r.task_id for r in reservations(engine, HELD)} == {"c", "d", "e"}
     # A creation outside a lab gives its quota back on undo, as before.
     assert quota.reserve(engine, "other", "alice", SMALL, free_ranges=[[100, 199]]) == 100
-    assert quota.undo_creation(engine, "other") is True
-    assert quota.usage_of_user(engine, "alice").vms == 4
+    assert quota.undo_creation(engine, "other", hand_over=True) is True
+    assert quota.usage_of_user(engine, "alice").vms == 3
 
 
 def test_a_lab_reset_before_a_retry_was_admitted_holds_its_quota_once(engine: Engine) -> None:
     ids, retries = ["a", "b"], {"a": "a-retry", "b": "b-retry"}
     assert quota.reserve_all(engine, ids, "alice", SMALL, [[100, 199]], retries) == [100, 101]
-    quota.undo_creation(engine, "a")  # handed over to a-retry, which the lab, reset now, never started
+    quota.undo_creation(engine, "a", hand_over=True)  # handed over to a-retry, which the lab, reset now, never started
     assert quota.reserve_all(engine, ids, "alice", SMALL, [[100, 199]], retries) == [100, 101]
     assert {r.task_id: r.vmid for r in reservations(engine, HELD)} == {"a": 100, "b": 101}
     assert quota.usage_of_user(engine, "alice").vms == 2
     # a's first try fails again in the reset run: the quota goes over to its retry once more.
-    quota.undo_creation(engine, "a")
+    quota.undo_creation(engine, "a", hand_over=True)
     assert {r.task_id: r.vmid for r in reservations(engine, HELD)} == {"a-retry": None, "b": 101}
     assert quota.usage_of_user(engine, "alice").vms == 2
+
+
+def test_a_first_try_held_anew_takes_back_what_it_handed_over_to_its_retry(engine: Engine) -> None:
+    # A lab of 5 at plan "small"'s limit is reset while a's first try runs: the reset's admission finds a held
+    # and holds nothing more. Then a's first try fails and hands its quota over to a-retry; the reset run, seeing
+    # no creation of a running and none made, starts a's first try again. Its admission takes the quota back
+    # from a-retry, counted once, instead of asking the full plan (which counted it twice and refused it: found
+    # in a review). Its reservation still names its retry, which a second failure hands the quota over to.
+    ids = ["a", "b", "c", "d", "e"]
+    retries = {task_id: f"{task_id}-retry" for task_id in ids}
+    quota.reserve_all(engine, ids, "alice", SMALL, [[100, 199]], retries)
+    quota.undo_creation(engine, "a", hand_over=True)
+    assert quota.reserve(engine, "a", "alice", SMALL, free_ranges=[[100, 199]]) == 100
+    assert {r.task_id: r.vmid for r in reservations(engine, HELD)} == {"a": 100, "b": 101, "c": 102, "d": 103, "e": 104}
+    assert quota.usage_of_user(engine, "alice").vms == 5
+    quota.undo_creation(engine, "a", hand_over=True)
+    assert {r.task_id: r.vmid for r in reservations(engine, HELD)}["a-retry"] is None
+    assert quota.usage_of_user(engine, "alice").vms == 5
 
 
 def test_vmids_come_from_the_free_ranges_skipping_what_the_service_gave_out(engine: Engine) -> None:

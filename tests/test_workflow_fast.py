@@ -134,11 +134,13 @@ async def end_state(handle: WorkflowHandle[Any, Any]) -> dict[str, Any]:
     return state
 
 
-def assert_undone(fakes: FakeActivities, task_id: str, vmid: int) -> None:
-    """The saga's undo ran last, once each, in reverse order of the doing: the VM, then the quota."""
+def assert_undone(fakes: FakeActivities, task_id: str, vmid: int, failed: bool) -> None:
+    """The saga's undo ran last, once each, in reverse order of the doing: the VM, then the quota, which a run that
+    failed (not cancelled) may hand over to a lab's retry (quota.undo_creation)."""
     assert fakes.names()[-2:] == UNDONE
     assert [(ref["task_id"], ref["vmid"]) for ref in fakes.args("destroy_vm")] == [(task_id, vmid)]
     assert fakes.args("release_quota") == [task_id]
+    assert fakes.undone_as_failed == [failed]
 
 
 async def run_time(handle: WorkflowHandle[Any, Any]) -> timedelta:
@@ -313,7 +315,7 @@ async def test_a_refused_admission_fails_with_its_message_and_gives_back_what_it
 
     assert (error.type, error.message) == (failure.value, message)
     assert fakes.names() == ["admit", "release_quota"]
-    assert fakes.args("release_quota") == [handle.id]
+    assert fakes.args("release_quota") == [handle.id] and fakes.undone_as_failed == [True]
     state = await end_state(handle)
     assert (state["step"], state["result_code"], state["result_message"]) == (Step.DONE, status, message)
 
@@ -365,7 +367,7 @@ async def test_a_vmid_taken_more_often_than_allowed_fails_the_clone_and_cleans_u
     assert fakes.names().count("start_clone") == VMID_CHANGES + 1
     assert fakes.names().count("reassign_vmid") == VMID_CHANGES
     assert fakes.names()[-4:] == ["start_clone", "release_clone_slot", *UNDONE]
-    assert_undone(fakes, handle.id, ADMITTED_VMID + VMID_CHANGES)  # the VMID the task holds last
+    assert_undone(fakes, handle.id, ADMITTED_VMID + VMID_CHANGES, failed=True)  # the VMID the task holds last
     state = await end_state(handle)
     assert (state["step"], state["result_code"], state["result_message"]) == (Step.DONE, 500, MSG_CLONE_FAILED)
 
@@ -398,7 +400,7 @@ async def test_a_clone_that_keeps_failing_on_a_lock_fails_after_a_few_starts_and
     assert (error.type, error.message) == (Failure.CLONE_FAILED.value, MSG_CLONE_FAILED)
     assert fakes.names().count("start_clone") == CLONE_STARTS
     assert fakes.names()[-3:] == ["release_clone_slot", *UNDONE]
-    assert_undone(fakes, handle.id, ADMITTED_VMID)
+    assert_undone(fakes, handle.id, ADMITTED_VMID, failed=True)
 
 
 # ---------------------------------------------------------------------------------------- clone slots
@@ -471,7 +473,7 @@ async def test_a_run_cancelled_during_admission_answers_unavailable_and_gives_ba
     await assert_cancelled(handle)
     # A cancellation may come as the admission ends (its answer then never seen): the slot it may hold is freed.
     assert fakes.names() == ["admit", "release_quota", "release_clone_slot"]
-    assert fakes.args("release_quota") == [handle.id]
+    assert fakes.args("release_quota") == [handle.id] and fakes.undone_as_failed == [False]
     state = await end_state(handle)
     assert (state["result_code"], state["result_message"]) == (503, MSG_UNAVAILABLE)
     # The admission's attempt was given up, not ended: its thread may still write until its own end (it
@@ -501,7 +503,7 @@ async def test_a_run_cancelled_while_waiting_for_a_clone_slot_leaves_the_queue_a
     await assert_cancelled(handle)
     assert fakes.names() == ["admit", "try_clone_slot", "release_clone_slot", *UNDONE]
     assert fakes.args("release_clone_slot") == [handle.id]
-    assert_undone(fakes, handle.id, ADMITTED_VMID)
+    assert_undone(fakes, handle.id, ADMITTED_VMID, failed=False)
 
 
 async def test_a_run_cancelled_while_its_clone_request_is_on_its_way_waits_for_the_answer_then_cleans_up(
@@ -520,7 +522,7 @@ async def test_a_run_cancelled_while_its_clone_request_is_on_its_way_waits_for_t
 
     await assert_cancelled(handle)
     assert fakes.names() == ["admit", "try_clone_slot", "start_clone", "release_clone_slot", *UNDONE]
-    assert_undone(fakes, handle.id, ADMITTED_VMID)
+    assert_undone(fakes, handle.id, ADMITTED_VMID, failed=False)
 
 
 async def test_a_run_cancelled_while_the_clone_runs_destroys_it_and_gives_back_its_quota(
@@ -531,7 +533,7 @@ async def test_a_run_cancelled_while_the_clone_runs_destroys_it_and_gives_back_i
     await assert_cancelled(handle)
     assert fakes.names() == [*CLONED, *UNDONE]
     assert fakes.args("release_clone_slot") == [handle.id]
-    assert_undone(fakes, handle.id, ADMITTED_VMID)
+    assert_undone(fakes, handle.id, ADMITTED_VMID, failed=False)
 
 
 async def test_a_run_cancelled_during_configuration_destroys_the_vm_and_gives_back_its_quota(
@@ -541,7 +543,7 @@ async def test_a_run_cancelled_during_configuration_destroys_the_vm_and_gives_ba
 
     await assert_cancelled(handle)
     assert fakes.names() == [*CLONED, "configure_vm", *UNDONE]
-    assert_undone(fakes, handle.id, ADMITTED_VMID)
+    assert_undone(fakes, handle.id, ADMITTED_VMID, failed=False)
 
 
 async def test_a_run_cancelled_while_its_vm_is_recorded_keeps_the_vm(runs: Runs, fakes: FakeActivities) -> None:
@@ -575,7 +577,7 @@ async def test_a_configuration_that_fails_destroys_the_vm_and_gives_back_its_quo
 
     assert (error.type, error.message) == (Failure.CONFIGURE_FAILED.value, MSG_CONFIGURE_FAILED)
     assert fakes.names() == [*CLONED, "configure_vm", *UNDONE]
-    assert_undone(fakes, handle.id, ADMITTED_VMID)
+    assert_undone(fakes, handle.id, ADMITTED_VMID, failed=True)
     state = await end_state(handle)
     assert (state["step"], state["result_code"], state["result_message"]) == (Step.DONE, 500, MSG_CONFIGURE_FAILED)
 
@@ -593,7 +595,7 @@ async def test_a_vm_that_is_no_longer_the_tasks_fails_the_configuration_at_once_
     # Not retried, never recorded; the cleanup is asked for the task's own VM, which destroy_vm checks the marker
     # of (another run's VM under the VMID is left alone), and the quota comes back.
     assert fakes.names() == [*CLONED, "configure_vm", *UNDONE]
-    assert_undone(fakes, handle.id, ADMITTED_VMID)
+    assert_undone(fakes, handle.id, ADMITTED_VMID, failed=True)
     state = await end_state(handle)
     assert (state["step"], state["result_code"], state["result_message"]) == (Step.DONE, 500, MSG_CONFIGURE_FAILED)
 
@@ -609,7 +611,7 @@ async def test_a_configuration_error_that_outlasts_the_retry_budget_fails_the_ru
     assert error.message == MSG_CONFIGURE_FAILED
     assert fakes.names().count("configure_vm") > 5
     assert await run_time(handle) >= PVE_BUDGET / 2  # retried with back-off for most of the budget
-    assert_undone(fakes, handle.id, ADMITTED_VMID)
+    assert_undone(fakes, handle.id, ADMITTED_VMID, failed=True)
 
 
 # ------------------------------------------------------------------------------------- a VM ready to use
@@ -678,7 +680,7 @@ async def test_a_start_that_fails_is_a_configuration_failure_and_cleans_up(runs:
 
     assert (error.type, error.message) == (Failure.CONFIGURE_FAILED.value, MSG_CONFIGURE_FAILED)
     assert fakes.names() == [*CLONED, "configure_vm", "start_vm", *UNDONE]
-    assert_undone(fakes, handle.id, ADMITTED_VMID)
+    assert_undone(fakes, handle.id, ADMITTED_VMID, failed=True)
     state = await end_state(handle)
     assert (state["step"], state["result_code"], state["result_message"]) == (Step.DONE, 500, MSG_CONFIGURE_FAILED)
 
@@ -757,7 +759,7 @@ async def test_a_merged_configuration_that_fails_is_undone(runs: Runs, fakes: Fa
     # Freed by the clone: not again. (The undo takes back the record too if the activity had written it:
     # quota.undo_creation, test_quota.py.)
     assert fakes.names() == ["admit", "start_clone", "configure_vm", *UNDONE]
-    assert_undone(fakes, handle.id, ADMITTED_VMID)
+    assert_undone(fakes, handle.id, ADMITTED_VMID, failed=True)
 
 
 async def test_a_run_cancelled_during_its_merged_configuration_is_undone(runs: Runs, fakes: FakeActivities) -> None:
@@ -769,7 +771,7 @@ async def test_a_run_cancelled_during_its_merged_configuration_is_undone(runs: R
 
     await assert_cancelled(handle)
     assert fakes.names() == ["admit", "start_clone", "configure_vm", *UNDONE]
-    assert_undone(fakes, handle.id, ADMITTED_VMID)
+    assert_undone(fakes, handle.id, ADMITTED_VMID, failed=False)
 
 
 async def test_a_merged_creation_that_starts_its_vm_records_it_after_the_start(
@@ -848,7 +850,7 @@ async def test_a_final_error_met_by_the_clones_activity_fails_the_configuration_
     failure = await failure_of(handle)
     assert (failure.message, failure.details) == (MSG_CONFIGURE_FAILED, (reason,))
     assert fakes.names() == ["admit", "start_clone", *UNDONE]  # PVE is not asked again
-    assert_undone(fakes, handle.id, ADMITTED_VMID)
+    assert_undone(fakes, handle.id, ADMITTED_VMID, failed=True)
     assert (await end_state(handle))["result_message"] == MSG_CONFIGURE_FAILED
 
 
@@ -870,7 +872,7 @@ async def test_a_run_cancelled_while_the_clones_activity_configures_undoes_the_c
 
     await assert_cancelled(handle)
     assert fakes.names() == ["admit", "start_clone", "release_clone_slot", *UNDONE]
-    assert_undone(fakes, handle.id, ADMITTED_VMID)
+    assert_undone(fakes, handle.id, ADMITTED_VMID, failed=False)
 
 
 async def test_a_vm_configured_with_the_clone_and_started_is_recorded_after_the_start(

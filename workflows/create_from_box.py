@@ -127,6 +127,7 @@ class CreateFromBoxWorkflow:
         except (Exception, asyncio.CancelledError) as err:  # not BaseException: eviction must pass through
             refusal = admission_refusal(err)
             self._refusal = refusal  # answers the admission update
+            self._cancelled = self._cancelled or is_cancelled_exception(err)
             # Admission is the only phase before anything exists on PVE: give back what it may have held (the
             # clone slot too, unless the checks refused it before asking for one), once it can hold no more.
             await self._uncancellable(admission_settled(err, self._admit_by, ADMIT_ATTEMPT))
@@ -169,6 +170,7 @@ class CreateFromBoxWorkflow:
                 # Cancelled during a step that had to finish first (freeing the clone slot): it still holds.
                 raise asyncio.CancelledError()
         except (Exception, asyncio.CancelledError) as err:
+            self._cancelled = self._cancelled or is_cancelled_exception(err)
             destroyed = await self._compensate(self._vm)
             self._end(Step.DONE, 500, message)
             workflow.set_current_details(f"done: {message}; {steps.undone(self._vm.vmid, destroyed)}, quota given back")
@@ -351,7 +353,7 @@ class CreateFromBoxWorkflow:
         return destroyed
 
     async def _release(self, task_id: str) -> None:
-        await db_step(DbActivities.release_quota, task_id, CLEANUP_RETRY, "give the quota back")
+        await steps.give_back_quota(task_id, failed=not self._cancelled)
 
     async def _uncancellable(self, step: Awaitable[T]) -> T:
         """Await `step` to its end even if the run is cancelled meanwhile; the cancellation is kept for later."""

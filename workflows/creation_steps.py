@@ -28,6 +28,8 @@ with workflow.unsafe.imports_passed_through():
         VmRef,
     )
     from workflows.policies import (
+        CLEANUP_RETRY,
+        DB_TIMEOUT,
         PVE_BUDGET,
         PVE_HEARTBEAT,
         PVE_RETRY,
@@ -120,6 +122,18 @@ def start_clone(req: CloneInput) -> Awaitable[CloneStarted]:
 def record(done: FinishInput) -> Awaitable[None]:
     """The VM's record, the creation's last step: it rides over a database away for minutes (RECORD_RETRY)."""
     return db_step(DbActivities.commit_creation, done, RECORD_RETRY, f"record VM {done.vmid}")
+
+
+def give_back_quota(task_id: str, failed: bool) -> Awaitable[None]:
+    """The creation's undo of its quota (or record). `failed`, not cancelled: a lab VM's first try then hands its
+    quota over to its retry (quota.undo_creation); no retry follows a cancellation, so that gives it back."""
+    return workflow.execute_local_activity_method(
+        DbActivities.release_quota,
+        args=[task_id, failed],
+        start_to_close_timeout=DB_TIMEOUT,
+        retry_policy=CLEANUP_RETRY,
+        summary="give the quota back",
+    )
 
 
 def free_vmids(req: CloneInput, disk_gb: int) -> Awaitable[TemplateFacts]:
