@@ -27,7 +27,7 @@ import boxctl
 import settings as settings_module
 import worker
 from api.app import create_app
-from db import models  # noqa: F401  (the tables on SQLModel.metadata, which the revisions must make)
+from db import models, quota  # noqa: F401  (models: the tables on SQLModel.metadata, which the revisions must make)
 from db.engine import make_engine
 from db.schema import BASELINE, SchemaError, baseline_schema, differences, head, state, upgrade
 from settings import Settings
@@ -109,6 +109,12 @@ def test_database_made_before_migrations_is_upgraded_with_every_row_kept(
         "cloneslot": [("",)],
         "clonewaiter": [("",)],
     }
+    # 0006: reservations from before name no retry, so a failed creation's undo gives their quota back.
+    held = sqlite_rows(before_alembic, {"reservation": ["task_id", "state", "retry_task_id"]})["reservation"]
+    assert ("clone-running", "held", None) in held
+    assert quota.undo_creation(engine, "clone-running", hand_over=True) is True
+    after = sqlite_rows(before_alembic, {"reservation": ["task_id", "state", "retry_task_id"]})["reservation"]
+    assert sorted(after) == sorted([r for r in held if r[0] != "clone-running"] + [("clone-running", "released", None)])
 
 
 @pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
@@ -179,6 +185,9 @@ def test_postgresql_database_made_before_migrations_is_upgraded_with_every_row_k
     with engine.connect() as connection:
         owners = [connection.execute(sa.text(f"SELECT owner FROM {t}")).all() for t in ("cloneslot", "clonewaiter")]
     assert owners == [[("",)], [("",)]]  # 0005: rows from before owners were kept
+    with engine.connect() as connection:
+        retries = connection.execute(sa.text("SELECT DISTINCT retry_task_id FROM reservation")).all()
+    assert retries == [(None,)]  # 0006: rows from before name no retry
     with engine.connect() as connection:
         assert differences(connection, SQLModel.metadata) == []
 
